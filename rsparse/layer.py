@@ -1,0 +1,157 @@
+"""The R-Sparse linear layer.
+
+    y = m(x) W^T + (x - m(x)) (A B)^T
+
+m(x) keeps the input channels whose score exceeds a per-layer threshold calibrated offline:
+score_j = |x_j| * c_j, with c_j = ||W[:, j]||_2 when the layer mixes in a low-rank path (a
+dropped channel then costs what its weight column would have contributed) and c_j = 1 for pure
+sparse layers. A (out, r) and B (r, in) are rank-r factors of W; the dropped channels go
+through them instead of being lost.
+
+Storage is laid out for decoding: the weight is kept column-major (its transpose is contiguous,
+so a kept input channel is one contiguous row in memory) and the factors are stored as
+lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps use the fused
+Triton kernel of rsparse.kernels; everywhere else a torch reference path computes the same
+function with masked dense math.
+
+Which tokens are sparsified is a per-layer setting (`tokens`):
+  "decode"       only forward calls with one token per sequence (generation steps); prefill dense.
+  "second_half"  the paper's simulation for scoring whole sequences: positions >= T//2 sparse.
+  "all"          every token.
+  "none"         every token dense (the layer behaves exactly as the original nn.Linear).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("dense", "sparse", "lowrank", "rsparse")
+TOKEN_MODES = ("decode", "second_half", "all", "none")
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """Same (out, in) tensor, stored so that weight.t() is contiguous."""
+    return weight.detach().t().contiguous().t()
+
+
+class RSparseLinear(nn.Linear):
+    """Drop-in replacement of nn.Linear; see the module docstring for the math."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = False,
+                 device=None, dtype=None, name: str = ""):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.name = name
+        self.rank = int(rank)
+        self.method = "dense"
+        self.tokens = "decode"
+        self.keep_fraction = 1.0  # target kept-channel fraction this layer was calibrated for
+        self.register_buffer("threshold", torch.tensor(-math.inf, device=device, dtype=torch.float32))
+        self.register_buffer("score_scale", torch.ones(in_features, device=device, dtype=torch.float32))
+        self.register_buffer("lr_down", torch.zeros(in_features, self.rank, device=device, dtype=dtype))
+        self.register_buffer("lr_up", torch.zeros(self.rank, out_features, device=device, dtype=dtype))
+        self.use_kernel = True  # use the Triton kernel on CUDA decode steps when available
+        self.track_stats = False
+        self.reset_stats()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "") -> "RSparseLinear":
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank=0, bias=linear.bias is not None,
+                    device="meta", dtype=w.dtype, name=name)
+        layer.weight = nn.Parameter(column_major(w), requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        for buf, value in (("threshold", torch.tensor(-math.inf)), ("score_scale", torch.ones(linear.in_features)),
+                           ("lr_down", torch.zeros(linear.in_features, 0)), ("lr_up", torch.zeros(0, linear.out_features))):
+            dtype = torch.float32 if buf in ("threshold", "score_scale") else w.dtype
+            setattr(layer, buf, value.to(device=w.device, dtype=dtype))
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """The original dense layer (same weight values), e.g. to undo sparsification."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return linear
+
+    # -- configuration ------------------------------------------------------------------
+    def configure(self, method: str, threshold: float, keep_fraction: float,
+                  score_scale: torch.Tensor | None = None, lr_down: torch.Tensor | None = None,
+                  lr_up: torch.Tensor | None = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        dev, dt = self.weight.device, self.weight.dtype
+        self.method = method
+        self.keep_fraction = float(keep_fraction)
+        self.threshold = torch.tensor(float(threshold), device=dev, dtype=torch.float32)
+        self.score_scale = (torch.ones(self.in_features) if score_scale is None else score_scale).to(dev, torch.float32)
+        if lr_down is None:
+            lr_down = torch.zeros(self.in_features, 0)
+            lr_up = torch.zeros(0, self.out_features)
+        if lr_down.shape[0] != self.in_features or lr_up.shape[1] != self.out_features or lr_down.shape[1] != lr_up.shape[0]:
+            raise ValueError(f"{self.name}: low-rank factors {tuple(lr_down.shape)} x {tuple(lr_up.shape)} do not fit "
+                             f"a layer of shape ({self.out_features}, {self.in_features})")
+        self.rank = lr_down.shape[1]
+        self.lr_down = lr_down.to(dev, dt).contiguous()
+        self.lr_up = lr_up.to(dev, dt).contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, method={self.method}, keep={self.keep_fraction:.3f}, "
+                f"rank={self.rank}, tokens={self.tokens}")
+
+    # -- statistics ---------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stat_tokens = 0  # sparsified tokens seen
+        self.stat_kept = 0  # kept channels summed over those tokens
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "dense" or self.tokens == "none":
+            return F.linear(x, self.weight, self.bias)
+        if self.tokens == "all" or (self.tokens == "decode" and x.dim() >= 2 and x.shape[-2] == 1) \
+                or (self.tokens == "decode" and x.dim() == 1):
+            return self._sparse(x)
+        if self.tokens == "second_half" and x.dim() >= 2 and x.shape[-2] > 1:
+            half = x.shape[-2] // 2
+            dense = F.linear(x[..., :half, :], self.weight, self.bias)
+            return torch.cat([dense, self._sparse(x[..., half:, :])], dim=-2)
+        return F.linear(x, self.weight, self.bias)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Kept-channel mask m for inputs x (..., in)."""
+        return (x.abs().float() * self.score_scale) > self.threshold
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_stats:
+            keep = self.mask(x)
+            self.stat_tokens += keep.numel() // self.in_features
+            self.stat_kept += int(keep.sum())
+        if self.use_kernel and x.is_cuda and x.numel() // self.in_features <= 8:
+            from rsparse.kernels import rsparse_decode_linear, triton_available
+            if triton_available():
+                return rsparse_decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
+                                             self.lr_down if self.rank else None,
+                                             self.lr_up if self.rank else None, self.bias)
+        keep = self.mask(x)
+        y = F.linear(x * keep, self.weight, self.bias)
+        if self.rank:
+            y = y + (x * ~keep) @ self.lr_down @ self.lr_up
+        return y
+
+
+def rsparse_layers(model: nn.Module) -> list[RSparseLinear]:
+    return [m for m in model.modules() if isinstance(m, RSparseLinear)]
+
+
+def set_token_mode(model: nn.Module, tokens: str) -> None:
+    """Choose which tokens every R-Sparse layer of the model sparsifies (see module docstring)."""
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"unknown token mode {tokens!r}; expected one of {TOKEN_MODES}")
+    for layer in rsparse_layers(model):
+        layer.tokens = tokens
