@@ -110,13 +110,29 @@ def calibrate_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
     return float(flat.kthvalue(k).values)
 
 
+def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (u, s, vh) of W in float64, singular values descending.
+
+    Computed from the eigendecomposition of the smaller Gram matrix: several times faster than
+    a direct SVD on a CPU, and accurate for the leading components the factors use.
+    """
+    w = weight.detach().cpu().to(torch.float64)
+    tall = w.shape[0] >= w.shape[1]
+    a = w if tall else w.t()
+    evals, v = torch.linalg.eigh(a.t() @ a)  # ascending
+    evals, v = evals.flip(0).clamp_min(0), v.flip(1)
+    s = evals.sqrt()
+    u = (a @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)
+    return (u, s, v.t()) if tall else (v, s, u.t())
+
+
 def lowrank_factors(weight: torch.Tensor, rank: int, svd=None) -> tuple[torch.Tensor, torch.Tensor]:
     """lr_down (in, r), lr_up (r, out) with W ~= (lr_down @ lr_up)^T, top-r SVD in float64.
 
     A = U_r S_r^(1/2), B = S_r^(1/2) V_r^T as in the paper; `svd` is a precomputed (u, s, vh).
     """
     if svd is None:
-        svd = torch.linalg.svd(weight.detach().cpu().to(torch.float64), full_matrices=False)
+        svd = weight_svd(weight)
     u, s, vh = (t.to(torch.float64) for t in svd)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root  # (out, r)
@@ -176,7 +192,7 @@ def sparsify_(model: nn.Module, config: RSparseConfig,
         if budget.rank and method != "dense":
             svd = calibration.svd.get(lin.name)
             if svd is None:
-                svd = torch.linalg.svd(weight.detach().cpu().to(torch.float64), full_matrices=False)
+                svd = weight_svd(weight)
                 if calibration.cache_svd:
                     calibration.svd[lin.name] = tuple(t.float() for t in svd)
             down, up = lowrank_factors(weight, budget.rank, svd)

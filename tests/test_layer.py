@@ -135,8 +135,13 @@ def test_threshold_hits_target_on_held_out(keep):
     assert calibrate_threshold(calib, 0.0) == math.inf and calibrate_threshold(calib, 1.0) == -math.inf
 
 
-def test_factors_are_float64_svd():
-    w = torch.randn(30, 20)
-    down, up = lowrank_factors(w, 20)
-    assert down.shape == (20, 20) and up.shape == (20, 30)
-    torch.testing.assert_close((down @ up).t(), w.double(), rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("shape", [(30, 20), (20, 30)])
+def test_factors_match_float64_svd(shape):
+    w = torch.randn(*shape)
+    full = min(shape)
+    down, up = lowrank_factors(w, full)
+    assert down.shape == (shape[1], full) and up.shape == (full, shape[0])
+    torch.testing.assert_close((down @ up).t(), w.double(), rtol=1e-9, atol=1e-9)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    down, up = lowrank_factors(w, 5)
+    torch.testing.assert_close((down @ up).t(), (u[:, :5] * s[:5]) @ vh[:5], rtol=1e-9, atol=1e-9)
