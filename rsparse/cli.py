@@ -116,16 +116,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"rsparse.bench.{args.what}").main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rsparse", description="Rank-aware activation sparsity (R-Sparse) for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="sparsify a model and compare perplexity and achieved sparsity")
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
-    bench = sub.add_parser("bench", help="GPU benchmarks (kernel)")
-    bench.add_argument("what", choices=["kernel"])
+    bench = sub.add_parser("bench", help="GPU benchmarks: `kernel` (one layer) or `decode` (tokens/s); --help for each")
+    bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=lambda a: __import__("rsparse.bench.kernel", fromlist=["main"]).main(a.rest))
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args) or 0
 
