@@ -53,7 +53,10 @@ class RSparseLinear(nn.Linear):
         self.register_buffer("score_scale", torch.ones(in_features, device=device, dtype=torch.float32))
         self.register_buffer("lr_down", torch.zeros(in_features, self.rank, device=device, dtype=dtype))
         self.register_buffer("lr_up", torch.zeros(self.rank, out_features, device=device, dtype=dtype))
-        self.use_kernel = True  # use the Triton kernel on CUDA decode steps when available
+        # "auto": the Triton kernel for sparse calls of <= 8 rows on CUDA, the torch reference
+        # elsewhere; "always": the kernel wherever Triton runs (on CPU only under
+        # TRITON_INTERPRET=1, for tests); "never": the torch reference.
+        self.kernel = "auto"
         self.track_stats = False
         self.reset_stats()
 
@@ -135,12 +138,14 @@ class RSparseLinear(nn.Linear):
             keep = self.mask(x)
             self.stat_tokens += keep.numel() // self.in_features
             self.stat_kept += int(keep.sum())
-        if self.use_kernel and x.is_cuda and x.numel() // self.in_features <= 8:
+        if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= 8):
             from rsparse.kernels import rsparse_decode_linear, triton_available
             if triton_available():
                 return rsparse_decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
                                              self.lr_down if self.rank else None,
                                              self.lr_up if self.rank else None, self.bias)
+            if self.kernel == "always":
+                raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
         keep = self.mask(x)
         y = F.linear(x * keep, self.weight, self.bias)
         if self.rank:

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter on CPU; it must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A stitch in time saves nine. "
         "Rivers flow to the sea, and clouds carry the water back to the mountains. ") * 40
 

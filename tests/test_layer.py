@@ -145,3 +145,18 @@ def test_factors_match_float64_svd(shape):
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     down, up = lowrank_factors(w, 5)
     torch.testing.assert_close((down @ up).t(), (u[:, :5] * s[:5]) @ vh[:5], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [0, 5])
+def test_layer_kernel_path_matches_reference(rank):
+    """The layer's Triton path (interpreter on CPU, native on GPU) computes the reference function."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lin, layer = make_layer(out=70, inp=90, bias=True)
+    down, up = lowrank_factors(lin.weight, rank) if rank else (None, None)
+    layer.configure("rsparse" if rank else "sparse", 0.9, 0.5, score_scale=torch.rand(90) + 0.5, lr_down=down, lr_up=up)
+    layer.to(dev)
+    x = heavy_tailed(3, 90).to(dev)
+    layer.tokens, layer.kernel = "all", "never"
+    reference = layer(x)
+    layer.kernel = "always"
+    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)

@@ -62,9 +62,10 @@ def make_rsparse(model, sparsity: float, ratio: float, calib_tokens: int = 256) 
     from rsparse.models import decoder_linears, replace_module
 
     vocab = model.config.vocab_size
+    device = next(model.parameters()).device
     windows = torch.randint(0, vocab, (2, calib_tokens), generator=torch.Generator().manual_seed(1))
     acts = collect_activations(model, windows, max_rows_per_layer=2 * calib_tokens)
-    gen = torch.Generator(device="cuda").manual_seed(2)
+    gen = torch.Generator(device=device).manual_seed(2)
     for lin in decoder_linears(model):
         m = lin.module
         b = layer_budget(m.out_features, m.in_features, sparsity, ratio)
@@ -73,14 +74,15 @@ def make_rsparse(model, sparsity: float, ratio: float, calib_tokens: int = 256) 
         layer = RSparseLinear.from_linear(m, name=lin.name)
         down = up = None
         if b.rank:
-            down = torch.randn(m.in_features, b.rank, device="cuda", generator=gen, dtype=m.weight.dtype) * 0.02
-            up = torch.randn(b.rank, m.out_features, device="cuda", generator=gen, dtype=m.weight.dtype) * 0.02
+            down = torch.randn(m.in_features, b.rank, device=device, generator=gen, dtype=m.weight.dtype) * 0.02
+            up = torch.randn(b.rank, m.out_features, device=device, generator=gen, dtype=m.weight.dtype) * 0.02
         method = "rsparse" if b.rank and b.keep_fraction else ("sparse" if not b.rank else "lowrank")
         layer.configure(method, calibrate_threshold(scores, b.keep_fraction), b.keep_fraction, scale, down, up)
         layer.tokens = "decode"
         replace_module(model, lin.name, layer)
         del m
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"sparsity": sparsity, "ratio": ratio}
 
 
