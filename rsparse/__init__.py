@@ -1,6 +1,9 @@
 """rsparse: training-free rank-aware activation sparsity (R-Sparse, ICLR 2025) for LLM decoding."""
 
 from rsparse.budget import LayerBudget, layer_budget, model_read_fraction
+from rsparse.checkpoint import CheckpointError, load_any
+from rsparse.checkpoint import load as load_checkpoint
+from rsparse.checkpoint import save as save_checkpoint
 from rsparse.calibrate import CalibrationActivations, collect_activations, restore_, sparsify_
 from rsparse.config import RecipeError, RSparseConfig, load_recipe
 from rsparse.data import load_windows
@@ -11,7 +14,7 @@ from rsparse.perplexity import evaluate_perplexity
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationActivations", "LayerBudget", "RSparseConfig", "RSparseLinear", "RecipeError",
+    "CalibrationActivations", "CheckpointError", "load_any", "load_checkpoint", "save_checkpoint", "LayerBudget", "RSparseConfig", "RSparseLinear", "RecipeError",
     "UnsupportedModelError", "collect_activations", "decoder_linears", "evaluate_perplexity",
     "layer_budget", "load_model", "load_recipe", "load_windows", "model_read_fraction", "restore_",
     "rsparse_layers", "set_token_mode", "sparsify_",

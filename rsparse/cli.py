@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+    from rsparse import checkpoint, generate
+
+    checkpoint.register(sub)  # rsparse compress
+    generate.register(sub)  # rsparse generate, rsparse chat
     args = parser.parse_args(argv)
     return args.func(args) or 0
 

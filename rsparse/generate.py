@@ -1,0 +1,267 @@
+"""Text generation with sparsified models: `rsparse generate` and `rsparse chat`.
+
+The model is an rsparse checkpoint (rsparse.checkpoint.save / `rsparse compress`), used as
+saved, or anything rsparse.models.load_model accepts, sparsified on the fly (calibration, which
+takes minutes on a CPU for a real model) unless --dense. Decoding is sparse: with the default
+token mode "decode" the prompt (prefill) runs dense and every generation step runs the R-Sparse
+layers. Tokens stream to stdout as they are generated; timings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from rsparse.layer import rsparse_layers, set_token_mode
+
+# Sparsification flags that only apply when the model is not already a checkpoint; their
+# defaults (applied when unset) are those of `rsparse compress`.
+_SPARSIFY_DEFAULTS = {"sparsity": 0.5, "ratio": 0.95, "recipe": None, "calib_corpus": "coqa",
+                      "calib_samples": 16, "seq_len": 512}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="rsparse checkpoint directory, or hub id / model directory / .gguf file "
+                        "(sparsified on the fly; default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and calibration seed")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the text as is, even if the tokenizer has a chat template")
+    p.add_argument("--system", default=None, help="system message (with the chat template)")
+    p.add_argument("--tokens", default="decode", choices=["decode", "all"],
+                   help="decode (default): prefill dense, generation steps sparse; all: every token sparse")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's dtype, float32 otherwise")
+    p.add_argument("--device", default="cpu")
+    g = p.add_argument_group("on-the-fly sparsification (only for a model that is not a checkpoint)")
+    g.add_argument("--dense", action="store_true", help="no sparsification (a checkpoint: restore its dense layers)")
+    g.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5)")
+    g.add_argument("--ratio", type=float, default=None, help="uniform rho (default 0.95)")
+    g.add_argument("--recipe", default=None, help="per-layer recipe JSON")
+    g.add_argument("--calib-corpus", default=None, help="calibration corpus or text file (default coqa)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 16)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise SystemExit("error: need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+
+
+def prepare_model(args: argparse.Namespace):
+    """Load (checkpoint or not), sparsify on the fly when asked; returns (model, tokenizer)."""
+    from rsparse.calibrate import restore_, sparsify_
+    from rsparse.checkpoint import CheckpointError, is_checkpoint, load_any
+    from rsparse.config import RSparseConfig
+    from rsparse.data import load_windows
+    from rsparse.models import DEFAULT_MODEL_NAME
+
+    checkpoint = is_checkpoint(args.model)
+    given = [k for k in _SPARSIFY_DEFAULTS if getattr(args, k, None) is not None]
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if given and checkpoint:
+        raise SystemExit(f"error: {args.model} is an rsparse checkpoint, already sparsified; {flags} only apply to "
+                         "models that are not (use --dense to run it dense)")
+    if given and args.dense:
+        raise SystemExit(f"error: --dense and {flags} exclude each other")
+    opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in _SPARSIFY_DEFAULTS.items()}
+    config = None
+    if not checkpoint and not args.dense:
+        try:  # validate before loading anything
+            config = RSparseConfig(sparsity=opts["sparsity"], ratio=opts["ratio"], recipe=opts["recipe"],
+                                   tokens=args.tokens, calibration_samples=opts["calib_samples"],
+                                   seq_len=opts["seq_len"], seed=args.seed)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    start = time.time()
+    try:
+        model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    name = args.model or DEFAULT_MODEL_NAME
+    if checkpoint:
+        if args.dense:
+            restore_(model)
+        else:
+            set_token_mode(model, args.tokens)
+        what = "dense" if not rsparse_layers(model) else f"{len(rsparse_layers(model))} R-Sparse layers"
+        print(f"model: {name} (rsparse checkpoint, {what}; loaded in {time.time() - start:.1f} s)", file=sys.stderr)
+    elif config is not None:
+        print(f"model: {name}; sparsifying on the fly at {100 * config.sparsity:.0f}% (calibrating on "
+              f"{opts['calib_samples']} x {opts['seq_len']} tokens of {opts['calib_corpus']}; this takes a while on a "
+              "CPU: save a checkpoint once with `rsparse compress`, or pass --dense)", file=sys.stderr)
+        calib = load_windows(tokenizer, opts["calib_corpus"], opts["seq_len"], opts["calib_samples"], "calibration",
+                             args.seed)
+        sparsify_(model, config, calib)
+        print(f"sparsified in {time.time() - start:.0f} s", file=sys.stderr)
+    else:
+        print(f"model: {name} (dense)", file=sys.stderr)
+    if tokenizer is None:
+        raise SystemExit(f"error: {name} has no tokenizer")
+    return model, tokenizer
+
+
+def uses_chat_template(tokenizer, args: argparse.Namespace) -> bool:
+    return not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(tokenizer, messages: list[dict], chat_template: bool) -> torch.Tensor:
+    """Token ids (1, T) of a conversation: the chat template with a generation prompt, or for a
+    plain model the text itself (one user message) or a "User:/Assistant:" transcript."""
+    if chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        text = turns[0]["content"]
+    else:
+        names = {"user": "User", "assistant": "Assistant"}
+        text = "".join(f"{names[m['role']]}: {m['content']}\n" for m in turns) + "Assistant:"
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def _streamer(tokenizer):
+    from transformers import TextStreamer
+
+    class TimedStreamer(TextStreamer):
+        """TextStreamer that records when the first generated token arrived (end of prefill)."""
+
+        first_token_at: float | None = None
+        prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.prompt_seen = True
+            super().put(value)
+
+    return TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generation_kwargs(model, tokenizer, args: argparse.Namespace) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if eos:
+        kwargs["eos_token_id"] = eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    return kwargs
+
+
+@torch.no_grad()
+def stream_generate(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
+                    extra: dict | None = None) -> tuple[str, dict]:
+    """Generate with tokens streamed to stdout; returns (new text, timing stats).
+    extra: more keyword arguments for model.generate."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    streamer = _streamer(tokenizer)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                         **generation_kwargs(model, tokenizer, args), **(extra or {}))
+    t1 = time.perf_counter()
+    new = out[0, input_ids.shape[1]:]
+    first = streamer.first_token_at or t1
+    stats = {"prompt_tokens": int(input_ids.shape[1]), "new_tokens": int(new.numel()), "seconds": t1 - t0,
+             "prefill_seconds": first - t0, "tokens_per_s": new.numel() / max(t1 - t0, 1e-9),
+             "decode_tokens_per_s": (new.numel() - 1) / (t1 - first) if new.numel() > 1 and t1 > first else None}
+    return tokenizer.decode(new, skip_special_tokens=True), stats
+
+
+def _print_stats(stats: dict) -> None:
+    decode = stats["decode_tokens_per_s"]
+    print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
+          f"prefill {stats['prompt_tokens']} tokens {stats['prefill_seconds']:.2f} s"
+          + (f", decode {decode:.1f} tokens/s]" if decode is not None else "]"), file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _validate(args)
+    model, tokenizer = prepare_model(args)
+    template = uses_chat_template(tokenizer, args)
+    messages = ([{"role": "system", "content": args.system}] if args.system and template else []) + \
+        [{"role": "user", "content": args.prompt}]
+    ids = encode(tokenizer, messages, template)
+    torch.manual_seed(args.seed)
+    _, stats = stream_generate(model, tokenizer, ids, args)
+    _print_stats(stats)
+    return 0
+
+
+def _stop_on_text(tokenizer, prompt_len: int, text: str):
+    """Stopping criteria: stop once the generated text contains `text` (plain transcripts)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tail = input_ids[:, max(prompt_len, input_ids.shape[1] - 16):]
+            done = [text in tokenizer.decode(row, skip_special_tokens=True) for row in tail]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
+
+
+def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
+    _validate(args)
+    stdin = stdin or sys.stdin
+    model, tokenizer = prepare_model(args)
+    template = uses_chat_template(tokenizer, args)
+    start = [{"role": "system", "content": args.system}] if args.system and template else []
+    history = list(start)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    torch.manual_seed(args.seed)
+    print("chat: type a message; /reset clears the history, /exit or end of input quits", file=sys.stderr)
+    while True:
+        print(">>> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            print(file=sys.stderr)
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": message})
+        ids = encode(tokenizer, history, template)
+        # Drop the oldest exchanges while the prompt and the reply would not fit the context.
+        while limit and ids.shape[1] + args.max_new_tokens > limit and len(history) > len(start) + 1:
+            del history[len(start):len(start) + 2]
+            ids = encode(tokenizer, history, template)
+        extra = {} if template else {"stopping_criteria": _stop_on_text(tokenizer, ids.shape[1], "\nUser:")}
+        reply, stats = stream_generate(model, tokenizer, ids, args, extra)
+        reply = reply.split("\nUser:")[0].strip() if not template else reply.strip()
+        history.append({"role": "assistant", "content": reply})
+        _print_stats(stats)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `rsparse generate` and `rsparse chat` to the subparsers of the rsparse command."""
+    g = subparsers.add_parser("generate", help="generate text with a sparsified model (sparse decoding), streamed")
+    g.add_argument("--prompt", required=True, help="the prompt (a user message when the chat template is used)")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = subparsers.add_parser("chat", help="interactive chat with a sparsified model (stdin lines; /reset, /exit)")
+    _add_model_args(c)
+    c.set_defaults(func=cmd_chat)
