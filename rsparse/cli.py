@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
-    from rsparse import checkpoint, generate
+    from rsparse import checkpoint, generate, search
 
     checkpoint.register(sub)  # rsparse compress
     generate.register(sub)  # rsparse generate, rsparse chat
+    search.register(sub)  # rsparse search
     args = parser.parse_args(argv)
     return args.func(args) or 0
 

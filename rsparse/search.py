@@ -1,0 +1,415 @@
+"""Evolutionary search of per-layer sparse/low-rank ratios rho (paper section 3.5, Algorithm 1).
+
+Each individual is a vector of rho_i, one per decoder projection. Every layer keeps its budget
+(1-s) whatever its rho (rsparse.budget), so every individual has the same model-level sparsity;
+the search only decides how each layer spends its budget. Fitness = mean perplexity of the
+sparsified model over the calibration windows (all tokens sparsified), lower is better.
+
+Differential evolution, as Algorithm 1: for each individual g_i, a mutant m = x1 + F (x2 - x3)
+from three other random individuals, a binomial crossover with rate CR (at least one gene from
+the mutant), the trial clipped to [0, 1]; the P best of parents and trials survive (elitist).
+Group-wise: the genes are split into groups of `group_size` consecutive layers; each group is
+optimised for `generations` generations while the other genes are held at the best individual
+so far, then the next group.
+
+Costs are kept down by reusing what does not change between candidates:
+  * the dense calibration activations (collected once) give every layer's thresholds on a grid
+    of rho values (one sort per layer and score type);
+  * one SVD per layer gives the factors for every rank (slices of the largest);
+  * the hidden states entering the first block of the group being optimised are the same for
+    all candidates, so each candidate runs only the blocks from there on.
+After every generation the state is written atomically to the checkpoint file, so a killed
+search resumes where it stopped, losing at most one generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from rsparse.budget import check_sparsity, layer_budget
+from rsparse.calibrate import CalibrationActivations, _layer_method, collect_activations, sparsify_
+from rsparse.config import RSparseConfig
+from rsparse.layer import rsparse_layers
+from rsparse.models import decoder_blocks, decoder_linears
+from rsparse.report import write_json
+
+RHO_GRID = 200  # rho is searched on a grid of 1/200 steps: thresholds are precomputed per grid point
+
+
+@dataclass
+class SearchConfig:
+    sparsity: float = 0.5
+    population: int = 32
+    generations: int = 5  # per group
+    group_size: int = 28  # layers per group
+    mutation: float = 0.5  # F
+    crossover: float = 0.5  # CR
+    init_ratio: float = 0.95  # centre of the initial population (see `initial_population`)
+    init_spread: float = 0.05
+    seed: int = 0
+
+    def validate(self) -> "SearchConfig":
+        check_sparsity(self.sparsity)
+        if self.population < 4:
+            raise ValueError(f"population must be at least 4 (differential evolution needs 3 donors), got {self.population}")
+        if self.generations < 1 or self.group_size < 1:
+            raise ValueError("generations and group_size must be positive")
+        if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
+            raise ValueError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
+        return self
+
+
+class _Candidates:
+    """Applies a rho vector to an already sparsified model quickly (no module rebuilding)."""
+
+    def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto"):
+        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens="all", refine=False)
+        sparsify_(model, base, activations)  # rho = 0 everywhere: largest ranks, caches SVDs
+        self.layers = rsparse_layers(model)
+        self.sparsity = sparsity
+        grid = torch.linspace(0, 1, RHO_GRID + 1)
+        self.thresholds = []  # per layer: {score kind: tensor of thresholds over the rho grid}
+        self.full = []
+        for layer in self.layers:
+            rows = activations.rows[layer.name].abs().float()
+            table = {}
+            for kind, scale in (("abs", None), ("weighted", layer.weight.detach().float().norm(dim=0).cpu())):
+                s = (rows * scale if scale is not None else rows).reshape(-1).sort().values
+                keep = (1 - sparsity) * grid
+                idx = ((1 - keep) * s.numel()).round().long().clamp(1, s.numel()) - 1
+                t = s[idx]
+                t[keep <= 0] = math.inf
+                table[kind] = t
+            self.thresholds.append(table)
+            self.full.append((layer.lr_down.clone(), layer.lr_up.clone()))
+        self.norms = [l.weight.detach().float().norm(dim=0) for l in self.layers]
+        self.ones = [torch.ones_like(n) for n in self.norms]
+        self.score = score
+
+    def apply(self, rhos: np.ndarray) -> None:
+        for i, (layer, table, (down, up), rho) in enumerate(zip(self.layers, self.thresholds, self.full, rhos)):
+            g = int(round(float(rho) * RHO_GRID))
+            b = layer_budget(layer.out_features, layer.in_features, self.sparsity, g / RHO_GRID)
+            method = _layer_method(b)
+            weighted = self.score == "weighted" or (self.score == "auto" and method == "rsparse")
+            layer.method = method
+            layer.keep_fraction = b.keep_fraction
+            layer.threshold.fill_(float(table["weighted" if weighted else "abs"][g]))
+            layer.score_scale = self.norms[i] if weighted else self.ones[i]
+            layer.rank = b.rank
+            layer.lr_down, layer.lr_up = down[:, :b.rank], up[:b.rank]
+
+
+class _Passthrough(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@torch.no_grad()
+def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: dict, batch_size: int = 4) -> float:
+    """Mean per-window perplexity, running blocks >= start_block from cached inputs."""
+    blocks = decoder_blocks(model)
+    saved = list(blocks[:start_block])
+    ppls = []
+
+    def inject(module, args):
+        return (cache[current],) + tuple(args[1:])
+
+    handle = blocks[start_block].register_forward_pre_hook(inject) if start_block else None
+    try:
+        for i in range(start_block):
+            blocks[i] = _Passthrough()
+        for current in range(0, windows.shape[0], batch_size):
+            ids = windows[current:current + batch_size]
+            logits = model(ids, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+            ppls.extend(nll.exp().tolist())
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
+        if handle:
+            handle.remove()
+    return float(np.mean(ppls))
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, windows: torch.Tensor, block: int, batch_size: int = 4) -> dict:
+    """Hidden states entering `block` for each batch of windows, under the current layers."""
+    cache = {}
+    blocks = decoder_blocks(model)
+
+    class _Stop(Exception):
+        pass
+
+    def grab(module, args):
+        cache[current] = args[0].detach().clone()
+        raise _Stop
+
+    handle = blocks[block].register_forward_pre_hook(grab)
+    try:
+        for current in range(0, windows.shape[0], batch_size):
+            try:
+                model(windows[current:current + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return cache
+
+
+def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
+    """Seeded start: sparse-only (rho 1), the uniform init_ratio, and perturbations around it.
+
+    The paper initialises at random in [0, 1]; with a few hundred evaluations a random start in
+    [0, 1]^n is dominated by layers with catastrophic low-rank shares, so we start next to the
+    best uniform recipes and let evolution move away from them.
+    """
+    pop = np.clip(cfg.init_ratio + cfg.init_spread * rng.standard_normal((cfg.population, n_genes)), 0.0, 1.0)
+    pop[0] = 1.0
+    pop[1] = cfg.init_ratio
+    return np.round(pop * RHO_GRID) / RHO_GRID
+
+
+def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoint: str | Path | None = None,
+           activations: CalibrationActivations | None = None, log=print) -> dict:
+    """Run (or resume) the search; returns the state with the best recipe and fitness history."""
+    cfg.validate()
+    linears = decoder_linears(model)
+    names = [l.name for l in linears]
+    n = len(names)
+    groups = [list(range(i, min(i + cfg.group_size, n))) for i in range(0, n, cfg.group_size)]
+    settings = asdict(cfg)
+    identity = {"layers": n, "names_hash": hash_names(names), "windows": list(windows.shape),
+                "windows_sum": int(windows.sum())}
+
+    state = None
+    if checkpoint and Path(checkpoint).is_file():
+        state = json.loads(Path(checkpoint).read_text())
+        if state.get("settings") != settings or state.get("identity") != identity:
+            raise ValueError(f"checkpoint {checkpoint} was written by a search with other settings, model or data; "
+                             "use another --checkpoint path or the same settings")
+        log(f"resuming from {checkpoint}: group {state['group']} generation {state['generation']}")
+    rng = np.random.default_rng(cfg.seed)
+    if state is not None:
+        rng.bit_generator.state = state["rng"]
+
+    if activations is None:
+        activations = collect_activations(model, windows)
+    cands = _Candidates(model, cfg.sparsity, activations)
+
+    def evaluate(rhos, start_block, cache):
+        cands.apply(rhos)
+        return _fitness(model, windows, start_block, cache)
+
+    t_start = time.time()
+    if state is None:
+        pop = initial_population(n, cfg, rng)
+        fit = [evaluate(p, 0, {}) for p in tqdm(pop, desc="initial population", leave=False)]
+        state = {"settings": settings, "identity": identity, "group": 0, "generation": 0,
+                 "population": pop.tolist(), "fitness": fit, "history": [], "evaluations": len(fit),
+                 "seconds": time.time() - t_start}
+        _save(checkpoint, state, rng)
+    pop, fit = np.array(state["population"]), list(state["fitness"])
+    total_gens = len(groups) * cfg.generations
+    done = state["group"] * cfg.generations + state["generation"]
+    bar = tqdm(total=total_gens, initial=done, desc="search", unit="gen")
+    while state["group"] < len(groups):
+        genes = groups[state["group"]]
+        others = [i for i in range(n) if i not in set(genes)]
+        best = pop[int(np.argmin(fit))].copy()
+        start_block = linears[genes[0]].block
+        cands.apply(best)
+        cache = _block_inputs(model, windows, start_block) if start_block else {}
+        t0 = time.time()
+        if not np.all(pop[:, others] == best[others]):
+            # A new group: every individual takes the best's genes outside the group (keeping its
+            # own inside it, for diversity), and is scored again under them.
+            pop[:, others] = best[others]
+            fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
+            state["population"], state["fitness"] = pop.tolist(), fit
+            state["evaluations"] += cfg.population
+            _save(checkpoint, state, rng)
+        trials, trial_fit = [], []
+        for i in range(cfg.population):
+            a, b, c = rng.choice([j for j in range(cfg.population) if j != i], 3, replace=False)
+            mutant = pop[a] + cfg.mutation * (pop[b] - pop[c])
+            cross = rng.random(len(genes)) < cfg.crossover
+            cross[rng.integers(len(genes))] = True
+            trial = pop[i].copy()
+            trial[genes] = np.where(cross, mutant[genes], pop[i][genes])
+            trial = np.round(np.clip(trial, 0.0, 1.0) * RHO_GRID) / RHO_GRID
+            trials.append(trial)
+            trial_fit.append(evaluate(trial, start_block, cache))
+        allp = np.concatenate([pop, np.array(trials)])
+        allf = np.array(fit + trial_fit)
+        keep = np.argsort(allf, kind="stable")[: cfg.population]
+        pop, fit = allp[keep], allf[keep].tolist()
+        state["evaluations"] += cfg.population
+        state["seconds"] += time.time() - t0
+        state["history"].append({"group": state["group"], "generation": state["generation"],
+                                 "best": fit[0], "mean": float(np.mean(fit)), "seconds": time.time() - t0})
+        state["generation"] += 1
+        if state["generation"] == cfg.generations:
+            state["group"], state["generation"] = state["group"] + 1, 0
+        state["population"], state["fitness"] = pop.tolist(), fit
+        _save(checkpoint, state, rng)
+        bar.update(1)
+        left = (total_gens - bar.n) * (time.time() - t0)
+        bar.set_postfix(best=f"{fit[0]:.3f}", mean=f"{np.mean(fit):.3f}", left=f"{left / 60:.0f}min")
+    bar.close()
+    best = pop[int(np.argmin(fit))]
+    state["best"] = {"rho": best.tolist(), "fitness": float(min(fit))}
+    state["names"] = names
+    state["shapes"] = [[l.module.out_features, l.module.in_features] for l in linears]
+    _save(checkpoint, state, rng)
+    return state
+
+
+def hash_names(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _save(path, state, rng) -> None:
+    state["rng"] = rng.bit_generator.state
+    if path:
+        write_json(path, state)
+
+
+def recipe_from_search(state: dict, sparsity: float, report: list[dict] | None = None, **extra) -> dict:
+    """The recipe file's content: per-layer rho (with keep/rank/threshold once applied)."""
+    layers = []
+    for i, (name, shape, rho) in enumerate(zip(state["names"], state["shapes"], state["best"]["rho"])):
+        b = layer_budget(shape[0], shape[1], sparsity, rho)
+        entry = {"name": name, "shape": shape, "rho": rho, "keep": b.keep_fraction, "rank": b.rank}
+        if report is not None:
+            entry["threshold"] = report[i]["threshold"]
+        layers.append(entry)
+    return {"sparsity": sparsity, **extra, "search": {"settings": state["settings"], "evaluations": state["evaluations"],
+            "seconds": state["seconds"], "best_fitness": state["best"]["fitness"], "history": state["history"]},
+            "layers": layers}
+
+
+# -- command line: rsparse search ----------------------------------------------------------------
+
+def plot_recipe(recipe: dict, path: str | Path) -> None:
+    """rho per layer, one line per projection type, against the block index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_type: dict[str, list[tuple[int, float]]] = {}
+    for entry in recipe["layers"]:
+        parts = entry["name"].split(".")
+        block = next(int(p) for p in parts if p.isdigit())
+        by_type.setdefault(parts[-1], []).append((block, entry["rho"]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for kind, points in by_type.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", markersize=3, label=kind)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("rho (sparse share of the layer budget)")
+    ax.set_title(f"searched recipe at {100 * recipe['sparsity']:.0f}% model-level sparsity")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_search(args) -> int:
+    import sys
+
+    from rsparse.calibrate import restore_
+    from rsparse.data import load_windows
+    from rsparse.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.report import markdown_table, versions
+
+    cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
+                       group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                       init_ratio=args.init_ratio, seed=args.seed)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = load_model(args.model)
+    model_name = args.model or DEFAULT_MODEL_NAME
+    windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
+    activations = collect_activations(model, windows, seed=args.seed)
+    state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
+                   log=lambda m: print(m, file=sys.stderr))
+    search_seconds = time.time() - start
+
+    # The final model: the searched recipe through the standard calibration (with refinement).
+    names = state["names"]
+    recipe = {"layers": [{"name": n, "rho": r} for n, r in zip(names, state["best"]["rho"])]}
+    report = sparsify_(model, RSparseConfig(sparsity=cfg.sparsity, recipe=recipe, seq_len=args.seq_len), activations)
+    data = recipe_from_search(state, cfg.sparsity, report, model=model_name,
+                              calibration={"corpus": args.calib_corpus, "windows": args.calib_samples,
+                                           "seq_len": args.seq_len, "seed": args.seed},
+                              versions=versions())
+    data["search"]["wall_seconds"] = search_seconds
+    write_json(out / "recipe.json", data)
+    plot_recipe(data, out / "recipe_rho.png")
+    print(f"search: {state['evaluations']} evaluations in {search_seconds / 60:.1f} min; "
+          f"best calibration fitness {state['best']['fitness']:.3f}", file=sys.stderr)
+
+    rows = []
+    if args.ppl_windows:
+        evalw = load_windows(tok, args.ppl_corpus, args.ppl_seq_len, args.ppl_windows, "perplexity")
+        variants = [("sparse-only", RSparseConfig(sparsity=cfg.sparsity, method="sparse")),
+                    (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
+                    ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
+        for label, config in variants:
+            sparsify_(model, config, activations)
+            r = evaluate_perplexity(model, evalw, tokens=args.tokens, desc=f"perplexity ({label})")
+            rows.append({"recipe": label, "target_sparsity": cfg.sparsity,
+                         "achieved_sparsity": r["achieved_sparsity"], "ppl": r["ppl"]})
+        restore_(model)
+        write_json(out / "search_eval.json", {"model": model_name, "rows": rows,
+                                              "perplexity": {"corpus": args.ppl_corpus, "windows": int(evalw.shape[0]),
+                                                             "seq_len": args.ppl_seq_len, "tokens": args.tokens}})
+        table = markdown_table(rows, [("recipe", "recipe"), ("target_sparsity", "target sparsity %"),
+                                      ("achieved_sparsity", "achieved sparsity %"), ("ppl", "held-out perplexity")])
+        (out / "search_eval.md").write_text(table + "\n")
+        print(table)
+    print(f"wrote {out / 'recipe.json'} and {out / 'recipe_rho.png'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help="evolutionary search of per-layer ratios; writes a recipe")
+    p.add_argument("--model", default=None)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--population", type=int, default=16, help="paper: 32 (see README: scaled for 2 CPU cores)")
+    p.add_argument("--generations", type=int, default=4, help="generations per group (paper: 5)")
+    p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
+    p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
+    p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
+    p.add_argument("--init-ratio", type=float, default=0.95, help="centre of the initial population")
+    p.add_argument("--calib-corpus", default="coqa")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    p.add_argument("--ppl-corpus", default="boolq")
+    p.add_argument("--ppl-windows", type=int, default=32, help="held-out windows for the final comparison (0: skip)")
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/search", help="directory: recipe.json, search_state.json (resume), plots")
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,78 @@
+"""Evolutionary search on a tiny model: elitism, determinism, checkpoint/resume, recipe validity."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rsparse.search as search_mod
+from conftest import tiny_model
+from rsparse import RSparseConfig, sparsify_
+from rsparse.budget import layer_budget, model_read_fraction
+from rsparse.data import calibration_windows
+from rsparse.search import SearchConfig, recipe_from_search, search
+
+CFG = dict(sparsity=0.5, population=4, generations=2, group_size=7, seed=3)
+
+
+@pytest.fixture()
+def cal(windows):
+    return calibration_windows(windows, 32, 4, seed=1)
+
+
+def test_search_improves_on_its_start_and_keeps_the_budget(cal):
+    model = tiny_model()
+    state = search(model, cal, SearchConfig(**CFG), log=lambda m: None)
+    # initial population, then per group (2 of 7 layers): re-scoring under the best + 2 generations
+    assert state["evaluations"] == 4 + 2 * (4 + 2 * 4)
+    assert [(h["group"], h["generation"]) for h in state["history"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    bests = [h["best"] for h in state["history"]]
+    assert all(b2 <= b1 + 1e-12 for b1, b2 in zip(bests, bests[1:]))  # elitist: never worse
+    assert state["best"]["fitness"] == bests[-1] <= min(h["mean"] for h in state["history"])
+    rho = np.array(state["best"]["rho"])
+    assert rho.shape == (14,) and ((0 <= rho) & (rho <= 1)).all()
+    recipe = recipe_from_search(state, 0.5)
+    budgets = [layer_budget(*l["shape"], 0.5, l["rho"]) for l in recipe["layers"]]
+    assert model_read_fraction(budgets) <= 0.5 + 1e-9
+    report = sparsify_(model, RSparseConfig(sparsity=0.5, recipe=recipe), cal)  # the recipe fits the model
+    assert [r["rho"] for r in report] == [l["rho"] for l in recipe["layers"]]
+
+
+def test_search_is_deterministic_and_resumes_after_a_kill(cal, tmp_path, monkeypatch):
+    full = search(tiny_model(), cal, SearchConfig(**CFG), checkpoint=tmp_path / "a.json", log=lambda m: None)
+    again = search(tiny_model(), cal, SearchConfig(**CFG), log=lambda m: None)
+    assert again["best"] == full["best"]
+
+    real_save, calls = search_mod._save, {"n": 0}
+
+    def killed_after_three(path, state, rng):
+        real_save(path, state, rng)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_mod, "_save", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        search(tiny_model(), cal, SearchConfig(**CFG), checkpoint=tmp_path / "b.json", log=lambda m: None)
+    partial = json.loads((tmp_path / "b.json").read_text())
+    assert "best" not in partial and partial["history"]
+    monkeypatch.setattr(search_mod, "_save", real_save)
+    messages = []
+    resumed = search(tiny_model(), cal, SearchConfig(**CFG), checkpoint=tmp_path / "b.json", log=messages.append)
+    assert messages and "resuming" in messages[0]
+    assert resumed["best"] == full["best"]
+    strip = lambda hist: [(h["group"], h["generation"], h["best"], h["mean"]) for h in hist]  # noqa: E731
+    assert strip(resumed["history"]) == strip(full["history"])
+
+
+def test_checkpoint_of_other_settings_is_refused(cal, tmp_path):
+    search(tiny_model(), cal, SearchConfig(**CFG), checkpoint=tmp_path / "s.json", log=lambda m: None)
+    with pytest.raises(ValueError, match="other settings"):
+        search(tiny_model(), cal, SearchConfig(**dict(CFG, seed=4)), checkpoint=tmp_path / "s.json", log=lambda m: None)
+
+
+@pytest.mark.parametrize("bad", [dict(population=3), dict(sparsity=1.0), dict(crossover=1.5), dict(generations=0)])
+def test_bad_search_settings(bad):
+    with pytest.raises(ValueError):
+        SearchConfig(**dict(CFG, **bad)).validate()
