@@ -140,6 +140,27 @@ def lowrank_factors(weight: torch.Tensor, rank: int, svd=None) -> tuple[torch.Te
     return b.t().contiguous(), a.t().contiguous()
 
 
+def whitened_factors(weight: torch.Tensor, residual: torch.Tensor, rank: int,
+                     damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-aware rank-r factors: minimise E||(W - A B) x||^2 over the residual inputs x that
+    reach the low-rank path (the dropped channels), instead of ||W - A B||_F.
+
+    With the input covariance C = E[x x^T] = L L^T (damped by `damp` times its mean diagonal, so
+    directions no calibration input spans stay well defined), the best rank-r map is the top-r
+    SVD of W L mapped back through L^-1. Returns lr_down (in, r), lr_up (r, out) like
+    lowrank_factors.
+    """
+    x = residual.to(torch.float64)
+    cov = x.t() @ x / max(x.shape[0], 1)
+    cov += (damp * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(cov.shape[0], dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov)
+    u, s, vh = weight_svd(weight.detach().cpu().to(torch.float64) @ chol)
+    root = s[:rank].sqrt()
+    a = u[:, :rank] * root  # (out, r)
+    b = torch.linalg.solve_triangular(chol, root[:, None] * vh[:rank], upper=False, left=False)  # B L = M: (r, in)
+    return b.t().contiguous(), a.t().contiguous()
+
+
 def _layer_method(budget: LayerBudget) -> str:
     if budget.sparsity == 0.0:
         return "dense"
@@ -189,7 +210,9 @@ def sparsify_(model: nn.Module, config: RSparseConfig,
         scores = rows.abs() * (scale.cpu() if scale is not None else 1.0)
         threshold = calibrate_threshold(scores, budget.keep_fraction) if method != "dense" else -math.inf
         down = up = None
-        if budget.rank and method != "dense":
+        if budget.rank and method != "dense" and config.factors == "whitened":
+            down, up = whitened_factors(weight, rows * (scores <= threshold), budget.rank)
+        elif budget.rank and method != "dense":
             svd = calibration.svd.get(lin.name)
             if svd is None:
                 svd = weight_svd(weight)

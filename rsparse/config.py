@@ -20,6 +20,7 @@ from rsparse.budget import LayerBudget, check_ratio, check_sparsity, layer_budge
 from rsparse.layer import METHODS, TOKEN_MODES
 
 SCORES = ("auto", "abs", "weighted")
+FACTORS = ("svd", "whitened")
 
 
 class RecipeError(ValueError):
@@ -38,6 +39,7 @@ class RSparseConfig:
     seq_len: int = 512
     max_rows_per_layer: int = 2048  # calibration tokens kept per layer for threshold quantiles
     refine: bool = True  # second calibration pass on the sparsified model (see calibrate.py)
+    factors: str = "svd"  # svd: top-r SVD of W; whitened: fitted to the inputs the low-rank path gets
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +52,8 @@ class RSparseConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; expected one of {SCORES}")
+        if self.factors not in FACTORS:
+            raise ValueError(f"unknown factors {self.factors!r}; expected one of {FACTORS}")
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"unknown token mode {self.tokens!r}; expected one of {TOKEN_MODES}")
         for name in ("calibration_samples", "seq_len", "max_rows_per_layer"):

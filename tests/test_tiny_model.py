@@ -200,3 +200,12 @@ def test_cli_rejects_bad_input_before_loading(args, message, capsys):
 
     with pytest.raises(SystemExit, match=message):
         main(["run", "--model", "/nonexistent/model", *args])
+
+
+def test_whitened_factors_option(model, data):
+    cal, ev = data
+    report = sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.5, factors="whitened", tokens="all"), cal)
+    assert all(r["rank"] > 0 for r in report)
+    assert math.isfinite(evaluate_perplexity(model, ev, tokens="all")["ppl"])
+    with pytest.raises(ValueError, match="factors"):
+        RSparseConfig(factors="magic")
