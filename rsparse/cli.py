@@ -134,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
-    from rsparse import checkpoint, generate, search
+    from rsparse import checkpoint, generate, search, sweep
 
     checkpoint.register(sub)  # rsparse compress
     generate.register(sub)  # rsparse generate, rsparse chat
     search.register(sub)  # rsparse search
+    sweep.register(sub)  # rsparse eval (lm-evaluation-harness, baselines, Table 1 / Figure 5)
     args = parser.parse_args(argv)
     return args.func(args) or 0
 
