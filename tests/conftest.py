@@ -73,3 +73,20 @@ def windows(tokenizer):
 
     stream = tokenize_corpus(tokenizer, [TEXT])
     return stream
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is fastest and immune to other processes on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def data(windows):
+    """(calibration windows, held-out perplexity windows) of 64 tokens from the tiny corpus."""
+    from rsparse.data import calibration_windows, perplexity_windows
+
+    return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)

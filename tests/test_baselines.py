@@ -13,21 +13,9 @@ from rsparse.baselines import (BaselineMLP, UnreachableSparsityError, apply_base
                                apply_relu_, baseline_layers, linear_bytes, measured_baseline_sparsity, mlp_modules,
                                mlp_sparsity_for, model_sparsity_for, reset_baseline_stats, restore_baselines_,
                                set_baseline_token_mode, skippable_share)
-from rsparse.data import calibration_windows, perplexity_windows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread is fastest and immune to other processes on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture()
-def data(windows):
-    return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _measure(model, ev, tokens="all"):

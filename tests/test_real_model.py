@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from rsparse import RSparseConfig, evaluate_perplexity, load_model, load_windows, restore_, sparsify_
 

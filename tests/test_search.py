@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import rsparse.search as search_mod
 from conftest import tiny_model

@@ -12,9 +12,6 @@ from rsparse import (RecipeError, RSparseConfig, UnsupportedModelError, collect_
 from rsparse.data import calibration_windows, perplexity_windows, tokenize_corpus
 
 
-@pytest.fixture()
-def data(windows):
-    return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)
 
 
 def test_finds_seven_projections_per_block_with_true_shapes(model):
