@@ -398,7 +398,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--population", type=int, default=16, help="paper: 32 (see README: scaled for 2 CPU cores)")
-    p.add_argument("--generations", type=int, default=4, help="generations per group (paper: 5)")
+    p.add_argument("--generations", type=int, default=3, help="generations per group (paper: 5)")
     p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
     p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
     p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
