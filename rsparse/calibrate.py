@@ -31,9 +31,10 @@ class CalibrationActivations:
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     windows: torch.Tensor | None = None  # the calibration token windows (n, seq_len)
-    # Full SVDs (u, s, vh in float32, computed in float64) reused across methods and recipes;
-    # filled lazily when cache_svd is True.
-    cache_svd: bool = True
+    # Full SVDs (u, s, vh in float32 on the CPU, computed in float64) reused across methods and
+    # recipes; filled lazily when cache_svd is True. Off by default: for a 7B model the cache is
+    # about twice the model's size.
+    cache_svd: bool = False
     svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -113,10 +114,11 @@ def calibrate_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
 def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD (u, s, vh) of W in float64, singular values descending.
 
-    Computed from the eigendecomposition of the smaller Gram matrix: several times faster than
-    a direct SVD on a CPU, and accurate for the leading components the factors use.
+    Computed from the eigendecomposition of the smaller Gram matrix, on the weight's device:
+    several times faster than a direct SVD on a CPU, and accurate for the leading components the
+    factors use.
     """
-    w = weight.detach().cpu().to(torch.float64)
+    w = weight.detach().to(torch.float64)
     tall = w.shape[0] >= w.shape[1]
     a = w if tall else w.t()
     evals, v = torch.linalg.eigh(a.t() @ a)  # ascending
@@ -217,7 +219,7 @@ def sparsify_(model: nn.Module, config: RSparseConfig,
             if svd is None:
                 svd = weight_svd(weight)
                 if calibration.cache_svd:
-                    calibration.svd[lin.name] = tuple(t.float() for t in svd)
+                    calibration.svd[lin.name] = tuple(t.float().cpu() for t in svd)
             down, up = lowrank_factors(weight, budget.rank, svd)
         layer.configure(method, threshold, budget.keep_fraction, scale, down, up)
         replace_module(model, lin.name, layer)

@@ -80,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             if activations is None:
                 activations = collect_activations(model, calib, seed=args.seed)
+                # two methods with low-rank paths share one SVD per layer
+                activations.cache_svd = sum(m in ("lowrank", "rsparse") for m in methods) > 1
             config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, method=method,
                                    recipe=recipe if method == "rsparse" else None,
                                    tokens=args.tokens, factors=args.factors, calibration_samples=args.calib_samples,
