@@ -231,11 +231,17 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         cands.apply(best)
         cache = _block_inputs(model, windows, start_block) if start_block else {}
         t0 = time.time()
-        if not np.all(pop[:, others] == best[others]):
-            # A new group: every individual takes the best's genes outside the group (keeping its
-            # own inside it, for diversity), and is scored again under them.
+        if state["generation"] == 0 and not state.get("group_started"):
+            # A new group: every individual takes the best's genes outside the group; inside it,
+            # the best is kept and the others are drawn around the best's values (earlier group
+            # starts made those genes equal across the population, which would leave differential
+            # evolution nothing to recombine), then everyone is scored under the new context.
             pop[:, others] = best[others]
+            pop[0] = best
+            noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
+            pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * RHO_GRID) / RHO_GRID
             fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
+            state["group_started"] = True
             state["population"], state["fitness"] = pop.tolist(), fit
             state["evaluations"] += cfg.population
             _save(checkpoint, state, rng)
@@ -250,17 +256,14 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             trial = np.round(np.clip(trial, 0.0, 1.0) * RHO_GRID) / RHO_GRID
             trials.append(trial)
             trial_fit.append(evaluate(trial, start_block, cache))
-        allp = np.concatenate([pop, np.array(trials)])
-        allf = np.array(fit + trial_fit)
-        keep = np.argsort(allf, kind="stable")[: cfg.population]
-        pop, fit = allp[keep], allf[keep].tolist()
+        pop, fit = _select(np.concatenate([pop, np.array(trials)]), np.array(fit + trial_fit), cfg.population)
         state["evaluations"] += cfg.population
         state["seconds"] += time.time() - t0
         state["history"].append({"group": state["group"], "generation": state["generation"],
                                  "best": fit[0], "mean": float(np.mean(fit)), "seconds": time.time() - t0})
         state["generation"] += 1
         if state["generation"] == cfg.generations:
-            state["group"], state["generation"] = state["group"] + 1, 0
+            state["group"], state["generation"], state["group_started"] = state["group"] + 1, 0, False
         state["population"], state["fitness"] = pop.tolist(), fit
         _save(checkpoint, state, rng)
         bar.update(1)
@@ -273,6 +276,19 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     state["shapes"] = [[l.module.out_features, l.module.in_features] for l in linears]
     _save(checkpoint, state, rng)
     return state
+
+
+def _select(pool: np.ndarray, fitness: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Elitist top-k of parents and trials (Algorithm 1), distinct individuals first: copies of
+    one good individual would otherwise fill the population and stall the mutation."""
+    order = np.argsort(fitness, kind="stable")
+    seen, first, dup = set(), [], []
+    for i in order:
+        key = pool[i].tobytes()
+        (dup if key in seen else first).append(i)
+        seen.add(key)
+    keep = (first + dup)[:k]
+    return pool[keep], fitness[keep].tolist()
 
 
 def hash_names(names: list[str]) -> str:

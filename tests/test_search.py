@@ -75,3 +75,31 @@ def test_checkpoint_of_other_settings_is_refused(cal, tmp_path):
 def test_bad_search_settings(bad):
     with pytest.raises(ValueError):
         SearchConfig(**dict(CFG, **bad)).validate()
+
+
+def test_every_group_starts_diverse(cal, monkeypatch):
+    """Each group's genes differ across the population when the group starts (else DE stalls)."""
+    starts = []
+    real = search_mod.tqdm
+
+    def spy(iterable=None, *args, desc="", **kwargs):
+        if desc.startswith("group"):
+            pop = np.array(list(iterable))
+            starts.append(pop)
+            iterable = pop
+        return real(iterable, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(search_mod, "tqdm", spy)
+    search(tiny_model(), cal, SearchConfig(**CFG), log=lambda m: None)
+    assert len(starts) == 2
+    for g, pop in enumerate(starts):
+        genes = slice(7 * g, 7 * g + 7)
+        assert len({row[genes].tobytes() for row in pop}) > 1
+
+
+def test_selection_prefers_distinct_individuals():
+    from rsparse.search import _select
+
+    pool = np.array([[1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [1.0, 0.9]])
+    pop, fit = _select(pool, np.array([1.0, 1.0, 2.0, 3.0]), 3)
+    assert pop.tolist() == [[1.0, 1.0], [0.9, 1.0], [1.0, 0.9]] and fit == [1.0, 2.0, 3.0]
