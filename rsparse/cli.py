@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
-    from rsparse import checkpoint, generate, search, sweep
+    from rsparse import analyze, checkpoint, generate, search, sweep
+
+    analyze.register(sub)  # rsparse analyze (the paper's analysis figures)
 
     checkpoint.register(sub)  # rsparse compress
     generate.register(sub)  # rsparse generate, rsparse chat
