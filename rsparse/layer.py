@@ -117,8 +117,8 @@ class RSparseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "dense" or self.tokens == "none":
             return F.linear(x, self.weight, self.bias)
-        if self.tokens == "all" or (self.tokens == "decode" and x.dim() >= 2 and x.shape[-2] == 1) \
-                or (self.tokens == "decode" and x.dim() == 1):
+        one_token = x.dim() == 1 or x.shape[-2] == 1  # a decode step: one token per sequence
+        if self.tokens == "all" or (self.tokens == "decode" and one_token):
             return self._sparse(x)
         if self.tokens == "second_half" and x.dim() >= 2 and x.shape[-2] > 1:
             # Dense over the whole sequence, then the second half replaced: the first half is
@@ -134,7 +134,8 @@ class RSparseLinear(nn.Linear):
         return (x.abs().float() * self.score_scale) > self.threshold
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        if self.track_stats:
+        keep = None
+        if self.track_stats:  # costs a host sync: for measurement, never inside a CUDA graph
             keep = self.mask(x)
             self.stat_tokens += keep.numel() // self.in_features
             self.stat_kept += int(keep.sum())
@@ -146,7 +147,7 @@ class RSparseLinear(nn.Linear):
                                              self.lr_up if self.rank else None, self.bias)
             if self.kernel == "always":
                 raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
-        keep = self.mask(x)
+        keep = self.mask(x) if keep is None else keep
         y = F.linear(x * keep, self.weight, self.bias)
         if self.rank:
             y = y + (x * ~keep) @ self.lr_down @ self.lr_up
