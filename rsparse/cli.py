@@ -21,8 +21,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.5, help="target model-level sparsity in [0, 1)")
     p.add_argument("--ratio", type=float, default=0.95, help="uniform rho for rsparse: sparse share of each layer's budget")
     p.add_argument("--recipe", default=None, help="per-layer recipe JSON for rsparse (overrides --ratio)")
-    p.add_argument("--factors", default="svd", choices=["svd", "whitened"],
-                   help="low-rank factors: top-r SVD of W, or fitted to the inputs reaching the low-rank path")
+    p.add_argument("--factors", default="whitened", choices=["svd", "whitened"],
+                   help="low-rank factors: fitted to the inputs reaching the low-rank path (default), or top-r SVD of W")
     p.add_argument("--calib-corpus", default="coqa", help="coqa (default, offline), boolq, sciq, wikitext2, c4 or a text file")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--ppl-corpus", default="boolq", help="boolq (default, offline), coqa, sciq, wikitext2, c4 or a text file")

@@ -39,7 +39,9 @@ class RSparseConfig:
     seq_len: int = 512
     max_rows_per_layer: int = 2048  # calibration tokens kept per layer for threshold quantiles
     refine: bool = True  # second calibration pass on the sparsified model (see calibrate.py)
-    factors: str = "svd"  # svd: top-r SVD of W; whitened: fitted to the inputs the low-rank path gets
+    # whitened: rank-r factors fitted to the inputs that reach the low-rank path (measured better
+    # than the paper's plain top-r SVD of W on SmolLM2, see README); svd: the paper's factors.
+    factors: str = "whitened"
     seed: int = 0
 
     def __post_init__(self):

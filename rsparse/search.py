@@ -73,7 +73,7 @@ class _Candidates:
     """Applies a rho vector to an already sparsified model quickly (no module rebuilding)."""
 
     def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto"):
-        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens="all", refine=False)
+        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens="all", refine=False, factors="svd")
         sparsify_(model, base, activations)  # rho = 0 everywhere: largest ranks, caches SVDs
         self.layers = rsparse_layers(model)
         self.sparsity = sparsity
