@@ -315,7 +315,8 @@ def apply_cats_(model: nn.Module, sparsity: float | None = None, *, mlp_sparsity
     sparse (as rsparse's own calibration does), so the achieved sparsity meets the target.
     `threshold` instead sets one fixed threshold for every layer (0.0 = skip only exact zeros).
     """
-    from rsparse.calibrate import CalibrationActivations, calibrate_threshold, collect_activations
+    from rsparse.calibrate import (CalibrationActivations, calibrate_threshold, collect_activations,
+                                   sample_module_inputs)
 
     if threshold is not None:
         if sparsity is not None or mlp_sparsity is not None:
@@ -344,8 +345,8 @@ def apply_cats_(model: nn.Module, sparsity: float | None = None, *, mlp_sparsity
         for w in wrappers:
             w.tokens = mode
         try:
-            rows = _sample_mlp_inputs(model, wrappers, calibration.windows, max_rows_per_layer, seed + 1,
-                                      second_half=mode == "second_half")
+            rows = sample_module_inputs(model, {w.name: w for w in wrappers}, calibration.windows,
+                                        max_rows_per_layer, seed + 1, second_half=mode == "second_half")
         finally:
             for w, t in zip(wrappers, saved):
                 w.tokens = t
@@ -363,36 +364,6 @@ def _cats_threshold(w: BaselineMLP, rows: torch.Tensor, s: float, calibrate_thre
 
 
 @torch.no_grad()
-def _sample_mlp_inputs(model, wrappers, windows, max_rows, seed, second_half, batch_size=4) -> dict[str, torch.Tensor]:
-    """Seeded sample of token rows of every wrapped MLP's input, on the model as it runs now."""
-    n, seq_len = windows.shape
-    gen = torch.Generator().manual_seed(seed)
-    candidates = torch.arange(n * seq_len)
-    if second_half:
-        candidates = candidates[candidates % seq_len >= seq_len // 2]
-    picked = candidates[torch.randperm(len(candidates), generator=gen)[:max_rows]].sort().values
-    store = {w.name: [] for w in wrappers}
-    current = {}
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            store[name].append(x.reshape(-1, x.shape[-1])[current["rows"]].detach().to("cpu", torch.float32))
-        return fn
-
-    handles = [w.register_forward_pre_hook(hook(w.name)) for w in wrappers]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, n, batch_size):
-            lo, hi = start * seq_len, min(start + batch_size, n) * seq_len
-            current["rows"] = (picked[(picked >= lo) & (picked < hi)] - lo).to(device)
-            model(windows[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in store.items()}
-
-
 def apply_baseline_(model: nn.Module, method: str, sparsity: float | None = None, **kwargs) -> dict:
     """Dispatch to apply_cats_ / apply_griffin_ / apply_relu_."""
     if method == "cats":

@@ -67,17 +67,25 @@ def collect_activations(model: nn.Module, windows: torch.Tensor, max_rows_per_la
 
 def _sample_inputs(model: nn.Module, windows: torch.Tensor, max_rows_per_layer: int, seed: int,
                    batch_size: int = 4, second_half: bool = False) -> dict[str, torch.Tensor]:
-    """Input rows reaching every decoder projection, at seeded random token positions
-    (only positions >= seq_len//2 of each window if second_half)."""
-    linears = decoder_linears(model)
+    """Input rows reaching every decoder projection (see sample_module_inputs)."""
+    modules = {l.name: l.module for l in decoder_linears(model)}
+    return sample_module_inputs(model, modules, windows, max_rows_per_layer, seed, batch_size, second_half)
+
+
+def sample_module_inputs(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
+                         max_rows: int, seed: int, batch_size: int = 4,
+                         second_half: bool = False) -> dict[str, torch.Tensor]:
+    """Input rows reaching each of `modules` while the model runs the windows, at the same seeded
+    random token positions for every module (only positions >= seq_len//2 of each window if
+    second_half); float32 on the CPU, keyed like `modules`."""
     n, seq_len = windows.shape
     total = n * seq_len
     gen = torch.Generator().manual_seed(seed)
     candidates = torch.arange(total)
     if second_half:
         candidates = candidates[candidates % seq_len >= seq_len // 2]
-    picked = candidates[torch.randperm(len(candidates), generator=gen)[:max_rows_per_layer]].sort().values
-    store: dict[str, list[torch.Tensor]] = {l.name: [] for l in linears}
+    picked = candidates[torch.randperm(len(candidates), generator=gen)[:max_rows]].sort().values
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     current = {"rows": None}  # row indices (into the flattened batch) sampled from the current batch
 
     def hook(name):
@@ -86,7 +94,7 @@ def _sample_inputs(model: nn.Module, windows: torch.Tensor, max_rows_per_layer: 
             store[name].append(x.reshape(-1, x.shape[-1])[current["rows"]].detach().to("cpu", torch.float32))
         return fn
 
-    handles = [l.module.register_forward_pre_hook(hook(l.name)) for l in linears]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, n, batch_size), desc="calibration", unit="batch", leave=False):
