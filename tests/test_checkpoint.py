@@ -1,6 +1,5 @@
 """rsparse.checkpoint: save / load round trips (bit-identical logits), errors, atomic saves, CLI compress."""
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -240,14 +239,10 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tokenizer, monkeypatch
 
 # -- CLI -----------------------------------------------------------------------------------------
 def run_cli(argv):
-    from rsparse import generate
+    """The real `rsparse` entry point, in process."""
+    from rsparse.cli import main
 
-    parser = argparse.ArgumentParser(prog="rsparse")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ckpt.register(sub)
-    generate.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_compress(model, tokenizer, text_file, tmp_path, capsys):

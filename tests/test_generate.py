@@ -24,12 +24,10 @@ def readable_tokenizer():
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser(prog="rsparse")
-    sub = parser.add_subparsers(dest="command", required=True)
-    checkpoint.register(sub)
-    generate.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The real `rsparse` entry point, in process."""
+    from rsparse.cli import main
+
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
