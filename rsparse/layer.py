@@ -17,12 +17,16 @@ function with masked dense math.
 Which tokens are sparsified is a per-layer setting (`tokens`):
   "decode"       only forward calls with one token per sequence (generation steps); prefill dense.
   "second_half"  the paper's simulation for scoring whole sequences: positions >= T//2 sparse.
+                 In a right-padded batch (lm-eval's), the evaluator declares each row's real
+                 length L with `scored_lengths`, and the sparse positions are L//2 <= t < L.
   "all"          every token.
   "none"         every token dense (the layer behaves exactly as the original nn.Linear).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -36,6 +40,33 @@ TOKEN_MODES = ("decode", "second_half", "all", "none")
 def column_major(weight: torch.Tensor) -> torch.Tensor:
     """Same (out, in) tensor, stored so that weight.t() is contiguous."""
     return weight.detach().t().contiguous().t()
+
+
+# Real lengths (B,) of the rows of a right-padded batch being scored, declared by the evaluator
+# around one forward call; None for unpadded input.
+_SCORED_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("rsparse_scored_lengths", default=None)
+
+
+@contextlib.contextmanager
+def scored_lengths(lengths):
+    """Declare the real length of each row of a right-padded batch for the forward calls in the
+    block, so that "second_half" sparsifies the second half of each real sequence."""
+    token = _SCORED_LENGTHS.set(None if lengths is None else torch.as_tensor(lengths, dtype=torch.long))
+    try:
+        yield
+    finally:
+        _SCORED_LENGTHS.reset(token)
+
+
+def padded_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first_half, second_half): (B, T) bool masks of each real row's halves (t < L//2 and
+    L//2 <= t < L) when lengths are declared for a batch of x's size; None otherwise."""
+    lengths = _SCORED_LENGTHS.get()
+    if lengths is None or x.dim() != 3 or lengths.numel() != x.shape[0]:
+        return None
+    t = torch.arange(x.shape[1], device=x.device)
+    n = lengths.to(x.device)[:, None]
+    return t < n // 2, (t >= n // 2) & (t < n)
 
 
 class RSparseLinear(nn.Linear):
@@ -123,9 +154,13 @@ class RSparseLinear(nn.Linear):
         if self.tokens == "second_half" and x.dim() >= 2 and x.shape[-2] > 1:
             # Dense over the whole sequence, then the second half replaced: the first half is
             # then bit-identical to the dense model's (same GEMM shapes), not just close.
-            half = x.shape[-2] // 2
             y = F.linear(x, self.weight, self.bias)
-            y[..., half:, :] = self._sparse(x[..., half:, :])
+            halves = padded_positions(x)
+            if halves is None:
+                half = x.shape[-2] // 2
+                y[..., half:, :] = self._sparse(x[..., half:, :])
+            else:
+                y[halves[1]] = self._sparse(x[halves[1]])
             return y
         return F.linear(x, self.weight, self.bias)
 

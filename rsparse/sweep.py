@@ -46,7 +46,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval task names (default: the 8 of Table 1)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: the full sets)")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="lm-eval batch size (sparse models under the second-half protocol always use 1)")
+                   help="lm-eval batch size (padding-aware: every method scores as at batch size 1)")
     p.add_argument("--tokens", default="second_half", choices=list(SCORED_MODES),
                    help="which positions are sparse while scoring (second_half: the paper's protocol)")
     p.add_argument("--hub-tasks", action="store_true",

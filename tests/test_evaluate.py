@@ -66,16 +66,42 @@ def test_evaluate_tasks_scores_a_few_examples(model, tokenizer):
 
 
 @pytest.mark.parametrize("method,target", [("rsparse", 0.5), ("cats", 0.3), ("griffin", 0.4)])
-def test_protocol_mode_scores_each_sequence_alone_and_measures_sparsity(model, tokenizer, data, method, target):
+def test_protocol_mode_scores_batched_and_measures_sparsity(model, tokenizer, data, method, target):
     cal, _ = data
     info = apply_method(model, method, target, calibration=cal, tokens="second_half")
     assert info["target_sparsity"] == pytest.approx(target)
     res = evaluate_tasks(model, tokenizer, ["arc_easy"], limit=2, batch_size=8, tokens="second_half")
-    assert res["batch_size"] == 1  # "second half" of each real (unpadded) sequence
+    assert res["batch_size"] == 8
     assert abs(res["achieved_sparsity"] - target) < 0.08  # tiny model, 2 questions: loose
     if method != "rsparse":
         assert res["module_sparsity"] > 0
     restore_all(model)
+
+
+@pytest.mark.parametrize("method,tokens", [("rsparse", "second_half"), ("cats", "second_half"),
+                                           ("griffin", "second_half"), ("griffin", "all")])
+def test_batched_scoring_equals_one_sequence_at_a_time(model, tokenizer, data, method, tokens):
+    # lm-eval right-pads a batch; the halves (and GRIFFIN's per-sequence selection) must be those
+    # of each real sequence, so the log-likelihoods match batch size 1.
+    from rsparse.evaluate import _row_length_hflm, declared_row_lengths, token_mode
+
+    cal, _ = data
+    apply_method(model, method, 0.4, calibration=cal, tokens=tokens)
+    texts = [("Rivers flow to the sea,", " and clouds carry the water back"), ("A stitch", " in time saves nine."),
+             ("The quick brown fox jumps over the lazy dog. The quick", " brown fox"),
+             ("Clouds", " carry the water back to the mountains. Rivers flow")]
+    scores = {}
+    for bs in (1, 8):
+        with token_mode(model, tokens), declared_row_lengths():
+            lm = _row_length_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=bs, device="cpu")
+            reqs = [((c, x), lm.tok_encode(c), tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in texts]
+            assert len({len(r[1]) + len(r[2]) for r in reqs}) == len(reqs)  # all lengths differ: padding
+            scores[bs] = [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
+    assert scores[8] == pytest.approx(scores[1], abs=1e-4)
+    restore_all(model)
+    with declared_row_lengths():
+        dense = [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
+    assert max(abs(a - b) for a, b in zip(dense, scores[1])) > 1e-3  # the method did change the scores
 
 
 def test_sparse_scoring_equals_manual_second_half_loglikelihood(model, tokenizer, data):
