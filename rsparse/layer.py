@@ -141,8 +141,8 @@ class RSparseLinear(nn.Linear):
 
     # -- statistics ---------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self.stat_tokens = 0  # sparsified tokens seen
-        self.stat_kept = 0  # kept channels summed over those tokens
+        self.stat_tokens = 0  # sparsified tokens seen (int or 0-dim tensor: read with float())
+        self.stat_kept = 0  # kept channels summed over those tokens (likewise)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +159,9 @@ class RSparseLinear(nn.Linear):
             if halves is None:
                 half = x.shape[-2] // 2
                 y[..., half:, :] = self._sparse(x[..., half:, :])
-            else:
-                y[halves[1]] = self._sparse(x[halves[1]])
+            else:  # sparse everywhere, kept where it counts: no boolean indexing, no host sync
+                at = halves[1]
+                y = torch.where(at[..., None], self._sparse(x, count_at=at), y)
             return y
         return F.linear(x, self.weight, self.bias)
 
@@ -168,12 +169,15 @@ class RSparseLinear(nn.Linear):
         """Kept-channel mask m for inputs x (..., in)."""
         return (x.abs().float() * self.score_scale) > self.threshold
 
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, count_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Sparse outputs for x (..., in); statistics count only positions `count_at` if given."""
         keep = None
-        if self.track_stats:  # costs a host sync: for measurement, never inside a CUDA graph
+        if self.track_stats:  # for measurement, never inside a CUDA graph; accumulated on device
             keep = self.mask(x)
-            self.stat_tokens += keep.numel() // self.in_features
-            self.stat_kept += int(keep.sum())
+            counted = keep if count_at is None else keep & count_at[..., None]
+            self.stat_tokens = self.stat_tokens + (counted.numel() // self.in_features if count_at is None
+                                                   else count_at.sum())
+            self.stat_kept = self.stat_kept + counted.sum()
         if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= 8):
             from rsparse.kernels import rsparse_decode_linear, triton_available
             if triton_available():

@@ -36,11 +36,11 @@ def measured_read(model: nn.Module) -> dict:
         m = lin.module
         size = m.in_features * m.out_features
         layer = layers.get(id(m))
-        if layer is None or layer.method == "dense" or layer.stat_tokens == 0:
+        if layer is None or layer.method == "dense" or float(layer.stat_tokens) == 0:
             read = 1.0 if layer is None or layer.method == "dense" else math.nan
             kept = 1.0
         else:
-            kept = layer.stat_kept / (layer.stat_tokens * m.in_features)
+            kept = float(layer.stat_kept) / (float(layer.stat_tokens) * m.in_features)
             read = kept + layer.rank * (m.in_features + m.out_features) / size
         per_layer[lin.name] = {"kept": kept, "read": read}
         dense_total += size
