@@ -141,8 +141,8 @@ class RSparseLinear(nn.Linear):
 
     # -- statistics ---------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self.stat_tokens = 0  # sparsified tokens seen (int or 0-dim tensor: read with float())
-        self.stat_kept = 0  # kept channels summed over those tokens (likewise)
+        self.stat_tokens = 0  # sparsified tokens seen
+        self.stat_kept = 0  # kept channels summed over those tokens (int or 0-dim tensor: read with float())
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,9 +159,9 @@ class RSparseLinear(nn.Linear):
             if halves is None:
                 half = x.shape[-2] // 2
                 y[..., half:, :] = self._sparse(x[..., half:, :])
-            else:  # sparse everywhere, kept where it counts: no boolean indexing, no host sync
+            else:  # the second half of each real row of a right-padded batch
                 at = halves[1]
-                y = torch.where(at[..., None], self._sparse(x, count_at=at), y)
+                y[at] = self._sparse(x[at])
             return y
         return F.linear(x, self.weight, self.bias)
 
@@ -169,15 +169,12 @@ class RSparseLinear(nn.Linear):
         """Kept-channel mask m for inputs x (..., in)."""
         return (x.abs().float() * self.score_scale) > self.threshold
 
-    def _sparse(self, x: torch.Tensor, count_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Sparse outputs for x (..., in); statistics count only positions `count_at` if given."""
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         keep = None
-        if self.track_stats:  # for measurement, never inside a CUDA graph; accumulated on device
+        if self.track_stats:  # for measurement, never inside a CUDA graph; summed on device (no sync)
             keep = self.mask(x)
-            counted = keep if count_at is None else keep & count_at[..., None]
-            self.stat_tokens = self.stat_tokens + (counted.numel() // self.in_features if count_at is None
-                                                   else count_at.sum())
-            self.stat_kept = self.stat_kept + counted.sum()
+            self.stat_tokens += keep.numel() // self.in_features
+            self.stat_kept = self.stat_kept + keep.sum()
         if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= 8):
             from rsparse.kernels import rsparse_decode_linear, triton_available
             if triton_available():
