@@ -136,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=["kernel", "decode"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
-    from rsparse import analyze, checkpoint, generate, search, sweep
+    from rsparse import analyze, checkpoint, compare_recipes, generate, search, sweep
 
     analyze.register(sub)  # rsparse analyze (the paper's analysis figures)
-
     checkpoint.register(sub)  # rsparse compress
     generate.register(sub)  # rsparse generate, rsparse chat
     search.register(sub)  # rsparse search
+    compare_recipes.register(sub)  # rsparse compare-recipes (uniform vs searched, Table 4)
     sweep.register(sub)  # rsparse eval (lm-evaluation-harness, baselines, Table 1 / Figure 5)
     args = parser.parse_args(argv)
     return args.func(args) or 0

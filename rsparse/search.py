@@ -278,6 +278,21 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     return state
 
 
+@torch.no_grad()
+def uniform_grid(model: nn.Module, windows: torch.Tensor, sparsity: float, grid, activations: CalibrationActivations,
+                 ) -> list[dict]:
+    """The search's calibration fitness of a uniform rho at each grid value: the paper's Table 4
+    baseline ("uniform rho by grid search"), scored exactly as the search scores an individual.
+    Returns [{"rho", "fitness"}] in grid order; leaves the model sparsified (restore_ undoes it)."""
+    cands = _Candidates(model, sparsity, activations)
+    n = len(cands.layers)
+    out = []
+    for rho in tqdm(list(grid), desc=f"uniform grid at {100 * sparsity:.0f}%", leave=False):
+        cands.apply(np.full(n, np.round(float(rho) * RHO_GRID) / RHO_GRID))
+        out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {})})
+    return out
+
+
 def _select(pool: np.ndarray, fitness: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
     """Elitist top-k of parents and trials (Algorithm 1), distinct individuals first: copies of
     one good individual would otherwise fill the population and stall the mutation."""

@@ -103,3 +103,63 @@ def test_selection_prefers_distinct_individuals():
     pool = np.array([[1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [1.0, 0.9]])
     pop, fit = _select(pool, np.array([1.0, 1.0, 2.0, 3.0]), 3)
     assert pop.tolist() == [[1.0, 1.0], [0.9, 1.0], [1.0, 0.9]] and fit == [1.0, 2.0, 3.0]
+
+
+def test_uniform_grid_scores_each_rho_with_the_search_objective(cal):
+    from rsparse.calibrate import collect_activations, restore_
+
+    model = tiny_model()
+    acts = collect_activations(model, cal)
+    grid = search_mod.uniform_grid(model, cal, 0.5, [0.6, 0.9, 1.0], acts)
+    assert [g["rho"] for g in grid] == [0.6, 0.9, 1.0] and len({g["fitness"] for g in grid}) == 3
+    restore_(model)
+    # the search scores a uniform individual exactly like the grid does
+    state = search(model, cal, SearchConfig(**dict(CFG, init_ratio=0.9)), activations=acts, log=lambda m: None)
+    assert state["history"] and state["best"]["fitness"] <= min(g["fitness"] for g in grid if g["rho"] in (0.9, 1.0)) + 1e-9
+
+
+def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file):
+    from rsparse.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    argv = ["compare-recipes", "--model", str(model_dir), "--sparsities", "0.4,0.6", "--grid", "0.7,0.9,1.0",
+            "--population", "4", "--generations", "1", "--group-size", "7", "--calib-corpus", str(text_file),
+            "--calib-samples", "4", "--seq-len", "32", "--ppl-corpus", str(text_file), "--ppl-windows", "2",
+            "--ppl-seq-len", "64", "--tasks", "piqa", "--limit", "2", "--batch-size", "4", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [b["sparsity"] for b in res["sparsities"]] == [0.4, 0.6]
+    for block in res["sparsities"]:
+        assert [g["rho"] for g in block["uniform_grid"]] == [0.7, 0.9, 1.0]
+        best = min(block["uniform_grid"], key=lambda g: g["fitness"])
+        assert block["best_uniform_rho"] == best["rho"]
+        labels = [r["recipe"] for r in block["rows"]]
+        assert labels == ["sparse-only", f"uniform rho={best['rho']:g}", "searched"]
+        searched = block["rows"][2]
+        assert searched["calibration_fitness"] <= best["fitness"] + 1e-9  # elitist, started at the uniform optimum
+        for r in block["rows"]:
+            assert abs(r["achieved_sparsity"] - block["sparsity"]) < 0.1 and "piqa" in r["tasks"]
+        tag = f"s{round(100 * block['sparsity']):02d}"
+        recipe = json.loads((out / f"recipe_{tag}.json").read_text())
+        assert len(recipe["layers"]) == 14 and recipe["uniform_grid"] == block["uniform_grid"]
+        assert (out / f"recipe_{tag}.png").stat().st_size > 5000
+    md = (out / "results.md").read_text()
+    assert "| 40 | searched |" in md and "| 60 | sparse-only |" in md
+    # the searched recipe is a normal recipe file: `rsparse run --recipe` validates and uses it
+    run_out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--methods", "rsparse", "--sparsity", "0.4", "--recipe",
+                 str(out / "recipe_s40.json"), "--calib-corpus", str(text_file), "--calib-samples", "4",
+                 "--ppl-corpus", str(text_file), "--ppl-windows", "2", "--seq-len", "32", "--out", str(run_out)]) == 0
+    assert json.loads((run_out / "results.json").read_text())["rows"][0]["method"] == "rsparse"
+
+
+def test_cli_compare_recipes_rejects_bad_input():
+    from rsparse.cli import main
+
+    with pytest.raises(SystemExit, match="sparsities"):
+        main(["compare-recipes", "--sparsities", "0.5,1.5"])
+    with pytest.raises(SystemExit, match="grid"):
+        main(["compare-recipes", "--grid", "0.5,2"])

@@ -1,0 +1,191 @@
+"""`rsparse compare-recipes`: uniform vs searched per-layer ratios (the paper's Table 4).
+
+    rsparse compare-recipes --sparsities 0.4,0.5,0.6,0.7 --out out/recipes
+
+At each model-level sparsity:
+  1. uniform: the same rho for every layer, chosen by grid search on the search's own objective
+     (calibration perplexity, rsparse.search.uniform_grid);
+  2. searched: the evolutionary search (rsparse.search.search), its initial population centred on
+     the best uniform rho, so it starts from the uniform optimum and can only improve on it on
+     the calibration data (elitist);
+  3. both, and sparse-only (rho = 1) as the reference, sparsified by the standard calibration
+     (rsparse.sparsify_) and scored on held-out perplexity and the zero-shot tasks (lm-eval,
+     second-half protocol).
+Writes results.json, results.md (one table row per sparsity and recipe), recipe_sXX.json (the
+searched recipe, usable with `--recipe`) and recipe_sXX.png (searched rho per layer and type).
+Each search checkpoints to search_sXX.json: a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare-recipes", help="uniform (grid-searched) vs searched per-layer ratios at several "
+                                                      "sparsities, on held-out perplexity and zero-shot tasks (Table 4)")
+    p.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7", help="model-level target sparsities")
+    p.add_argument("--grid", default=DEFAULT_GRID, help="uniform rho values tried at each sparsity")
+    p.add_argument("--population", type=int, default=16, help="search population (paper: 32)")
+    p.add_argument("--generations", type=int, default=3, help="generations per group (paper: 5)")
+    p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
+    p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
+    p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
+    p.add_argument("--calib-corpus", default="coqa")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (search objective)")
+    p.add_argument("--ppl-corpus", default="boolq", help="held-out perplexity corpus")
+    p.add_argument("--ppl-windows", type=int, default=32)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (padding-aware)")
+    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/recipes")
+    p.set_defaults(func=cmd_compare_recipes)
+
+
+def _floats(text: str, what: str, check) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+        for v in values:
+            check(v, what)
+    except ValueError as e:
+        raise SystemExit(f"error: {what}: {e}") from None
+    if not values:
+        raise SystemExit(f"error: no {what} given")
+    return values
+
+
+def cmd_compare_recipes(args: argparse.Namespace) -> int:
+    from rsparse.budget import check_ratio, check_sparsity
+    from rsparse.calibrate import collect_activations, restore_, sparsify_
+    from rsparse.config import RSparseConfig
+    from rsparse.data import load_windows
+    from rsparse.evaluate import evaluate_tasks, resolve_tasks
+    from rsparse.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.report import versions, write_json
+    from rsparse.search import SearchConfig, plot_recipe, recipe_from_search, search, uniform_grid
+    from rsparse.tasks import PAPER_TASKS
+
+    # Validate everything cheap before loading anything.
+    sparsities = _floats(args.sparsities, "sparsities", check_sparsity)
+    grid = _floats(args.grid, "grid", check_ratio)
+    tasks = [] if (args.tasks or "").strip().lower() == "none" else (args.tasks or ",".join(PAPER_TASKS))
+    try:
+        specs = resolve_tasks(tasks) if tasks else []
+        for s in sparsities:
+            SearchConfig(sparsity=s, population=args.population, generations=args.generations,
+                         group_size=args.group_size, mutation=args.mutation, crossover=args.crossover).validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model_name = args.model or DEFAULT_MODEL_NAME
+    windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
+    heldout = load_windows(tok, args.ppl_corpus, args.ppl_seq_len, args.ppl_windows, "perplexity") \
+        if args.ppl_windows else None
+    activations = collect_activations(model, windows, seed=args.seed)
+    results = {"model": model_name, "versions": versions(), "seed": args.seed,
+               "calibration": {"corpus": args.calib_corpus, "windows": args.calib_samples, "seq_len": args.seq_len},
+               "perplexity": {"corpus": args.ppl_corpus, "windows": args.ppl_windows, "seq_len": args.ppl_seq_len,
+                              "tokens": args.tokens},
+               "tasks": [s.name for s in specs], "limit": args.limit, "grid": grid,
+               "settings": {k: v for k, v in vars(args).items() if k != "func"}, "sparsities": []}
+
+    for s in sparsities:
+        tag = f"s{round(100 * s):02d}"
+        t0 = time.time()
+        restore_(model)
+        uniform = uniform_grid(model, windows, s, grid, activations)
+        best_uniform = min(uniform, key=lambda u: u["fitness"])
+        print(f"{100 * s:.0f}%: best uniform rho {best_uniform['rho']} (calibration fitness "
+              f"{best_uniform['fitness']:.3f})", file=sys.stderr)
+        restore_(model)
+        cfg = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
+                           group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                           init_ratio=best_uniform["rho"], seed=args.seed)
+        state = search(model, windows, cfg, checkpoint=out / f"search_{tag}.json", activations=activations,
+                       log=lambda m: print(m, file=sys.stderr))
+        names = state["names"]
+        recipe = {"layers": [{"name": n, "rho": r} for n, r in zip(names, state["best"]["rho"])]}
+        report = sparsify_(model, RSparseConfig(sparsity=s, recipe=recipe, seq_len=args.seq_len), activations)
+        recipe_data = recipe_from_search(state, s, report, model=model_name, calibration=results["calibration"],
+                                         uniform_grid=uniform, versions=versions())
+        write_json(out / f"recipe_{tag}.json", recipe_data)
+        plot_recipe(recipe_data, out / f"recipe_{tag}.png")
+
+        rows = []
+        variants = [("sparse-only", RSparseConfig(sparsity=s, method="sparse"), None),
+                    (f"uniform rho={best_uniform['rho']:g}", RSparseConfig(sparsity=s, ratio=best_uniform["rho"]),
+                     best_uniform["fitness"]),
+                    ("searched", RSparseConfig(sparsity=s, recipe=recipe), state["best"]["fitness"])]
+        for label, config, fitness in variants:
+            sparsify_(model, config, activations)
+            row = {"recipe": label, "target_sparsity": s, "calibration_fitness": fitness}
+            if heldout is not None:
+                p = evaluate_perplexity(model, heldout, tokens=args.tokens, desc=f"perplexity ({label}, {tag})")
+                row.update(ppl=p["ppl"], achieved_sparsity=p["achieved_sparsity"])
+            if specs:
+                ev = evaluate_tasks(model, tok, [sp.name for sp in specs], limit=args.limit,
+                                    batch_size=args.batch_size, tokens=args.tokens, seed=args.seed)
+                row.update(tasks={t: {"acc": r["acc"], "acc_norm": r["acc_norm"]} for t, r in ev["tasks"].items()},
+                           average=ev["average"])
+            rows.append(row)
+        restore_(model)
+        results["sparsities"].append({"sparsity": s, "uniform_grid": uniform, "best_uniform_rho": best_uniform["rho"],
+                                      "search": {"evaluations": state["evaluations"], "seconds": state["seconds"],
+                                                 "best_fitness": state["best"]["fitness"]},
+                                      "recipe_file": str(out / f"recipe_{tag}.json"), "rows": rows,
+                                      "seconds": time.time() - t0})
+        write_json(out / "results.json", results)  # after every sparsity: a long run can be inspected
+
+    results["wall_seconds"] = time.time() - start
+    write_json(out / "results.json", results)
+    md = results_markdown(results)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    print(md)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and the recipes ({time.time() - start:.0f} s)")
+    return 0
+
+
+def _fmt(v, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    """One row per (sparsity, recipe): calibration fitness, held-out perplexity, task accuracies, average."""
+    from rsparse.tasks import TASK_LABELS
+
+    tasks = results["tasks"]
+    head = ["sparsity %", "recipe", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]
+    head += ["Average"] if tasks else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for block in results["sparsities"]:
+        for r in block["rows"]:
+            cells = [f"{100 * r['target_sparsity']:.0f}", r["recipe"], _fmt(r.get("calibration_fitness"), digits=3),
+                     _fmt(r.get("ppl"), digits=3)]
+            cells += [_fmt(r.get("tasks", {}).get(t, {}).get("acc"), 100.0) for t in tasks]
+            cells += [_fmt(r.get("average"), 100.0)] if tasks else []
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = (f"\nCalibration: {results['calibration']['corpus']}, {results['calibration']['windows']} windows of "
+             f"{results['calibration']['seq_len']} tokens (the search objective, every token sparse). Held-out "
+             f"perplexity: {results['perplexity']['corpus']}, {results['perplexity']['windows']} windows of "
+             f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: lm-eval, "
+             + (f"first {results['limit']} examples" if results.get("limit") else "full validation sets") + ".")
+    return "\n".join(lines) + "\n" + notes + "\n"
