@@ -35,9 +35,9 @@ Token modes as for RSparseLinear (`tokens`):
                  (bit-identical to the dense model), positions >= T//2 sparse; GRIFFIN selects
                  from the first half of each sequence (the simulated prompt).
   "all"          every token sparse; GRIFFIN selects from the whole sequence itself.
+  "none"         dense.
 In a right-padded batch whose row lengths the evaluator declares (rsparse.layer.scored_lengths),
 the halves and GRIFFIN's selection are those of each real row.
-  "none"         dense.
 """
 
 from __future__ import annotations

@@ -230,11 +230,6 @@ def apply_method(model: nn.Module, method: str, sparsity: float | None = None, *
     return apply_baseline_(model, method, sparsity, **kwargs)
 
 
-def is_sparse(model: nn.Module) -> bool:
-    """Whether any layer of the model computes something other than the dense function."""
-    return any(l.method != "dense" for l in rsparse_layers(model)) or bool(baseline_layers(model))
-
-
 @contextlib.contextmanager
 def token_mode(model: nn.Module, tokens: str, track: bool = True):
     """Set every R-Sparse layer and baseline MLP to `tokens`, with fresh statistics, for the block."""
