@@ -186,6 +186,7 @@ def results_markdown(results: dict) -> str:
     notes = (f"\nCalibration: {results['calibration']['corpus']}, {results['calibration']['windows']} windows of "
              f"{results['calibration']['seq_len']} tokens (the search objective, every token sparse). Held-out "
              f"perplexity: {results['perplexity']['corpus']}, {results['perplexity']['windows']} windows of "
-             f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: lm-eval, "
-             + (f"first {results['limit']} examples" if results.get("limit") else "full validation sets") + ".")
+             f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: "
+             + ("not run" if not tasks else "lm-eval, " + (f"first {results['limit']} examples per task"
+                                                            if results.get("limit") else "full validation sets")) + ".")
     return "\n".join(lines) + "\n" + notes + "\n"

@@ -206,3 +206,18 @@ def test_whitened_factors_option(model, data):
     assert math.isfinite(evaluate_perplexity(model, ev, tokens="all")["ppl"])
     with pytest.raises(ValueError, match="factors"):
         RSparseConfig(factors="magic")
+
+
+def test_write_json_is_atomic_and_readable_by_others(tmp_path):
+    import json
+    import os
+    import stat
+
+    from rsparse.report import write_json
+
+    path = tmp_path / "sub" / "results.json"
+    write_json(path, {"a": 1, "nan": float("nan")})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+    assert json.loads(path.read_text())["a"] == 1 and list(path.parent.iterdir()) == [path]
