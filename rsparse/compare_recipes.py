@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from rsparse.search import add_search_args
+
 DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 
 
@@ -32,17 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7", help="model-level target sparsities")
     p.add_argument("--grid", default=DEFAULT_GRID, help="uniform rho values tried at each sparsity")
-    p.add_argument("--population", type=int, default=16, help="search population (paper: 32)")
-    p.add_argument("--generations", type=int, default=3, help="generations per group (paper: 5)")
-    p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
-    p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
-    p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
-    p.add_argument("--calib-corpus", default="coqa")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (search objective)")
-    p.add_argument("--ppl-corpus", default="boolq", help="held-out perplexity corpus")
-    p.add_argument("--ppl-windows", type=int, default=32)
-    p.add_argument("--ppl-seq-len", type=int, default=512)
+    add_search_args(p)
     p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (padding-aware)")

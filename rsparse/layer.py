@@ -42,8 +42,8 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous().t()
 
 
-# Real lengths (B,) of the rows of a right-padded batch being scored, declared by the evaluator
-# around one forward call; None for unpadded input.
+# {"lengths": (B,) real lengths of the rows of a right-padded batch, "masks": the halves built from
+# them} declared by the evaluator around one forward pass; None for unpadded input.
 _SCORED_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("rsparse_scored_lengths", default=None)
 
 
@@ -51,7 +51,8 @@ _SCORED_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("rsparse_scored
 def scored_lengths(lengths):
     """Declare the real length of each row of a right-padded batch for the forward calls in the
     block, so that "second_half" sparsifies the second half of each real sequence."""
-    token = _SCORED_LENGTHS.set(None if lengths is None else torch.as_tensor(lengths, dtype=torch.long))
+    declared = None if lengths is None else {"lengths": torch.as_tensor(lengths, dtype=torch.long), "masks": {}}
+    token = _SCORED_LENGTHS.set(declared)
     try:
         yield
     finally:
@@ -60,13 +61,17 @@ def scored_lengths(lengths):
 
 def padded_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first_half, second_half): (B, T) bool masks of each real row's halves (t < L//2 and
-    L//2 <= t < L) when lengths are declared for a batch of x's size; None otherwise."""
-    lengths = _SCORED_LENGTHS.get()
-    if lengths is None or x.dim() != 3 or lengths.numel() != x.shape[0]:
+    L//2 <= t < L) when lengths are declared for a batch of x's size; None otherwise. Built once
+    per batch and shared by every layer of the forward pass."""
+    declared = _SCORED_LENGTHS.get()
+    if declared is None or x.dim() != 3 or declared["lengths"].numel() != x.shape[0]:
         return None
-    t = torch.arange(x.shape[1], device=x.device)
-    n = lengths.to(x.device)[:, None]
-    return t < n // 2, (t >= n // 2) & (t < n)
+    key = (x.shape[1], x.device)
+    if key not in declared["masks"]:
+        t = torch.arange(x.shape[1], device=x.device)
+        n = declared["lengths"].to(x.device)[:, None]
+        declared["masks"][key] = (t < n // 2, (t >= n // 2) & (t < n))
+    return declared["masks"][key]
 
 
 class RSparseLinear(nn.Linear):

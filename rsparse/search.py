@@ -424,22 +424,27 @@ def cmd_search(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("search", help="evolutionary search of per-layer ratios; writes a recipe")
-    p.add_argument("--model", default=None)
-    p.add_argument("--sparsity", type=float, default=0.5)
+def add_search_args(p) -> None:
+    """The search and data flags shared by `rsparse search` and `rsparse compare-recipes`."""
     p.add_argument("--population", type=int, default=16, help="paper: 32 (see README: scaled for 2 CPU cores)")
     p.add_argument("--generations", type=int, default=3, help="generations per group (paper: 5)")
     p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
     p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
     p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
-    p.add_argument("--init-ratio", type=float, default=0.95, help="centre of the initial population")
     p.add_argument("--calib-corpus", default="coqa")
     p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--ppl-corpus", default="boolq")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (the search objective)")
+    p.add_argument("--ppl-corpus", default="boolq", help="held-out perplexity corpus")
     p.add_argument("--ppl-windows", type=int, default=32, help="held-out windows for the final comparison (0: skip)")
     p.add_argument("--ppl-seq-len", type=int, default=512)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help="evolutionary search of per-layer ratios; writes a recipe")
+    p.add_argument("--model", default=None)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--init-ratio", type=float, default=0.95, help="centre of the initial population")
+    add_search_args(p)
     p.add_argument("--tokens", default="second_half", choices=["second_half", "all"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/search", help="directory: recipe.json, search_state.json (resume), plots")

@@ -60,6 +60,15 @@ def model():
     return tiny_model()
 
 
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer):
+    """The tiny model and tokenizer saved as a local model directory, for the CLI's --model."""
+    path = tmp_path / "tiny"
+    tiny_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"

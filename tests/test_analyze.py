@@ -154,10 +154,8 @@ def test_kept_fractions_match_the_layer_statistics(setup):
     assert not [m for m in model.modules() if type(m).__name__ == "RSparseLinear"]  # restored
 
 
-def test_cli_writes_pngs_and_json(tmp_path, tokenizer, text_file):
-    model_dir = tmp_path / "model"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def test_cli_writes_pngs_and_json(tmp_path, tokenizer, text_file, tiny_model_dir):
+    model_dir = tiny_model_dir
     parser = argparse.ArgumentParser(prog="rsparse")
     register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "out"

@@ -183,10 +183,8 @@ def test_datasets_offline_restores_the_flags():
         datasets.config.HF_HUB_OFFLINE = before[1]
 
 
-def test_cli_eval_table_and_sweep_plot(tmp_path, tokenizer, text_file):
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def test_cli_eval_table_and_sweep_plot(tmp_path, tokenizer, text_file, tiny_model_dir):
+    model_dir = tiny_model_dir
     out = tmp_path / "out"
     args = _parser().parse_args([
         "eval", "--model", str(model_dir), "--methods", "dense,relu,cats,griffin,rsparse", "--sweep", "0.2,0.3,0.5",
@@ -223,10 +221,8 @@ def test_cli_rejects_bad_input_before_loading(argv, message):
         args.func(args)
 
 
-def test_cli_unreachable_baseline_target(tmp_path, tokenizer):
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def test_cli_unreachable_baseline_target(tmp_path, tokenizer, tiny_model_dir):
+    model_dir = tiny_model_dir
     args = _parser().parse_args(["eval", "--model", str(model_dir), "--methods", "dense,cats", "--sparsities", "0.5,0.6",
                                  "--mlp-sparsities", "none", "--tasks", "piqa", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="CATS sparsifies only the MLP.*choose a target below 47.6%"):

@@ -61,12 +61,10 @@ def test_bad_quant_config(kwargs, message):
         QuantConfig(**kwargs)
 
 
-def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_file):
+def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_file, tiny_model_dir):
     from rsparse.cli import main
 
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     out = tmp_path / "out"
     argv = ["eval", "--model", str(model_dir), "--methods", "dense,rsparse", "--sparsities", "0.4",
             "--weights", "fp,int4", "--group-size", "32", "--tasks", "piqa", "--limit", "2",

@@ -118,12 +118,10 @@ def test_uniform_grid_scores_each_rho_with_the_search_objective(cal):
     assert state["history"] and state["best"]["fitness"] <= min(g["fitness"] for g in grid if g["rho"] in (0.9, 1.0)) + 1e-9
 
 
-def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file):
+def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_dir):
     from rsparse.cli import main
 
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     out = tmp_path / "out"
     argv = ["compare-recipes", "--model", str(model_dir), "--sparsities", "0.4,0.6", "--grid", "0.7,0.9,1.0",
             "--population", "4", "--generations", "1", "--group-size", "7", "--calib-corpus", str(text_file),

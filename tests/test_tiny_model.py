@@ -163,12 +163,10 @@ def test_bad_calibration_text(tokenizer, model):
         sparsify_(model, RSparseConfig(), torch.randn(2, 8))
 
 
-def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file):
+def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file, tiny_model_dir):
     from rsparse.cli import main
 
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     out = tmp_path / "out"
     code = main(["run", "--model", str(model_dir), "--methods", "dense,sparse,lowrank,rsparse",
                  "--calib-corpus", str(text_file), "--ppl-corpus", str(text_file), "--seq-len", "64",
