@@ -177,6 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, EvaluationError) as e:
         raise SystemExit(f"error: {e}") from None
 
+    previous = read_previous(Path(args.out) / "results.json") if args.resume else None
+
     start = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -229,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
     }
 
-    done = previous_rows(out / "results.json", results) if args.resume else {}
+    done = previous_rows(out / "results.json", previous, results) if args.resume else {}
     activations, quantized, current = None, None, "fp"
     jobs = [(fmt, row) for fmt in formats for row in plan]
     for fmt, row in tqdm(jobs, desc="methods", unit="row"):
@@ -356,17 +358,24 @@ RESUME_SETTINGS = ("tokens", "ratio", "recipe", "dtype", "hub_tasks", "xsum_samp
                    "group_size")
 
 
-def previous_rows(path: Path, results: dict) -> dict:
-    """{(method, label): row} of a previous results.json made with the same settings; {} if none.
-    A file from different settings is an error (its rows would not be comparable)."""
+def read_previous(path: Path) -> dict | None:
+    """A previous run's results.json for --resume (None if there is none); a file that cannot be
+    read is an error, raised before the model is loaded."""
     import json
 
     if not path.exists():
-        return {}
+        return None
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read {path} ({e})") from None
+
+
+def previous_rows(path: Path, old: dict | None, results: dict) -> dict:
+    """{(method, label): row} of the previous run `old` (read from `path`) if it was made with the
+    same settings; {} if none. Other settings are an error (its rows would not be comparable)."""
+    if old is None:
+        return {}
     diff = [k for k in RESUME_KEYS if _comparable(k, old.get(k)) != _comparable(k, results.get(k))]
     diff += [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
              if old.get("settings", {}).get(k) != results["settings"].get(k)]

@@ -96,3 +96,15 @@ def test_cli_eval_rejects_unknown_weight_format():
 
     with pytest.raises(SystemExit, match="unknown weight format"):
         main(["eval", "--weights", "fp,nf4"])
+
+
+def test_cli_eval_resume_from_a_corrupt_results_file_is_a_clear_error(tmp_path):
+    from rsparse.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"rows": [', encoding="utf-8")  # a run killed mid-write elsewhere
+    with pytest.raises(SystemExit, match="--resume: cannot read"):
+        main(["eval", "--methods", "dense", "--tasks", "piqa", "--limit", "1", "--ppl-corpus", "none",
+              "--xsum-samples", "0", "--out", str(out), "--resume"])
+    assert (out / "results.json").read_text(encoding="utf-8") == '{"rows": ['  # left as it was
