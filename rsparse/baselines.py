@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsparse.budget import check_sparsity
-from rsparse.layer import TOKEN_MODES, padded_positions
+from rsparse.layer import TOKEN_MODES, gather_rows, padded_positions, scatter_rows_
 from rsparse.models import MLP_PROJ, UnsupportedModelError, _find_child_with, decoder_blocks, decoder_linears, replace_module
 
 BASELINES = ("cats", "griffin", "relu")
@@ -157,12 +157,12 @@ class BaselineMLP(nn.Module):
         halves = padded_positions(x) if mode in ("all", "second_half") and not single else None
         if halves is not None:
             # A right-padded batch with declared row lengths: the halves of each real row.
-            first, second = halves
+            first, second, at = halves
             if mode == "all":
-                first, second = first | second, first | second
+                first = second = first | second
+                at = second.reshape(-1).nonzero()[:, 0]
             y = self._orig(x)
-            y[second] = self._sparse_rows(x, second, first)
-            return y
+            return scatter_rows_(y, at, self._sparse_rows(x, at, first))
         if mode == "all":
             return self._sparse(x, prompt=x)
         if mode == "decode":
@@ -181,20 +181,21 @@ class BaselineMLP(nn.Module):
         return self._orig(x)
 
     def _sparse_rows(self, x: torch.Tensor, at: torch.Tensor, prompt_at: torch.Tensor) -> torch.Tensor:
-        """Sparse outputs (N, hidden) at the N positions `at` (B, T) of a padded batch x; GRIFFIN
-        selects each row's neurons from that row's positions `prompt_at`."""
+        """Sparse outputs (N, hidden) at the N flat positions `at` (indices into B*T) of a padded
+        batch x (B, T, hidden); GRIFFIN selects each row's neurons from that row's positions
+        `prompt_at` (B, T bool)."""
+        xs = gather_rows(x, at)
         if self.method != "griffin":
-            return self._sparse(x[at], prompt=None)
+            return self._sparse(xs, prompt=None)
         selected = self._select(x, weights=prompt_at)[:, 0]  # (B, d_ff)
-        mask = selected[at.nonzero()[:, 0]]  # (N, d_ff): each position gets its row's selection
-        xs = x[at]
+        mask = selected.index_select(0, at // x.shape[1])  # (N, d_ff): each position gets its row's selection
         self._count(mask.sum(), xs.shape[0])
         return self.down_proj(self.act_fn(self.gate_proj(xs)) * self.up_proj(xs) * mask)
 
     def _count(self, kept: torch.Tensor, tokens: int) -> None:
-        if self.track_stats:
+        if self.track_stats:  # summed on the device: no wait for the GPU in every layer
             self.stat_tokens += tokens
-            self.stat_kept += int(kept)
+            self.stat_kept = self.stat_kept + kept
 
     def _sparse(self, x: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
@@ -431,7 +432,7 @@ def measured_baseline_sparsity(model: nn.Module) -> dict:
     for w in layers:
         if w.stat_tokens == 0:
             return {"achieved_sparsity": math.nan, "module_sparsity": math.nan, "layers": {}}
-        frac = 1.0 - w.stat_kept / (w.stat_tokens * w.intermediate_size)
+        frac = 1.0 - float(w.stat_kept) / (w.stat_tokens * w.intermediate_size)
         per_layer[w.name] = frac
         module.append(frac)
         skipped += frac * _skippable_bytes(w)

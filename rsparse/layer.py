@@ -59,10 +59,13 @@ def scored_lengths(lengths):
         _SCORED_LENGTHS.reset(token)
 
 
-def padded_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first_half, second_half): (B, T) bool masks of each real row's halves (t < L//2 and
-    L//2 <= t < L) when lengths are declared for a batch of x's size; None otherwise. Built once
-    per batch and shared by every layer of the forward pass."""
+def padded_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(first_half, second_half, second_index) for a right-padded batch x (B, T, ...) whose row
+    lengths are declared: (B, T) bool masks of each real row's halves (t < L//2 and
+    L//2 <= t < L), and the flat indices (into B*T) of the second-half positions, in row-major
+    order; None when no lengths are declared for a batch of x's size. Built once per batch and
+    shared by every layer of the forward pass: gathering with the index, unlike boolean
+    indexing, does not stop each layer to wait for the GPU."""
     declared = _SCORED_LENGTHS.get()
     if declared is None or x.dim() != 3 or declared["lengths"].numel() != x.shape[0]:
         return None
@@ -70,8 +73,21 @@ def padded_positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     if key not in declared["masks"]:
         t = torch.arange(x.shape[1], device=x.device)
         n = declared["lengths"].to(x.device)[:, None]
-        declared["masks"][key] = (t < n // 2, (t >= n // 2) & (t < n))
+        first, second = t < n // 2, (t >= n // 2) & (t < n)
+        declared["masks"][key] = (first, second, second.reshape(-1).nonzero()[:, 0])
     return declared["masks"][key]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(N, C) rows of x (B, T, C) at flat positions `index` (same as x[mask] for the mask the
+    index came from)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
+def scatter_rows_(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """y[mask] = rows, in place, for the mask `index` came from; y (B, T, C) contiguous."""
+    y.view(-1, y.shape[-1]).index_copy_(0, index, rows.to(y.dtype))
+    return y
 
 
 class RSparseLinear(nn.Linear):
@@ -165,8 +181,8 @@ class RSparseLinear(nn.Linear):
                 half = x.shape[-2] // 2
                 y[..., half:, :] = self._sparse(x[..., half:, :])
             else:  # the second half of each real row of a right-padded batch
-                at = halves[1]
-                y[at] = self._sparse(x[at])
+                at = halves[2]
+                scatter_rows_(y, at, self._sparse(gather_rows(x, at)))
             return y
         return F.linear(x, self.weight, self.bias)
 
