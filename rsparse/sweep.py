@@ -3,6 +3,7 @@ budgets) and Figure 5 (accuracy and perplexity against model-level sparsity), on
 
     rsparse eval --methods dense,relu,cats,griffin,rsparse --sparsities 0.4,0.5 --limit 100
     rsparse eval --methods dense,cats,griffin,sparse,rsparse --sweep 0.3,0.4,0.5,0.6,0.7
+    rsparse eval --merge rows/*/results.json --out out/eval      # rows evaluated apart (one per GPU)
 
 Writes results.json (every number, the split of every task, versions, settings), results.md (a
 markdown table in the layout of the paper's Table 1, and a table of target / achieved
@@ -74,6 +75,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/results.json from a run with the same settings and "
                         "evaluate only the missing ones")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="evaluate nothing: combine the rows of these results.json files (runs with the same "
+                        "settings, e.g. one per GPU or one per row) into OUT's results.json, results.md and, when "
+                        "the rows span several sparsities, sweep.png")
 
 
 def register(subparsers) -> None:
@@ -148,6 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.models import DEFAULT_MODEL_NAME, decoder_linears, load_model
     from rsparse.report import versions, write_json
 
+    if args.merge:
+        return cmd_merge(args.merge, Path(args.out))
     # Validate everything cheap before loading anything.
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -303,15 +310,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
         quantized.restore()
 
     results["wall_seconds"] = time.time() - start
+    write_reports(results, out, plot=sweep)
+    print(f"({time.time() - start:.0f} s)")
+    return 0
+
+
+def write_reports(results: dict, out: Path, plot: bool) -> list[Path]:
+    """results.json, results.md and (plot=True) sweep.png under `out`; prints the markdown."""
+    from rsparse.report import write_json
+
     write_json(out / "results.json", results)
     md = results_markdown(results)
     (out / "results.md").write_text(md, encoding="utf-8")
     written = [out / "results.json", out / "results.md"]
-    if sweep:
+    if plot:
         plot_sweep(results, out / "sweep.png")
         written.append(out / "sweep.png")
     print(md)
-    print(f"\nwrote {', '.join(map(str, written))} ({time.time() - start:.0f} s)")
+    print(f"\nwrote {', '.join(map(str, written))}")
+    return written
+
+
+def merge_results(paths: list[str | Path]) -> dict:
+    """One results dict holding the rows of several `rsparse eval` results.json files.
+
+    The runs must agree on everything that makes rows comparable (RESUME_KEYS and
+    RESUME_SETTINGS; a run that needed no calibration, e.g. dense only, fits any); otherwise
+    SystemExit names the file and the settings. A row present in several files is taken from
+    the first. The header is the first file's, with "merged_from" listing the files."""
+    runs = []
+    for path in map(Path, paths):
+        try:
+            runs.append((path, read_previous(path)))
+        except SystemExit:
+            raise SystemExit(f"error: --merge: cannot read {path} as JSON") from None
+        if runs[-1][1] is None:
+            raise SystemExit(f"error: --merge: {path} not found")
+        if not isinstance(runs[-1][1], dict) or not isinstance(runs[-1][1].get("rows"), list):
+            raise SystemExit(f"error: --merge: {path} is not an rsparse eval results.json (no 'rows' list)")
+    base_path, base = runs[0]
+    merged = {k: v for k, v in base.items() if k not in ("rows", "skipped", "wall_seconds")}
+    if merged.get("calibration") is None:
+        merged["calibration"] = next((r["calibration"] for _, r in runs if r.get("calibration")), None)
+    rows, skipped = {}, {}
+    for path, run in runs:
+        diff = [k for k in RESUME_KEYS if not (k == "calibration" and run.get(k) is None)
+                and _comparable(k, run.get(k)) != _comparable(k, merged.get(k))]
+        diff += [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
+                 if run.get("settings", {}).get(k) != base.get("settings", {}).get(k)]
+        if diff:
+            raise SystemExit(f"error: --merge: {path} was made with other settings than {base_path} "
+                             f"({', '.join(diff)}); its rows are not comparable")
+        for r in run["rows"]:
+            rows.setdefault((r["method"], r["label"]), r)
+        for sk in run.get("skipped", []):
+            skipped.setdefault((sk["method"], sk.get("target_sparsity")), sk)
+        for name, info in run.get("tasks", {}).items():
+            merged["tasks"].setdefault(name, {}).update(info)
+        for fmt, err in run.get("weights", {}).get("relative_error", {}).items():
+            merged.setdefault("weights", {}).setdefault("relative_error", {})[fmt] = err
+    labels = {r["label"] for r in rows.values()}
+    merged["rows"] = sorted_rows(list(rows.values()))
+    # a target a baseline could not reach in one run stays skipped unless another run has it
+    merged["skipped"] = [sk for sk in skipped.values()
+                         if row_label(sk["method"], sk.get("target_sparsity")) not in labels]
+    levels = sorted({r["target_sparsity"] for r in merged["rows"] if r.get("target_sparsity")})
+    merged["sweep"] = levels if len(levels) > 1 else None
+    merged["merged_from"] = [str(p) for p, _ in runs]
+    merged["row_seconds"] = sum(r.get("seconds", 0.0) for r in merged["rows"])
+    return merged
+
+
+def cmd_merge(paths: list[str], out: Path) -> int:
+    merged = merge_results(paths)
+    print(f"merged {len(merged['rows'])} rows from {len(paths)} files", file=sys.stderr)
+    write_reports(merged, out, plot=merged["sweep"] is not None)
     return 0
 
 

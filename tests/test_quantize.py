@@ -108,3 +108,36 @@ def test_cli_eval_resume_from_a_corrupt_results_file_is_a_clear_error(tmp_path):
         main(["eval", "--methods", "dense", "--tasks", "piqa", "--limit", "1", "--ppl-corpus", "none",
               "--xsum-samples", "0", "--out", str(out), "--resume"])
     assert (out / "results.json").read_text(encoding="utf-8") == '{"rows": ['  # left as it was
+
+
+def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, text_file, tiny_model_dir):
+    """Rows evaluated in separate runs (one per GPU, say) and merged give the results and reports
+    of the single run that evaluates them all; runs with other settings are refused."""
+    from rsparse.cli import main
+
+    argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "piqa", "--limit", "2", "--calib-corpus", str(text_file),
+            "--ppl-corpus", str(text_file), "--seq-len", "64", "--calib-samples", "4", "--ppl-windows", "2",
+            "--xsum-samples", "0"]
+    assert main(argv + ["--methods", "dense,rsparse", "--sparsities", "0.3,0.5", "--out", str(tmp_path / "all")]) == 0
+    assert main(argv + ["--methods", "dense", "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--methods", "rsparse", "--sparsities", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert main(argv + ["--methods", "rsparse", "--sparsities", "0.3", "--out", str(tmp_path / "c")]) == 0
+    parts = [str(tmp_path / d / "results.json") for d in "abc"]
+    assert main(["eval", "--merge", *parts, "--out", str(tmp_path / "merged")]) == 0
+
+    one = json.loads((tmp_path / "all" / "results.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [r["label"] for r in merged["rows"]] == ["Dense", "R-Sparse 30%", "R-Sparse 50%"]
+    assert merged["sweep"] == [0.3, 0.5] and merged["merged_from"] == parts
+    assert merged["calibration"] == one["calibration"]  # the dense-only run had none
+    for a, b in zip(one["rows"], merged["rows"]):
+        assert a["label"] == b["label"] and a["average"] == b["average"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "| R-Sparse 30% |" in md and (tmp_path / "merged" / "sweep.png").stat().st_size > 10_000
+
+    assert main(argv + ["--methods", "dense", "--ratio", "0.8", "--out", str(tmp_path / "d")]) == 0
+    with pytest.raises(SystemExit, match=r"d/results.json was made with other settings .*--ratio"):
+        main(["eval", "--merge", parts[0], str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="not found"):
+        main(["eval", "--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "m3")])
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
