@@ -78,7 +78,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         specs = resolve_tasks(tasks) if tasks else []
         for s in sparsities:
             SearchConfig(sparsity=s, population=args.population, generations=args.generations,
-                         group_size=args.group_size, mutation=args.mutation, crossover=args.crossover).validate()
+                         group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                         share=args.share).validate()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.limit is not None and args.limit < 1:
@@ -111,7 +112,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         restore_(model)
         cfg = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                            group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                           init_ratio=best_uniform["rho"], seed=args.seed)
+                           init_ratio=best_uniform["rho"], share=args.share, seed=args.seed)
         state = search(model, windows, cfg, checkpoint=out / f"search_{tag}.json", activations=activations,
                        log=lambda m: print(m, file=sys.stderr))
         names = state["names"]

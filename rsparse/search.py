@@ -10,7 +10,9 @@ from three other random individuals, a binomial crossover with rate CR (at least
 the mutant), the trial clipped to [0, 1]; the P best of parents and trials survive (elitist).
 Group-wise: the genes are split into groups of `group_size` consecutive layers; each group is
 optimised for `generations` generations while the other genes are held at the best individual
-so far, then the next group.
+so far, then the next group. With share="type" (beyond the paper) there is one gene per
+projection type (q, k, v, o, gate, up, down), shared by every block: 7 genes to fit instead of
+7 x blocks, which the few calibration windows can pin down without over-fitting them.
 
 Costs are kept down by reusing what does not change between candidates:
   * the dense calibration activations (collected once) give every layer's thresholds on a grid
@@ -44,6 +46,7 @@ from rsparse.models import decoder_blocks, decoder_linears
 from rsparse.report import write_json
 
 RHO_GRID = 200  # rho is searched on a grid of 1/200 steps: thresholds are precomputed per grid point
+SHARES = ("layer", "type")
 
 
 @dataclass
@@ -56,6 +59,7 @@ class SearchConfig:
     crossover: float = 0.5  # CR
     init_ratio: float = 0.95  # centre of the initial population (see `initial_population`)
     init_spread: float = 0.05
+    share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
     seed: int = 0
 
     def validate(self) -> "SearchConfig":
@@ -66,6 +70,8 @@ class SearchConfig:
             raise ValueError("generations and group_size must be positive")
         if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
             raise ValueError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
+        if self.share not in SHARES:
+            raise ValueError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
         return self
 
 
@@ -186,7 +192,14 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     cfg.validate()
     linears = decoder_linears(model)
     names = [l.name for l in linears]
-    n = len(names)
+    # The genes: one per projection, or one per projection type shared by every block (7 genes
+    # instead of 7 x blocks: far fewer degrees of freedom to over-fit a few calibration windows).
+    if cfg.share == "type":
+        kinds = list(dict.fromkeys(l.kind for l in linears))
+        gene_of = np.array([kinds.index(l.kind) for l in linears])
+    else:
+        gene_of = np.arange(len(linears))
+    n = int(gene_of.max()) + 1
     groups = [list(range(i, min(i + cfg.group_size, n))) for i in range(0, n, cfg.group_size)]
     settings = asdict(cfg)
     identity = {"layers": n, "names_hash": hash_names(names), "windows": list(windows.shape),
@@ -207,8 +220,8 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         activations = collect_activations(model, windows)
     cands = _Candidates(model, cfg.sparsity, activations)
 
-    def evaluate(rhos, start_block, cache):
-        cands.apply(rhos)
+    def evaluate(genes, start_block, cache):
+        cands.apply(genes[gene_of])
         return _fitness(model, windows, start_block, cache)
 
     t_start = time.time()
@@ -227,11 +240,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         genes = groups[state["group"]]
         others = [i for i in range(n) if i not in set(genes)]
         best = pop[int(np.argmin(fit))].copy()
-        start_block = linears[genes[0]].block
-        cands.apply(best)
+        start_block = min(l.block for l, g in zip(linears, gene_of) if g in set(genes))
+        cands.apply(best[gene_of])
         cache = _block_inputs(model, windows, start_block) if start_block else {}
         t0 = time.time()
-        if state["generation"] == 0 and not state.get("group_started"):
+        if state["generation"] == 0 and not state.get("group_started") and len(groups) > 1:
             # A new group: every individual takes the best's genes outside the group; inside it,
             # the best is kept and the others are drawn around the best's values (earlier group
             # starts made those genes equal across the population, which would leave differential
@@ -271,7 +284,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         bar.set_postfix(best=f"{fit[0]:.3f}", mean=f"{np.mean(fit):.3f}", left=f"{left / 60:.0f}min")
     bar.close()
     best = pop[int(np.argmin(fit))]
-    state["best"] = {"rho": best.tolist(), "fitness": float(min(fit))}
+    state["best"] = {"rho": best[gene_of].tolist(), "genes": best.tolist(), "fitness": float(min(fit))}
     state["names"] = names
     state["shapes"] = [[l.module.out_features, l.module.in_features] for l in linears]
     _save(checkpoint, state, rng)
@@ -371,7 +384,7 @@ def cmd_search(args) -> int:
 
     cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
                        group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                       init_ratio=args.init_ratio, seed=args.seed)
+                       init_ratio=args.init_ratio, share=args.share, seed=args.seed)
     try:
         cfg.validate()
     except ValueError as e:
@@ -428,7 +441,9 @@ def add_search_args(p) -> None:
     """The search and data flags shared by `rsparse search` and `rsparse compare-recipes`."""
     p.add_argument("--population", type=int, default=16, help="paper: 32 (see README: scaled for 2 CPU cores)")
     p.add_argument("--generations", type=int, default=3, help="generations per group (paper: 5)")
-    p.add_argument("--group-size", type=int, default=28, help="layers per group (paper: 28)")
+    p.add_argument("--group-size", type=int, default=28, help="genes per group (paper: 28 layers)")
+    p.add_argument("--share", default="layer", choices=list(SHARES),
+                   help="one rho per projection (layer, the paper) or per projection type, shared by all blocks (type)")
     p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
     p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
     p.add_argument("--calib-corpus", default="coqa")

@@ -71,7 +71,22 @@ def test_checkpoint_of_other_settings_is_refused(cal, tmp_path):
         search(tiny_model(), cal, SearchConfig(**dict(CFG, seed=4)), checkpoint=tmp_path / "s.json", log=lambda m: None)
 
 
-@pytest.mark.parametrize("bad", [dict(population=3), dict(sparsity=1.0), dict(crossover=1.5), dict(generations=0)])
+def test_search_with_one_rho_per_projection_type(cal):
+    model = tiny_model()
+    state = search(model, cal, SearchConfig(**dict(CFG, share="type")), log=lambda m: None)
+    assert len(state["best"]["genes"]) == 7 and len(state["best"]["rho"]) == 14  # 2 blocks x 7 types
+    assert state["evaluations"] == 4 + 2 * 4  # one group of 7 genes: the initial population + 2 generations
+    by_type = {}
+    for name, rho in zip(state["names"], state["best"]["rho"]):
+        by_type.setdefault(name.rsplit(".", 1)[1], set()).add(rho)
+    assert len(by_type) == 7 and all(len(v) == 1 for v in by_type.values())  # each type shares its rho
+    assert state["best"]["fitness"] <= min(h["best"] for h in state["history"]) + 1e-12
+    again = search(tiny_model(), cal, SearchConfig(**dict(CFG, share="type")), log=lambda m: None)
+    assert again["best"] == state["best"]
+
+
+@pytest.mark.parametrize("bad", [dict(population=3), dict(sparsity=1.0), dict(crossover=1.5), dict(generations=0),
+                                 dict(share="block")])
 def test_bad_search_settings(bad):
     with pytest.raises(ValueError):
         SearchConfig(**dict(CFG, **bad)).validate()
