@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (padding-aware)")
-    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"])
+    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"],
+                   help="sparse positions in the search objective and every evaluation (second_half: the paper's protocol)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +80,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         for s in sparsities:
             SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                          group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                         share=args.share).validate()
+                         share=args.share, tokens=args.tokens).validate()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.limit is not None and args.limit < 1:
@@ -105,14 +106,14 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         tag = f"s{round(100 * s):02d}"
         t0 = time.time()
         restore_(model)
-        uniform = uniform_grid(model, windows, s, grid, activations)
+        uniform = uniform_grid(model, windows, s, grid, activations, tokens=args.tokens)
         best_uniform = min(uniform, key=lambda u: u["fitness"])
         print(f"{100 * s:.0f}%: best uniform rho {best_uniform['rho']} (calibration fitness "
               f"{best_uniform['fitness']:.3f})", file=sys.stderr)
         restore_(model)
         cfg = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                            group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                           init_ratio=best_uniform["rho"], share=args.share, seed=args.seed)
+                           init_ratio=best_uniform["rho"], share=args.share, tokens=args.tokens, seed=args.seed)
         state = search(model, windows, cfg, checkpoint=out / f"search_{tag}.json", activations=activations,
                        log=lambda m: print(m, file=sys.stderr))
         names = state["names"]
@@ -177,7 +178,7 @@ def results_markdown(results: dict) -> str:
             cells += [_fmt(r.get("average"), 100.0)] if tasks else []
             lines.append("| " + " | ".join(cells) + " |")
     notes = (f"\nCalibration: {results['calibration']['corpus']}, {results['calibration']['windows']} windows of "
-             f"{results['calibration']['seq_len']} tokens (the search objective, every token sparse). Held-out "
+             f"{results['calibration']['seq_len']} tokens (the search objective, {results['perplexity']['tokens']} sparse). Held-out "
              f"perplexity: {results['perplexity']['corpus']}, {results['perplexity']['windows']} windows of "
              f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: "
              + ("not run" if not tasks else "lm-eval, " + (f"first {results['limit']} examples per task"

@@ -3,7 +3,10 @@
 Each individual is a vector of rho_i, one per decoder projection. Every layer keeps its budget
 (1-s) whatever its rho (rsparse.budget), so every individual has the same model-level sparsity;
 the search only decides how each layer spends its budget. Fitness = mean perplexity of the
-sparsified model over the calibration windows (all tokens sparsified), lower is better.
+sparsified model over the calibration windows, lower is better, under the evaluation protocol
+(`tokens`): "second_half" (default) runs each window's first half dense and scores the
+predictions at its sparse second half, as rsparse.evaluate_perplexity does; "all" sparsifies and
+scores every position.
 
 Differential evolution, as Algorithm 1: for each individual g_i, a mutant m = x1 + F (x2 - x3)
 from three other random individuals, a binomial crossover with rate CR (at least one gene from
@@ -60,6 +63,7 @@ class SearchConfig:
     init_ratio: float = 0.95  # centre of the initial population (see `initial_population`)
     init_spread: float = 0.05
     share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
+    tokens: str = "second_half"  # sparse (and scored) positions of the objective: second_half | all
     seed: int = 0
 
     def validate(self) -> "SearchConfig":
@@ -70,6 +74,8 @@ class SearchConfig:
             raise ValueError("generations and group_size must be positive")
         if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
             raise ValueError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
+        if self.tokens not in ("second_half", "all"):
+            raise ValueError(f"tokens must be second_half or all, got {self.tokens!r}")
         if self.share not in SHARES:
             raise ValueError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
         return self
@@ -78,8 +84,9 @@ class SearchConfig:
 class _Candidates:
     """Applies a rho vector to an already sparsified model quickly (no module rebuilding)."""
 
-    def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto"):
-        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens="all", refine=False, factors="svd")
+    def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto",
+                 tokens: str = "second_half"):
+        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens=tokens, refine=False, factors="svd")
         sparsify_(model, base, activations)  # rho = 0 everywhere: largest ranks, caches SVDs
         self.layers = rsparse_layers(model)
         self.sparsity = sparsity
@@ -122,8 +129,11 @@ class _Passthrough(nn.Module):
 
 
 @torch.no_grad()
-def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: dict, batch_size: int = 4) -> float:
-    """Mean per-window perplexity, running blocks >= start_block from cached inputs."""
+def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: dict, batch_size: int = 4,
+             tokens: str = "second_half") -> float:
+    """Mean per-window perplexity, running blocks >= start_block from cached inputs; with
+    "second_half" only the predictions of each window's second half count."""
+    first = windows.shape[1] // 2 if tokens == "second_half" else 0
     blocks = decoder_blocks(model)
     saved = list(blocks[:start_block])
     ppls = []
@@ -137,8 +147,8 @@ def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: d
             blocks[i] = _Passthrough()
         for current in range(0, windows.shape[0], batch_size):
             ids = windows[current:current + batch_size]
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+            logits = model(ids, use_cache=False).logits[:, first:-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, first + 1:], reduction="none").mean(dim=1)
             ppls.extend(nll.exp().tolist())
     finally:
         for i, b in enumerate(saved):
@@ -218,11 +228,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
     if activations is None:
         activations = collect_activations(model, windows)
-    cands = _Candidates(model, cfg.sparsity, activations)
+    cands = _Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens)
 
     def evaluate(genes, start_block, cache):
         cands.apply(genes[gene_of])
-        return _fitness(model, windows, start_block, cache)
+        return _fitness(model, windows, start_block, cache, tokens=cfg.tokens)
 
     t_start = time.time()
     if state is None:
@@ -293,16 +303,16 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
 @torch.no_grad()
 def uniform_grid(model: nn.Module, windows: torch.Tensor, sparsity: float, grid, activations: CalibrationActivations,
-                 ) -> list[dict]:
+                 tokens: str = "second_half") -> list[dict]:
     """The search's calibration fitness of a uniform rho at each grid value: the paper's Table 4
     baseline ("uniform rho by grid search"), scored exactly as the search scores an individual.
     Returns [{"rho", "fitness"}] in grid order; leaves the model sparsified (restore_ undoes it)."""
-    cands = _Candidates(model, sparsity, activations)
+    cands = _Candidates(model, sparsity, activations, tokens=tokens)
     n = len(cands.layers)
     out = []
     for rho in tqdm(list(grid), desc=f"uniform grid at {100 * sparsity:.0f}%", leave=False):
         cands.apply(np.full(n, np.round(float(rho) * RHO_GRID) / RHO_GRID))
-        out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {})})
+        out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {}, tokens=tokens)})
     return out
 
 
@@ -384,7 +394,7 @@ def cmd_search(args) -> int:
 
     cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
                        group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                       init_ratio=args.init_ratio, share=args.share, seed=args.seed)
+                       init_ratio=args.init_ratio, share=args.share, tokens=args.tokens, seed=args.seed)
     try:
         cfg.validate()
     except ValueError as e:
@@ -460,7 +470,9 @@ def register(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--init-ratio", type=float, default=0.95, help="centre of the initial population")
     add_search_args(p)
-    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"])
+    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"],
+                   help="sparse positions in the search objective and the held-out perplexity (second_half: the "
+                        "paper's protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/search", help="directory: recipe.json, search_state.json (resume), plots")
     p.set_defaults(func=cmd_search)

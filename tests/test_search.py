@@ -176,3 +176,21 @@ def test_cli_compare_recipes_rejects_bad_input():
         main(["compare-recipes", "--sparsities", "0.5,1.5"])
     with pytest.raises(SystemExit, match="grid"):
         main(["compare-recipes", "--grid", "0.5,2"])
+
+
+@pytest.mark.parametrize("tokens", ["second_half", "all"])
+def test_objective_scores_what_the_evaluation_scores(cal, tokens):
+    """The search's fitness of one window is that window's perplexity under the evaluation
+    protocol (dense first half, only second-half predictions scored, for "second_half")."""
+    from rsparse.calibrate import collect_activations
+    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.search import _Candidates, _fitness
+
+    model = tiny_model()
+    cands = _Candidates(model, 0.5, collect_activations(model, cal), tokens=tokens)
+    cands.apply(np.linspace(0.3, 1.0, len(cands.layers)))
+    window = cal[:1]
+    expected = evaluate_perplexity(model, window, tokens=tokens)["ppl"]
+    assert _fitness(model, window, 0, {}, tokens=tokens) == pytest.approx(expected, rel=1e-5)
+    other = "all" if tokens == "second_half" else "second_half"
+    assert _fitness(model, window, 0, {}, tokens=tokens) != pytest.approx(evaluate_perplexity(model, window, tokens=other)["ppl"], rel=1e-3)
