@@ -606,7 +606,9 @@ def plot_sweep(results: dict, path: str | Path) -> Path:
         axes[0][0].text(0.02, 0.02, "perplexity: " + results["perplexity"]["skipped"][:80], transform=axes[0][0].transAxes,
                         fontsize=6, alpha=0.7)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{results['model']}" + (f" (limit {results['limit']})" if results.get("limit") else ""), fontsize=9)
+    model = str(results["model"])
+    model = Path(model).name if model.endswith(".gguf") else model  # a local file: its name, not the path
+    fig.suptitle(model + (f" (limit {results['limit']})" if results.get("limit") else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
