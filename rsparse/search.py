@@ -212,7 +212,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     n = int(gene_of.max()) + 1
     groups = [list(range(i, min(i + cfg.group_size, n))) for i in range(0, n, cfg.group_size)]
     settings = asdict(cfg)
-    identity = {"layers": n, "names_hash": hash_names(names), "windows": list(windows.shape),
+    identity = {"layers": len(linears), "genes": n, "names_hash": hash_names(names), "windows": list(windows.shape),
                 "windows_sum": int(windows.sum())}
 
     state = None
