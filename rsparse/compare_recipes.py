@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7", help="model-level target sparsities")
     p.add_argument("--grid", default=DEFAULT_GRID, help="uniform rho values tried at each sparsity")
     add_search_args(p)
+    p.add_argument("--init-spread", type=float, default=0.05,
+                   help="standard deviation of the search's initial population around the best uniform rho")
     p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (padding-aware)")
@@ -80,7 +82,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         for s in sparsities:
             SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                          group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                         share=args.share, tokens=args.tokens).validate()
+                         init_spread=args.init_spread, share=args.share, tokens=args.tokens).validate()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.limit is not None and args.limit < 1:
@@ -113,7 +115,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         restore_(model)
         cfg = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                            group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                           init_ratio=best_uniform["rho"], share=args.share, tokens=args.tokens, seed=args.seed)
+                           init_ratio=best_uniform["rho"], init_spread=args.init_spread, share=args.share,
+                           tokens=args.tokens, seed=args.seed)
         state = search(model, windows, cfg, checkpoint=out / f"search_{tag}.json", activations=activations,
                        log=lambda m: print(m, file=sys.stderr))
         names = state["names"]

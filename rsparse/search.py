@@ -74,6 +74,8 @@ class SearchConfig:
             raise ValueError("generations and group_size must be positive")
         if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
             raise ValueError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
+        if not 0 <= self.init_spread <= 1:
+            raise ValueError(f"init_spread must be in [0, 1], got {self.init_spread}")
         if self.tokens not in ("second_half", "all"):
             raise ValueError(f"tokens must be second_half or all, got {self.tokens!r}")
         if self.share not in SHARES:
@@ -394,7 +396,8 @@ def cmd_search(args) -> int:
 
     cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
                        group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                       init_ratio=args.init_ratio, share=args.share, tokens=args.tokens, seed=args.seed)
+                       init_ratio=args.init_ratio, init_spread=args.init_spread, share=args.share, tokens=args.tokens,
+                       seed=args.seed)
     try:
         cfg.validate()
     except ValueError as e:
@@ -469,6 +472,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--init-ratio", type=float, default=0.95, help="centre of the initial population")
+    p.add_argument("--init-spread", type=float, default=0.05,
+                   help="standard deviation of the initial population around its centre (wider: more exploration)")
     add_search_args(p)
     p.add_argument("--tokens", default="second_half", choices=["second_half", "all"],
                    help="sparse positions in the search objective and the held-out perplexity (second_half: the "

@@ -86,7 +86,7 @@ def test_search_with_one_rho_per_projection_type(cal):
 
 
 @pytest.mark.parametrize("bad", [dict(population=3), dict(sparsity=1.0), dict(crossover=1.5), dict(generations=0),
-                                 dict(share="block")])
+                                 dict(share="block"), dict(init_spread=1.5)])
 def test_bad_search_settings(bad):
     with pytest.raises(ValueError):
         SearchConfig(**dict(CFG, **bad)).validate()
