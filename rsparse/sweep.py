@@ -367,8 +367,12 @@ def merge_results(paths: list[str | Path]) -> dict:
             skipped.setdefault((sk["method"], sk.get("target_sparsity")), sk)
         for name, info in run.get("tasks", {}).items():
             merged["tasks"].setdefault(name, {}).update(info)
+        weights = merged.setdefault("weights", {})
+        for fmt in run.get("weights", {}).get("formats", []):
+            if fmt not in weights.setdefault("formats", []):
+                weights["formats"].append(fmt)
         for fmt, err in run.get("weights", {}).get("relative_error", {}).items():
-            merged.setdefault("weights", {}).setdefault("relative_error", {})[fmt] = err
+            weights.setdefault("relative_error", {})[fmt] = err
     labels = {r["label"] for r in rows.values()}
     merged["rows"] = sorted_rows(list(rows.values()))
     # a target a baseline could not reach in one run stays skipped unless another run has it
