@@ -354,10 +354,7 @@ def merge_results(paths: list[str | Path]) -> dict:
         merged["calibration"] = next((r["calibration"] for _, r in runs if r.get("calibration")), None)
     rows, skipped = {}, {}
     for path, run in runs:
-        diff = [k for k in RESUME_KEYS if not (k == "calibration" and run.get(k) is None)
-                and _comparable(k, run.get(k)) != _comparable(k, merged.get(k))]
-        diff += [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
-                 if run.get("settings", {}).get(k) != base.get("settings", {}).get(k)]
+        diff = settings_diff(run, merged, any_calibration=True)
         if diff:
             raise SystemExit(f"error: --merge: {path} was made with other settings than {base_path} "
                              f"({', '.join(diff)}); its rows are not comparable")
@@ -453,13 +450,20 @@ def previous_rows(path: Path, old: dict | None, results: dict) -> dict:
     same settings; {} if none. Other settings are an error (its rows would not be comparable)."""
     if old is None:
         return {}
-    diff = [k for k in RESUME_KEYS if _comparable(k, old.get(k)) != _comparable(k, results.get(k))]
-    diff += [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
-             if old.get("settings", {}).get(k) != results["settings"].get(k)]
+    diff = settings_diff(old, results)
     if diff:
         raise SystemExit(f"error: --resume: {path} was made with other settings ({', '.join(diff)}); "
                          "use another --out or the same settings")
     return {(r["method"], r["label"]): r for r in old.get("rows", [])}
+
+
+def settings_diff(run: dict, reference: dict, any_calibration: bool = False) -> list[str]:
+    """What makes the rows of `run` not comparable with those of `reference`: the RESUME_KEYS and
+    --RESUME_SETTINGS that differ. any_calibration: a run that needed no calibration (None) fits."""
+    diff = [k for k in RESUME_KEYS if not (any_calibration and k == "calibration" and run.get(k) is None)
+            and _comparable(k, run.get(k)) != _comparable(k, reference.get(k))]
+    return diff + [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
+                   if run.get("settings", {}).get(k) != reference.get("settings", {}).get(k)]
 
 
 def _comparable(key: str, v):
