@@ -140,4 +140,10 @@ def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, te
         main(["eval", "--merge", parts[0], str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "m2")])
     with pytest.raises(SystemExit, match="not found"):
         main(["eval", "--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "m3")])
-    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+    (tmp_path / "other.json").write_text('{"results": {}}', encoding="utf-8")  # e.g. lm-eval's own output
+    with pytest.raises(SystemExit, match="other.json is not an rsparse eval results.json"):
+        main(["eval", "--merge", parts[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "m4")])
+    (tmp_path / "cut.json").write_text('{"rows": [', encoding="utf-8")
+    with pytest.raises(SystemExit, match="cannot read .*cut.json as JSON"):
+        main(["eval", "--merge", str(tmp_path / "cut.json"), "--out", str(tmp_path / "m5")])
+    assert not any((tmp_path / d).exists() for d in ("m2", "m3", "m4", "m5"))
