@@ -158,13 +158,14 @@ def whitened_factors(weight: torch.Tensor, residual: torch.Tensor, rank: int,
     With the input covariance C = E[x x^T] = L L^T (damped by `damp` times its mean diagonal, so
     directions no calibration input spans stay well defined), the best rank-r map is the top-r
     SVD of W L mapped back through L^-1. Returns lr_down (in, r), lr_up (r, out) like
-    lowrank_factors.
+    lowrank_factors, computed on the weight's device.
     """
-    x = residual.to(torch.float64)
+    w = weight.detach().to(torch.float64)
+    x = residual.to(w.device, torch.float64)
     cov = x.t() @ x / max(x.shape[0], 1)
-    cov += (damp * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(cov.shape[0], dtype=torch.float64)
+    cov += (damp * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(cov.shape[0], dtype=torch.float64, device=w.device)
     chol = torch.linalg.cholesky(cov)
-    u, s, vh = weight_svd(weight.detach().cpu().to(torch.float64) @ chol)
+    u, s, vh = weight_svd(w @ chol)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root  # (out, r)
     b = torch.linalg.solve_triangular(chol, root[:, None] * vh[:rank], upper=False, left=False)  # B L = M: (r, in)

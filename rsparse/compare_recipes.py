@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsparse.search import add_search_args
+from rsparse.search import add_search_args, check_batch_size
 
 DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 
@@ -82,7 +82,13 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         for s in sparsities:
             SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                          group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                         init_spread=args.init_spread, share=args.share, tokens=args.tokens).validate()
+                         init_spread=args.init_spread, share=args.share, tokens=args.tokens, factors=args.factors,
+                         rho_step=args.rho_step).validate()
+        check_batch_size(args.search_batch_size)
+        steps = round(1 / args.rho_step)
+        off = [g for g in grid if abs(g * steps - round(g * steps)) > 1e-6]
+        if off:  # the search starts from the best uniform rho: it must be one of its grid values
+            raise ValueError(f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.limit is not None and args.limit < 1:
@@ -108,7 +114,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         tag = f"s{round(100 * s):02d}"
         t0 = time.time()
         restore_(model)
-        uniform = uniform_grid(model, windows, s, grid, activations, tokens=args.tokens)
+        uniform = uniform_grid(model, windows, s, grid, activations, tokens=args.tokens, factors=args.factors,
+                               batch_size=args.search_batch_size)
         best_uniform = min(uniform, key=lambda u: u["fitness"])
         print(f"{100 * s:.0f}%: best uniform rho {best_uniform['rho']} (calibration fitness "
               f"{best_uniform['fitness']:.3f})", file=sys.stderr)
@@ -116,9 +123,9 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         cfg = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
                            group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
                            init_ratio=best_uniform["rho"], init_spread=args.init_spread, share=args.share,
-                           tokens=args.tokens, seed=args.seed)
+                           tokens=args.tokens, factors=args.factors, rho_step=args.rho_step, seed=args.seed)
         state = search(model, windows, cfg, checkpoint=out / f"search_{tag}.json", activations=activations,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size)
         names = state["names"]
         recipe = {"layers": [{"name": n, "rho": r} for n, r in zip(names, state["best"]["rho"])]}
         report = sparsify_(model, RSparseConfig(sparsity=s, recipe=recipe, seq_len=args.seq_len), activations)

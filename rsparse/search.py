@@ -20,7 +20,10 @@ projection type (q, k, v, o, gate, up, down), shared by every block: 7 genes to 
 Costs are kept down by reusing what does not change between candidates:
   * the dense calibration activations (collected once) give every layer's thresholds on a grid
     of rho values (one sort per layer and score type);
-  * one SVD per layer gives the factors for every rank (slices of the largest);
+  * one SVD per layer gives the factors for every rank (slices of the largest); with
+    factors="whitened" (the final model's factors, fitted to the inputs each candidate's
+    threshold drops) the factors of a (layer, rho) pair are computed once, when a candidate
+    first asks for them, on the weight's device; `rho_step` bounds how many pairs there are;
   * the hidden states entering the first block of the group being optimised are the same for
     all candidates, so each candidate runs only the blocks from there on.
 After every generation the state is written atomically to the checkpoint file, so a killed
@@ -42,13 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rsparse.budget import check_sparsity, layer_budget
-from rsparse.calibrate import CalibrationActivations, _layer_method, collect_activations, sparsify_
-from rsparse.config import RSparseConfig
+from rsparse.calibrate import CalibrationActivations, _layer_method, collect_activations, sparsify_, whitened_factors
+from rsparse.config import FACTORS, RSparseConfig
 from rsparse.layer import rsparse_layers
 from rsparse.models import decoder_blocks, decoder_linears
 from rsparse.report import write_json
 
-RHO_GRID = 200  # rho is searched on a grid of 1/200 steps: thresholds are precomputed per grid point
 SHARES = ("layer", "type")
 
 
@@ -64,7 +66,15 @@ class SearchConfig:
     init_spread: float = 0.05
     share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
     tokens: str = "second_half"  # sparse (and scored) positions of the objective: second_half | all
+    # Low-rank factors the objective scores candidates with: "svd" (slices of one SVD per layer,
+    # cheap) or "whitened" (what sparsify_ builds by default; computed per layer and rho value).
+    factors: str = "svd"
+    rho_step: float = 0.005  # genes live on a grid of this step; thresholds (and factors) per grid point
     seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return round(1 / self.rho_step)
 
     def validate(self) -> "SearchConfig":
         check_sparsity(self.sparsity)
@@ -78,6 +88,10 @@ class SearchConfig:
             raise ValueError(f"init_spread must be in [0, 1], got {self.init_spread}")
         if self.tokens not in ("second_half", "all"):
             raise ValueError(f"tokens must be second_half or all, got {self.tokens!r}")
+        if self.factors not in FACTORS:
+            raise ValueError(f"factors must be one of {', '.join(FACTORS)}, got {self.factors!r}")
+        if not 0 < self.rho_step <= 1 or abs(round(1 / self.rho_step) * self.rho_step - 1) > 1e-9:
+            raise ValueError(f"rho_step must divide 1 (e.g. 0.005, 0.05, 0.1), got {self.rho_step}")
         if self.share not in SHARES:
             raise ValueError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
         return self
@@ -87,12 +101,12 @@ class _Candidates:
     """Applies a rho vector to an already sparsified model quickly (no module rebuilding)."""
 
     def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto",
-                 tokens: str = "second_half"):
+                 tokens: str = "second_half", factors: str = "svd", steps: int = 200):
         base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens=tokens, refine=False, factors="svd")
         sparsify_(model, base, activations)  # rho = 0 everywhere: largest ranks, caches SVDs
         self.layers = rsparse_layers(model)
-        self.sparsity = sparsity
-        grid = torch.linspace(0, 1, RHO_GRID + 1)
+        self.sparsity, self.score, self.factors, self.steps = sparsity, score, factors, steps
+        grid = torch.linspace(0, 1, steps + 1)
         self.thresholds = []  # per layer: {score kind: tensor of thresholds over the rho grid}
         self.full = []
         for layer in self.layers:
@@ -109,20 +123,33 @@ class _Candidates:
             self.full.append((layer.lr_down.clone(), layer.lr_up.clone()))
         self.norms = [l.weight.detach().float().norm(dim=0) for l in self.layers]
         self.ones = [torch.ones_like(n) for n in self.norms]
-        self.score = score
+        self.rows = [activations.rows[l.name] for l in self.layers] if factors == "whitened" else None
+        self.whitened: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def apply(self, rhos: np.ndarray) -> None:
-        for i, (layer, table, (down, up), rho) in enumerate(zip(self.layers, self.thresholds, self.full, rhos)):
-            g = int(round(float(rho) * RHO_GRID))
-            b = layer_budget(layer.out_features, layer.in_features, self.sparsity, g / RHO_GRID)
+        for i, (layer, table, rho) in enumerate(zip(self.layers, self.thresholds, rhos)):
+            g = int(round(float(rho) * self.steps))
+            b = layer_budget(layer.out_features, layer.in_features, self.sparsity, g / self.steps)
             method = _layer_method(b)
             weighted = self.score == "weighted" or (self.score == "auto" and method == "rsparse")
+            threshold = float(table["weighted" if weighted else "abs"][g])
             layer.method = method
             layer.keep_fraction = b.keep_fraction
-            layer.threshold.fill_(float(table["weighted" if weighted else "abs"][g]))
+            layer.threshold.fill_(threshold)
             layer.score_scale = self.norms[i] if weighted else self.ones[i]
             layer.rank = b.rank
-            layer.lr_down, layer.lr_up = down[:, :b.rank], up[:b.rank]
+            layer.lr_down, layer.lr_up = self._factors(i, g, b.rank, threshold, weighted)
+
+    def _factors(self, i: int, g: int, rank: int, threshold: float, weighted: bool):
+        down, up = self.full[i]
+        if self.factors == "svd" or rank == 0:
+            return down[:, :rank], up[:rank]
+        if (i, g) not in self.whitened:  # as sparsify_ builds them: fitted to the dropped inputs
+            layer, rows = self.layers[i], self.rows[i]
+            scores = rows.abs() * (self.norms[i].cpu() if weighted else 1.0)
+            d, u = whitened_factors(layer.weight, rows * (scores <= threshold), rank)
+            self.whitened[i, g] = (d.to(down.device, down.dtype), u.to(up.device, up.dtype))
+        return self.whitened[i, g]
 
 
 class _Passthrough(nn.Module):
@@ -147,8 +174,9 @@ def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: d
     try:
         for i in range(start_block):
             blocks[i] = _Passthrough()
+        device = next(model.parameters()).device
         for current in range(0, windows.shape[0], batch_size):
-            ids = windows[current:current + batch_size]
+            ids = windows[current:current + batch_size].to(device)
             logits = model(ids, use_cache=False).logits[:, first:-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, first + 1:], reduction="none").mean(dim=1)
             ppls.extend(nll.exp().tolist())
@@ -174,10 +202,11 @@ def _block_inputs(model: nn.Module, windows: torch.Tensor, block: int, batch_siz
         raise _Stop
 
     handle = blocks[block].register_forward_pre_hook(grab)
+    device = next(model.parameters()).device
     try:
         for current in range(0, windows.shape[0], batch_size):
             try:
-                model(windows[current:current + batch_size], use_cache=False)
+                model(windows[current:current + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -195,12 +224,13 @@ def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator
     pop = np.clip(cfg.init_ratio + cfg.init_spread * rng.standard_normal((cfg.population, n_genes)), 0.0, 1.0)
     pop[0] = 1.0
     pop[1] = cfg.init_ratio
-    return np.round(pop * RHO_GRID) / RHO_GRID
+    return np.round(pop * cfg.steps) / cfg.steps
 
 
 def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoint: str | Path | None = None,
-           activations: CalibrationActivations | None = None, log=print) -> dict:
-    """Run (or resume) the search; returns the state with the best recipe and fitness history."""
+           activations: CalibrationActivations | None = None, log=print, batch_size: int = 4) -> dict:
+    """Run (or resume) the search; returns the state with the best recipe and fitness history.
+    batch_size: calibration windows per forward pass when scoring a candidate."""
     cfg.validate()
     linears = decoder_linears(model)
     names = [l.name for l in linears]
@@ -230,11 +260,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
     if activations is None:
         activations = collect_activations(model, windows)
-    cands = _Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens)
+    cands = _Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens, factors=cfg.factors, steps=cfg.steps)
 
     def evaluate(genes, start_block, cache):
         cands.apply(genes[gene_of])
-        return _fitness(model, windows, start_block, cache, tokens=cfg.tokens)
+        return _fitness(model, windows, start_block, cache, batch_size, tokens=cfg.tokens)
 
     t_start = time.time()
     if state is None:
@@ -254,7 +284,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         best = pop[int(np.argmin(fit))].copy()
         start_block = min(l.block for l, g in zip(linears, gene_of) if g in set(genes))
         cands.apply(best[gene_of])
-        cache = _block_inputs(model, windows, start_block) if start_block else {}
+        cache = _block_inputs(model, windows, start_block, batch_size) if start_block else {}
         t0 = time.time()
         if state["generation"] == 0 and not state.get("group_started") and len(groups) > 1:
             # A new group: every individual takes the best's genes outside the group; inside it,
@@ -264,7 +294,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             pop[:, others] = best[others]
             pop[0] = best
             noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
-            pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * RHO_GRID) / RHO_GRID
+            pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * cfg.steps) / cfg.steps
             fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
             state["group_started"] = True
             state["population"], state["fitness"] = pop.tolist(), fit
@@ -278,7 +308,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             cross[rng.integers(len(genes))] = True
             trial = pop[i].copy()
             trial[genes] = np.where(cross, mutant[genes], pop[i][genes])
-            trial = np.round(np.clip(trial, 0.0, 1.0) * RHO_GRID) / RHO_GRID
+            trial = np.round(np.clip(trial, 0.0, 1.0) * cfg.steps) / cfg.steps
             trials.append(trial)
             trial_fit.append(evaluate(trial, start_block, cache))
         pop, fit = _select(np.concatenate([pop, np.array(trials)]), np.array(fit + trial_fit), cfg.population)
@@ -305,16 +335,17 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
 @torch.no_grad()
 def uniform_grid(model: nn.Module, windows: torch.Tensor, sparsity: float, grid, activations: CalibrationActivations,
-                 tokens: str = "second_half") -> list[dict]:
+                 tokens: str = "second_half", factors: str = "svd", batch_size: int = 4) -> list[dict]:
     """The search's calibration fitness of a uniform rho at each grid value: the paper's Table 4
     baseline ("uniform rho by grid search"), scored exactly as the search scores an individual.
     Returns [{"rho", "fitness"}] in grid order; leaves the model sparsified (restore_ undoes it)."""
-    cands = _Candidates(model, sparsity, activations, tokens=tokens)
+    steps = 1000  # fine enough for any grid value a user types (0.95, 0.975, ...)
+    cands = _Candidates(model, sparsity, activations, tokens=tokens, factors=factors, steps=steps)
     n = len(cands.layers)
     out = []
     for rho in tqdm(list(grid), desc=f"uniform grid at {100 * sparsity:.0f}%", leave=False):
-        cands.apply(np.full(n, np.round(float(rho) * RHO_GRID) / RHO_GRID))
-        out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {}, tokens=tokens)})
+        cands.apply(np.full(n, float(rho)))
+        out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {}, batch_size, tokens=tokens)})
     return out
 
 
@@ -397,20 +428,21 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
                        group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
                        init_ratio=args.init_ratio, init_spread=args.init_spread, share=args.share, tokens=args.tokens,
-                       seed=args.seed)
+                       factors=args.factors, rho_step=args.rho_step, seed=args.seed)
     try:
         cfg.validate()
+        check_batch_size(args.search_batch_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     model_name = args.model or DEFAULT_MODEL_NAME
     windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     activations = collect_activations(model, windows, seed=args.seed)
     state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size)
     search_seconds = time.time() - start
 
     # The final model: the searched recipe through the standard calibration (with refinement).
@@ -450,6 +482,12 @@ def cmd_search(args) -> int:
     return 0
 
 
+def check_batch_size(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"--search-batch-size must be >= 1, got {n}")
+    return n
+
+
 def add_search_args(p) -> None:
     """The search and data flags shared by `rsparse search` and `rsparse compare-recipes`."""
     p.add_argument("--population", type=int, default=16, help="paper: 32 (see README: scaled for 2 CPU cores)")
@@ -459,6 +497,13 @@ def add_search_args(p) -> None:
                    help="one rho per projection (layer, the paper) or per projection type, shared by all blocks (type)")
     p.add_argument("--mutation", type=float, default=0.5, help="differential weight F")
     p.add_argument("--crossover", type=float, default=0.5, help="crossover rate CR")
+    p.add_argument("--factors", default="svd", choices=list(FACTORS),
+                   help="low-rank factors the objective scores candidates with: svd (slices of one SVD per layer, "
+                        "cheap) or whitened (the final model's factors; one fit per layer and rho value, use a "
+                        "coarser --rho-step)")
+    p.add_argument("--rho-step", type=float, default=0.005, help="grid step of the searched rho values")
+    p.add_argument("--search-batch-size", type=int, default=4,
+                   help="calibration windows per forward pass when scoring a candidate (larger on a GPU)")
     p.add_argument("--calib-corpus", default="coqa")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (the search objective)")
@@ -478,6 +523,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokens", default="second_half", choices=["second_half", "all"],
                    help="sparse positions in the search objective and the held-out perplexity (second_half: the "
                         "paper's protocol)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/search", help="directory: recipe.json, search_state.json (resume), plots")
     p.set_defaults(func=cmd_search)

@@ -86,9 +86,10 @@ def test_search_with_one_rho_per_projection_type(cal):
 
 
 @pytest.mark.parametrize("bad", [dict(population=3), dict(sparsity=1.0), dict(crossover=1.5), dict(generations=0),
-                                 dict(share="block"), dict(init_spread=1.5)])
+                                 dict(share="block"), dict(init_spread=1.5), dict(factors="pca"),
+                                 dict(rho_step=0.3), dict(rho_step=0.0)])
 def test_bad_search_settings(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         SearchConfig(**dict(CFG, **bad)).validate()
 
 
@@ -141,7 +142,8 @@ def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_d
     argv = ["compare-recipes", "--model", str(model_dir), "--sparsities", "0.4,0.6", "--grid", "0.7,0.9,1.0",
             "--population", "4", "--generations", "1", "--group-size", "7", "--calib-corpus", str(text_file),
             "--calib-samples", "4", "--seq-len", "32", "--ppl-corpus", str(text_file), "--ppl-windows", "2",
-            "--ppl-seq-len", "64", "--tasks", "piqa", "--limit", "2", "--batch-size", "4", "--out", str(out)]
+            "--ppl-seq-len", "64", "--tasks", "piqa", "--limit", "2", "--batch-size", "4",
+            "--factors", "whitened", "--rho-step", "0.1", "--out", str(out)]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [b["sparsity"] for b in res["sparsities"]] == [0.4, 0.6]
@@ -176,6 +178,10 @@ def test_cli_compare_recipes_rejects_bad_input():
         main(["compare-recipes", "--sparsities", "0.5,1.5"])
     with pytest.raises(SystemExit, match="grid"):
         main(["compare-recipes", "--grid", "0.5,2"])
+    with pytest.raises(SystemExit, match="rho-step"):  # 0.95 is not on the searched grid
+        main(["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"])
+    with pytest.raises(SystemExit, match="search-batch-size"):
+        main(["compare-recipes", "--search-batch-size", "0"])
 
 
 @pytest.mark.parametrize("tokens", ["second_half", "all"])
@@ -194,3 +200,28 @@ def test_objective_scores_what_the_evaluation_scores(cal, tokens):
     assert _fitness(model, window, 0, {}, tokens=tokens) == pytest.approx(expected, rel=1e-5)
     other = "all" if tokens == "second_half" else "second_half"
     assert _fitness(model, window, 0, {}, tokens=tokens) != pytest.approx(evaluate_perplexity(model, window, tokens=other)["ppl"], rel=1e-3)
+
+
+@pytest.mark.parametrize("factors", ["svd", "whitened"])
+def test_candidates_score_the_model_sparsify_builds(cal, factors):
+    """A candidate applied in place is the model sparsify_ builds from the same recipe (same
+    thresholds, same factors, no refinement): the objective scores the model the user gets."""
+    from rsparse.calibrate import collect_activations
+    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.search import _Candidates
+
+    model = tiny_model()
+    acts = collect_activations(model, cal)
+    cands = _Candidates(model, 0.5, acts, factors=factors, steps=20)
+    rhos = np.round(np.linspace(0.3, 1.0, len(cands.layers)) * 20) / 20
+    cands.apply(rhos)
+    got = evaluate_perplexity(model, cal, tokens="second_half")["ppl"]
+    recipe = {"layers": [{"name": l.name, "rho": float(r)} for l, r in zip(cands.layers, rhos)]}
+    reference = tiny_model()
+    sparsify_(reference, RSparseConfig(sparsity=0.5, recipe=recipe, factors=factors, refine=False, tokens="second_half"),
+              acts)
+    assert got == pytest.approx(evaluate_perplexity(reference, cal, tokens="second_half")["ppl"], rel=1e-5)
+    other = "svd" if factors == "whitened" else "whitened"
+    sparsify_(reference, RSparseConfig(sparsity=0.5, recipe=recipe, factors=other, refine=False, tokens="second_half"),
+              acts)
+    assert got != pytest.approx(evaluate_perplexity(reference, cal, tokens="second_half")["ppl"], rel=1e-4)
