@@ -135,7 +135,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
         plot_recipe(recipe_data, out / f"recipe_{tag}.png")
 
         rows = []
-        variants = [("sparse-only", RSparseConfig(sparsity=s, method="sparse"), None),
+        sparse_fitness = next((u["fitness"] for u in uniform if u["rho"] == 1.0), None)  # rho 1 is sparse-only
+        variants = [("sparse-only", RSparseConfig(sparsity=s, method="sparse"), sparse_fitness),
                     (f"uniform rho={best_uniform['rho']:g}", RSparseConfig(sparsity=s, ratio=best_uniform["rho"]),
                      best_uniform["fitness"]),
                     ("searched", RSparseConfig(sparsity=s, recipe=recipe), state["best"]["fitness"])]

@@ -153,6 +153,7 @@ def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_d
         assert block["best_uniform_rho"] == best["rho"]
         labels = [r["recipe"] for r in block["rows"]]
         assert labels == ["sparse-only", f"uniform rho={best['rho']:g}", "searched"]
+        assert block["rows"][0]["calibration_fitness"] == block["uniform_grid"][-1]["fitness"]  # rho 1 = sparse-only
         searched = block["rows"][2]
         assert searched["calibration_fitness"] <= best["fitness"] + 1e-9  # elitist, started at the uniform optimum
         for r in block["rows"]:
