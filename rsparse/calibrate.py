@@ -172,6 +172,14 @@ def whitened_factors(weight: torch.Tensor, residual: torch.Tensor, rank: int,
     return b.t().contiguous(), a.t().contiguous()
 
 
+def dropped_input_factors(weight: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None, threshold: float,
+                          rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened rank-r factors fitted to the calibration inputs the threshold drops (score
+    |x| * scale <= threshold): what reaches the layer's low-rank path."""
+    scores = rows.abs() * (scale.cpu() if scale is not None else 1.0)
+    return whitened_factors(weight, rows * (scores <= threshold), rank)
+
+
 def _layer_method(budget: LayerBudget) -> str:
     if budget.sparsity == 0.0:
         return "dense"
@@ -222,7 +230,7 @@ def sparsify_(model: nn.Module, config: RSparseConfig,
         threshold = calibrate_threshold(scores, budget.keep_fraction) if method != "dense" else -math.inf
         down = up = None
         if budget.rank and method != "dense" and config.factors == "whitened":
-            down, up = whitened_factors(weight, rows * (scores <= threshold), budget.rank)
+            down, up = dropped_input_factors(weight, rows, scale, threshold, budget.rank)
         elif budget.rank and method != "dense":
             svd = calibration.svd.get(lin.name)
             if svd is None:

@@ -80,12 +80,12 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     try:
         specs = resolve_tasks(tasks) if tasks else []
         for s in sparsities:
-            SearchConfig(sparsity=s, population=args.population, generations=args.generations,
-                         group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                         init_spread=args.init_spread, share=args.share, tokens=args.tokens, factors=args.factors,
-                         rho_step=args.rho_step).validate()
+            checked = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
+                                   group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                                   init_spread=args.init_spread, share=args.share, tokens=args.tokens,
+                                   factors=args.factors, rho_step=args.rho_step).validate()
         check_batch_size(args.search_batch_size)
-        steps = round(1 / args.rho_step)
+        steps = checked.steps
         off = [g for g in grid if abs(g * steps - round(g * steps)) > 1e-6]
         if off:  # the search starts from the best uniform rho: it must be one of its grid values
             raise ValueError(f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")

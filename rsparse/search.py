@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rsparse.budget import check_sparsity, layer_budget
-from rsparse.calibrate import CalibrationActivations, _layer_method, collect_activations, sparsify_, whitened_factors
+from rsparse.calibrate import CalibrationActivations, _layer_method, collect_activations, dropped_input_factors, sparsify_
 from rsparse.config import FACTORS, RSparseConfig
 from rsparse.layer import rsparse_layers
 from rsparse.models import decoder_blocks, decoder_linears
@@ -145,9 +145,8 @@ class _Candidates:
         if self.factors == "svd" or rank == 0:
             return down[:, :rank], up[:rank]
         if (i, g) not in self.whitened:  # as sparsify_ builds them: fitted to the dropped inputs
-            layer, rows = self.layers[i], self.rows[i]
-            scores = rows.abs() * (self.norms[i].cpu() if weighted else 1.0)
-            d, u = whitened_factors(layer.weight, rows * (scores <= threshold), rank)
+            d, u = dropped_input_factors(self.layers[i].weight, self.rows[i], self.norms[i] if weighted else None,
+                                         threshold, rank)
             self.whitened[i, g] = (d.to(down.device, down.dtype), u.to(up.device, up.dtype))
         return self.whitened[i, g]
 
