@@ -1,4 +1,4 @@
-"""Command-line interface: `rsparse run` (the main job) and the benchmarks of rsparse.bench."""
+"""Command-line interface: `rsparse run` (the main job) and the benchmarks of rsparse.runtime.bench."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    return importlib.import_module(f"rsparse.bench.{args.what}").main(args.rest)
+    return importlib.import_module(f"rsparse.runtime.bench.{args.what}").main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

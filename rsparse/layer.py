@@ -11,7 +11,7 @@ through them instead of being lost.
 Storage is laid out for decoding: the weight is kept column-major (its transpose is contiguous,
 so a kept input channel is one contiguous row in memory) and the factors are stored as
 lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps use the fused
-Triton kernel of rsparse.kernels; everywhere else a torch reference path computes the same
+Triton kernel of rsparse.runtime.kernels; everywhere else a torch reference path computes the same
 function with masked dense math.
 
 Which tokens are sparsified is a per-layer setting (`tokens`):
@@ -197,7 +197,7 @@ class RSparseLinear(nn.Linear):
             self.stat_tokens += keep.numel() // self.in_features
             self.stat_kept = self.stat_kept + keep.sum()
         if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= 8):
-            from rsparse.kernels import rsparse_decode_linear, triton_available
+            from rsparse.runtime.kernels import rsparse_decode_linear, triton_available
             if triton_available():
                 return rsparse_decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
                                              self.lr_down if self.rank else None,

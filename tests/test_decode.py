@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from rsparse import RSparseConfig, sparsify_
 from rsparse.data import calibration_windows
-from rsparse.decode import StaticDecoder
+from rsparse.runtime.decode import StaticDecoder
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -47,7 +47,7 @@ def test_decoder_on_this_device_graph_or_eager_matches_hf(windows):
 
 
 def test_bench_model_conversion_hits_budget():
-    from rsparse.bench.decode import make_rsparse, measure_kept
+    from rsparse.runtime.bench.decode import make_rsparse, measure_kept
     from rsparse.layer import rsparse_layers
 
     model = tiny_model()

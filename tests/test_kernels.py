@@ -1,4 +1,4 @@
-"""Tests of the fused R-Sparse decode kernel (rsparse/kernels/triton_rsparse.py).
+"""Tests of the fused R-Sparse decode kernel (rsparse/runtime/kernels/triton_rsparse.py).
 
 On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set
 below before triton is imported); with CUDA the same tests run natively. The kernel module is

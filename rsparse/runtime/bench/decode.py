@@ -9,7 +9,7 @@ thresholds calibrated on the model's own activations over random-token windows, 
 the target fraction), except that the rank-r factors are random matrices of the right shape
 instead of an SVD of random weights (same bytes, no 224 float64 SVDs on the lease).
 
-For every model and generation length, dense and R-Sparse run in rsparse.decode.StaticDecoder
+For every model and generation length, dense and R-Sparse run in rsparse.runtime.decode.StaticDecoder
 (static KV cache, each decode step one CUDA graph replay), timed with CUDA events around the
 whole decode, median of `--repeats`; Hugging Face eager `generate` (default cache) is timed on
 the dense model as the reference a user has. The kept fraction during decode is measured in an
@@ -88,7 +88,7 @@ def make_rsparse(model, sparsity: float, ratio: float, calib_tokens: int = 256) 
 
 def measure_kept(model, prompt, n: int = 8) -> float:
     """Model-level achieved sparsity over n eager decode steps (untimed; stats need host syncs)."""
-    from rsparse.decode import StaticDecoder
+    from rsparse.runtime.decode import StaticDecoder
     from rsparse.layer import rsparse_layers
     from rsparse.perplexity import measured_read
 
@@ -106,7 +106,7 @@ def measure_kept(model, prompt, n: int = 8) -> float:
 
 
 def time_decode(model, prompt, gen: int, repeats: int) -> dict:
-    from rsparse.decode import StaticDecoder
+    from rsparse.runtime.decode import StaticDecoder
 
     dec = StaticDecoder(model, prompt.shape[1] + gen + 1)
     dec.prefill(prompt)

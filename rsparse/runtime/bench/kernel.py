@@ -1,7 +1,7 @@
 """Decode-kernel benchmark: dense cuBLAS vs the fused R-Sparse kernel vs the sparse-only kernel.
 
-    python -m rsparse.bench.kernel --out DIR [--dtypes bf16,fp16,fp32] [--batches 1,2,4,8] ...
-    python rsparse/bench/kernel.py --out DIR ...      (same, without importing the rest of rsparse)
+    python -m rsparse.runtime.bench.kernel --out DIR [--dtypes bf16,fp16,fp32] [--batches 1,2,4,8] ...
+    python rsparse/runtime/bench/kernel.py --out DIR ...      (same, without importing the rest of rsparse)
 
 At Llama-2-7B and Llama-3-8B layer shapes and model-level budgets s, the R-Sparse layer keeps a
 fraction k = (1-s)*rho of the input channels and has rank r = floor((1-s)*(1-rho)*out*in/(out+in));
@@ -61,7 +61,7 @@ SHAPES = [
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # candidate kernel configs for --tune (16-bit; the best per shape and batch class is used by
-# the bench that follows and printed as a table for rsparse/kernels/triton_rsparse.py)
+# the bench that follows and printed as a table for rsparse/runtime/kernels/triton_rsparse.py)
 VARIANTS_M1 = {
     "fma512x16": dict(BLOCK_N=512, BLOCK_K=16, K_ITERS=1, num_warps=4),
     "fma128x64": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=1, num_warps=4),
