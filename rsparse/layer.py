@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsparse.runtime import ops
+from rsparse.runtime.ops import MAX_BATCH_ROWS, kernel_runs_on
+
 METHODS = ("dense", "sparse", "lowrank", "rsparse")
 TOKEN_MODES = ("decode", "second_half", "all", "none")
 
@@ -196,12 +199,11 @@ class RSparseLinear(nn.Linear):
             keep = self.mask(x)
             self.stat_tokens += keep.numel() // self.in_features
             self.stat_kept = self.stat_kept + keep.sum()
-        if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= 8):
-            from rsparse.runtime.kernels import rsparse_decode_linear, triton_available
-            if triton_available():
-                return rsparse_decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
-                                             self.lr_down if self.rank else None,
-                                             self.lr_up if self.rank else None, self.bias)
+        if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= MAX_BATCH_ROWS):
+            if kernel_runs_on(x.device):  # a torch.library op: torch.compile traces through it
+                return ops.decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
+                                         self.lr_down if self.rank else None,
+                                         self.lr_up if self.rank else None, self.bias)
             if self.kernel == "always":
                 raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
         keep = self.mask(x) if keep is None else keep

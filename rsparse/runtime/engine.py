@@ -1,0 +1,358 @@
+"""The decode engine: static KV cache, dense prefill, a compiled one-token step replayed as a CUDA
+graph, sampling on the device.
+
+Hugging Face's eager `generate` is launch-bound at batch 1 (hundreds of small kernel launches per
+token, each costing more CPU time than the GPU needs for it), so the bytes that sparsity saves do
+not show there. This engine runs the model's own modules (embedding, norms, the 7 projections
+per block -- nn.Linear or RSparseLinear --, lm_head) in the spirit of gpt-fast:
+
+- the KV cache is preallocated (`max_seq_len` slots per row), so a decode step has static shapes;
+- prefill runs the whole (left-padded) prompt at once, dense, with PyTorch's SDPA;
+- the decode step (one token per row: embedding, every block, lm_head, token choice, cache and
+  position update) is compiled with `torch.compile(fullgraph=True)` -- the R-Sparse kernel is a
+  `torch.library` op (rsparse.runtime.ops), so Inductor fuses the norms, rotary, SiLU x up and
+  residual adds around it -- and captured once as a CUDA graph, then replayed per token;
+- the next token is chosen on the device (greedy, or temperature / top-k / top-p sampling from
+  the seeded default generator), so the host never waits on the GPU except to stream tokens,
+  which it does one step behind the GPU.
+
+Rows finish at an end-of-sequence token (later tokens of that row are padding, dropped from the
+result); generation stops when every row has finished or `max_new_tokens` are reached. On the
+CPU everything runs eagerly (no compile, no graph), so the tests check the same logic.
+
+Supported: the architectures rsparse.models accepts (Llama, Mistral, Qwen2, Qwen3 with q/k norms,
+SmolLM; tied embeddings), dense, sparsified or loaded from a checkpoint, batch 1 to 8.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsparse.models import decoder_blocks, decoder_linears
+
+MAX_BATCH = 8  # the decode kernel's row limit
+MAX_EOS = 8  # end-of-sequence ids per engine call
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too long for the cache, too many prompts, ...)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0: greedy (top_k / top_p unused)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None  # seeds the device generator at the start of each generate call
+
+    def __post_init__(self):
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise EngineError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (got {self.temperature}, "
+                              f"{self.top_p}, {self.top_k})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """The result of Engine.generate: new tokens per prompt and where the time went."""
+
+    tokens: list[list[int]]  # new tokens per prompt (an end-of-sequence token included)
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float  # first token to last, excluding prefill and warm-up
+    decode_steps: int  # one-token steps run after prefill (each adds a token to every live row)
+    warmup_seconds: float = 0.0  # compile + graph capture, paid once per engine and sampling mode
+    finished: list[bool] = field(default_factory=list)  # ended at an end-of-sequence token
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Steps per second of the decode loop (tokens per second per row)."""
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Engine:
+    """Static-cache generation for one model. Build once, call `generate` many times.
+
+    model: a causal LM rsparse.models accepts, on its device and dtype.
+    batch_size: rows per step (1-8); fewer prompts are padded with finished dummy rows.
+    max_seq_len: KV-cache slots per row (prompt + new tokens must fit); attention reads all of
+        them each step, so size it to the work (default: the model's context, capped at 2048).
+    compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
+        backend ("inductor" when True; tests trace with "aot_eager").
+    """
+
+    def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int | None = None,
+                 compile: bool | str | None = None, cuda_graph: bool | None = None):
+        cfg = model.config
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise EngineError(f"batch_size must be 1-{MAX_BATCH}, got {batch_size}")
+        context = getattr(cfg, "max_position_embeddings", None) or 2048
+        max_seq_len = max_seq_len or min(context, 2048)
+        if max_seq_len > context:
+            raise EngineError(f"max_seq_len {max_seq_len} exceeds the model's context of {context} tokens")
+        self.model = model
+        self.blocks = decoder_blocks(model)
+        linears = decoder_linears(model)  # raises UnsupportedModelError for other architectures
+        self.attn = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "q_proj"]
+        self.mlp = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "gate_proj"]
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.norm = base.norm
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = getattr(self.attn[0], "scaling", None) or 1.0 / math.sqrt(self.head_dim)
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        self.window = int(window) if window else None
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        on_cuda = self.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not on_cuda:
+            raise EngineError("cuda_graph needs the model on a CUDA device")
+
+        dev, b, s = self.device, batch_size, max_seq_len
+        shape = (b, self.n_kv, s, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.blocks]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.blocks]
+        # rotary tables for every position, computed once by the model's own rotary module
+        positions = torch.arange(s, device=dev)
+        with torch.no_grad():
+            cos, sin = base.rotary_emb(self.k_cache[0], positions[None])
+        self.cos, self.sin = cos[0], sin[0]  # (S, head_dim)
+        self.slots = positions
+        # decode-step state, static buffers: the graph reads and advances them
+        self.token = torch.zeros(b, 1, dtype=torch.long, device=dev)  # last chosen token per row
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot of that token
+        self.pad = torch.zeros(b, dtype=torch.long, device=dev)  # left padding per row
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)  # row has finished
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=dev)  # end-of-sequence ids (-1: unused)
+        self.pad_token = torch.zeros((), dtype=torch.long, device=dev)  # emitted by finished rows
+        self.temperature = torch.ones((), device=dev)
+        self.top_p = torch.ones((), device=dev)
+        self._step_fns: dict = {}  # sampling mode -> step callable (compiled and/or graph)
+        backend = self.compile if isinstance(self.compile, str) else "inductor"
+        self._forward_step, self._advance = self._decode_logits, self._advance_state
+        if self.compile:
+            self._forward_step = torch.compile(self._decode_logits, fullgraph=True, dynamic=False, backend=backend)
+            self._advance = torch.compile(self._advance_state, fullgraph=True, dynamic=False, backend=backend)
+
+    # -- the model ------------------------------------------------------------------------
+    def _attention(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | None, write_at: torch.Tensor, prefill: bool) -> torch.Tensor:
+        attn = self.attn[i]
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, -1, self.head_dim)
+        k = attn.k_proj(h).view(b, t, -1, self.head_dim)
+        v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        self.k_cache[i].index_copy_(2, write_at, k)
+        self.v_cache[i].index_copy_(2, write_at, v)
+        kk, vv = (k, v) if prefill else (self.k_cache[i], self.v_cache[i])
+        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=prefill and mask is None,
+                                           scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp[i]
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+    def _blocks(self, h, cos, sin, mask, write_at, prefill):
+        for i, block in enumerate(self.blocks):
+            h = h + self._attention(i, block.input_layernorm(h), cos, sin, mask, write_at, prefill)
+            h = h + self._mlp(i, block.post_attention_layernorm(h))
+        return self.lm_head(self.norm(h[:, -1:]))[:, -1]
+
+    def _decode_logits(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after the token at cache slot `pos` (one token per row)."""
+        rope_pos = (pos - self.pad).clamp(min=0)  # left-padded rows start their positions later
+        cos, sin = self.cos[rope_pos][:, None, None], self.sin[rope_pos][:, None, None]
+        visible = (self.slots <= pos) & (self.slots[None] >= self.pad[:, None])
+        if self.window:
+            visible = visible & (self.slots > pos - self.window)
+        return self._blocks(self.embed(token), cos, sin, visible[:, None, None], pos, prefill=False)
+
+    def _prefill_logits(self, ids: torch.Tensor, pad: torch.Tensor, padded: bool) -> torch.Tensor:
+        """Logits (B, V) after the prompt ids (B, T), row b left-padded by pad[b] tokens."""
+        t = ids.shape[1]
+        slots = self.slots[:t]
+        rope_pos = (slots[None] - pad[:, None]).clamp(min=0)
+        cos, sin = self.cos[rope_pos][:, None], self.sin[rope_pos][:, None]
+        if not padded and not self.window:  # plain causal attention: SDPA's fastest kernels
+            return self._blocks(self.embed(ids), cos, sin, None, slots, prefill=True)
+        causal = slots[:, None] >= slots[None]
+        if self.window:
+            causal = causal & (slots[:, None] - slots[None] < self.window)
+        mask = causal[None] & (slots[None, None] >= pad[:, None, None])
+        # padding queries see only themselves (their output is never used; this keeps it finite)
+        mask = (mask | torch.eye(t, dtype=torch.bool, device=ids.device)[None])[:, None]
+        return self._blocks(self.embed(ids), cos, sin, mask, slots, prefill=True)
+
+    # -- choosing the next token ------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        if sampling.greedy:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if sampling.top_k:
+            kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if sampling.top_p < 1:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the tokens before it already hold top_p of the mass
+            drop = (probs.cumsum(-1) - probs) > self.top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+        probs = logits.softmax(-1)
+        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a host sync
+        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+    def _advance_state(self, nxt: torch.Tensor) -> None:
+        nxt = torch.where(self.done, self.pad_token, nxt)
+        self.done |= (nxt[:, None] == self.eos[None]).any(-1)
+        self.token.copy_(nxt[:, None])
+        self.pos.add_(1)
+
+    def _step(self, sampling: Sampling) -> None:
+        self._advance(self._choose(self._forward_step(self.token, self.pos), sampling))
+
+    def _step_fn(self, sampling: Sampling) -> Callable[[], None]:
+        """The decode step for this sampling mode: on CUDA a captured graph (compiled on first use)."""
+        key = (sampling.greedy, sampling.top_k, sampling.top_p < 1)
+        if key in self._step_fns:
+            return self._step_fns[key]
+        if not self.cuda_graph:
+            fn = lambda: self._step(sampling)  # noqa: E731
+        else:
+            # called before prefill, which rewrites the state and the cache slots the warm-up writes
+            self.pos.zero_()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: compiles, autotunes, allocates kernel scratch
+                for _ in range(3):
+                    self._step(sampling)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(sampling)
+            fn = graph.replay
+        self._step_fns[key] = fn
+        return fn
+
+    # -- public -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
+                 sampling: Sampling = Sampling(), eos_token_id: int | Sequence[int] | None = None,
+                 on_tokens: Callable[[list[int | None]], bool | None] | None = None) -> Generation:
+        """Continue each prompt (token ids) by up to max_new_tokens tokens.
+
+        on_tokens(step) is called with the new token of every prompt after each step (None for a
+        finished row), in order, at most one step behind the GPU; returning True stops early.
+        """
+        rows = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
+        n = len(rows)
+        if not 1 <= n <= self.batch_size:
+            raise EngineError(f"this engine takes 1-{self.batch_size} prompts per call, got {n}")
+        if any(len(r) == 0 for r in rows):
+            raise EngineError("a prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise EngineError("max_new_tokens must be at least 1")
+        t = max(len(r) for r in rows)
+        # the last token is chosen at slot t + max_new_tokens - 1 and never written to the cache
+        if t + max_new_tokens - 1 > self.max_seq_len:
+            raise EngineError(f"a prompt of {t} tokens plus {max_new_tokens} new tokens does not fit the engine's "
+                              f"cache of {self.max_seq_len} tokens (shorten the prompt or ask for fewer tokens)")
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if len(eos) > MAX_EOS:
+            raise EngineError(f"at most {MAX_EOS} end-of-sequence ids, got {len(eos)}")
+        self.eos.fill_(-1)
+        if eos:
+            self.eos[: len(eos)] = torch.tensor(eos, device=self.device)
+        pad_id = eos[0] if eos else 0
+        self.pad_token.fill_(pad_id)
+        # left-pad; unused rows repeat the first prompt and start finished
+        rows_all = rows + [rows[0]] * (self.batch_size - n)
+        ids = torch.tensor([[pad_id] * (t - len(r)) + r for r in rows_all], device=self.device)
+        self.pad.copy_(torch.tensor([t - len(r) for r in rows_all], device=self.device))
+        self.done.copy_(torch.arange(self.batch_size, device=self.device) >= n)
+        if not sampling.greedy:
+            self.temperature.fill_(sampling.temperature)
+            self.top_p.fill_(sampling.top_p)
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        warm = time.perf_counter()
+        step = self._step_fn(sampling)  # compiled and captured before the clock starts
+        warm = time.perf_counter() - warm
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+
+        sync()
+        t0 = time.perf_counter()
+        logits = self._prefill_logits(ids, self.pad, padded=any(len(r) < t for r in rows_all))
+        self.pos.fill_(t - 1)  # the slot of the last prompt token
+        self._advance_state(self._choose(logits, sampling))
+        first = self.token[:n, 0].tolist()  # waits for prefill
+        t1 = time.perf_counter()
+
+        out = [[tok] for tok in first]
+        live = [tok not in eos for tok in first]
+        stop = (on_tokens(first) is True) if on_tokens else False
+        steps = 0
+        pending = None  # (host copy, event) of the step the GPU may still be running
+        host = torch.empty((max_new_tokens, self.batch_size), dtype=torch.long,
+                           pin_memory=self.device.type == "cuda")
+        while not stop and any(live) and steps < max_new_tokens - 1:
+            step()
+            host[steps].copy_(self.token[:, 0], non_blocking=True)
+            event = torch.cuda.Event() if self.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            steps += 1
+            if pending is not None:
+                stop = self._deliver(*pending, out, live, eos, on_tokens)
+            pending = (host[steps - 1], event)
+        if pending is not None and not stop:
+            self._deliver(*pending, out, live, eos, on_tokens)
+        sync()
+        t2 = time.perf_counter()
+        return Generation(tokens=out, prompt_lengths=[len(r) for r in rows], prefill_seconds=t1 - t0,
+                          decode_seconds=t2 - t1, decode_steps=steps, warmup_seconds=warm,
+                          finished=[not alive for alive in live])
+
+    @staticmethod
+    def _deliver(host: torch.Tensor, event, out, live, eos, on_tokens) -> bool:
+        """Hand one step's tokens to the caller once the GPU has produced them; True: stop."""
+        if event is not None:
+            event.synchronize()
+        step = []
+        for row, tok in enumerate(host.tolist()[: len(out)]):
+            if live[row]:
+                out[row].append(tok)
+                live[row] = tok not in eos
+                step.append(tok)
+            else:
+                step.append(None)
+        return bool(on_tokens(step)) if on_tokens else False

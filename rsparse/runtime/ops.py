@@ -1,0 +1,49 @@
+"""The R-Sparse decode kernels as `torch.library` ops, so `torch.compile(fullgraph=True)` traces
+through `RSparseLinear` without a graph break and Inductor fuses the elementwise glue around it.
+
+    torch.ops.rsparse.decode_linear(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+
+is `rsparse.runtime.kernels.rsparse_decode_linear` (one R-Sparse or sparse-only layer, up to
+MAX_BATCH_ROWS rows). Each op is opaque to the compiler (`custom_op` with a fake implementation
+that gives the output's shape and dtype); on a device where Triton cannot run (a CPU without
+TRITON_INTERPRET) it computes the torch reference, so the same traced graph runs everywhere.
+Dense layers need no op: they stay `F.linear`, which Inductor already understands.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from rsparse.runtime.kernels import (
+    MAX_BATCH_ROWS,
+    rsparse_decode_linear,
+    rsparse_decode_linear_reference,
+    triton_available,
+)
+
+
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernel (not the torch reference) computes the ops on this device: on
+    CUDA, or on the CPU under TRITON_INTERPRET=1 (tests)."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return triton_available() and (device.type == "cuda" or interpreted)
+
+
+@torch.library.custom_op("rsparse::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
+                  score_scale: Optional[torch.Tensor], lr_down: Optional[torch.Tensor],
+                  lr_up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = m(x) W^T + (x - m(x)) (A B)^T + bias for x (..., in), w_t = W^T (in, out) row-contiguous,
+    m(x) = |x| * score_scale > threshold; lr_down = B^T (in, r), lr_up = A^T (r, out) or None."""
+    if kernel_runs_on(x.device):
+        return rsparse_decode_linear(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+    return rsparse_decode_linear_reference(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+
+
+@decode_linear.register_fake
+def _decode_linear_fake(x, w_t, threshold, score_scale, lr_down, lr_up, bias):
+    torch._check(x.shape[-1] == w_t.shape[0], lambda: f"x has {x.shape[-1]} features, w_t expects {w_t.shape[0]}")
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
