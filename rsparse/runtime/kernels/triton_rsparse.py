@@ -1,4 +1,4 @@
-"""Triton decode kernels for one R-Sparse linear layer.
+"""Triton decode kernels for R-Sparse linear layers (kernel v4).
 
 Math (per input row ``b``; ``W ~= A B``, ``w_t = W^T`` (in, out), ``lr_down = B^T`` (in, r),
 ``lr_up = A^T`` (r, out)):
@@ -7,39 +7,49 @@ Math (per input row ``b``; ``W ~= A B``, ``w_t = W^T`` (in, out), ``lr_down = B^
     z[b]    = sum_{j: not m[b, j]} x[b, j] * lr_down[j, :]     (fp32)
     y[b]    = sum_{j: m[b, j]} x[b, j] * w_t[j, :] + z[b] @ lr_up (+ bias)
 
-Design (no host synchronisation, no memset, CUDA-graph safe; all scratch stays zero between
-calls):
+Public functions: :func:`rsparse_decode_linear` (one layer) and
+:func:`rsparse_decode_linear_multi` (2-3 layers that share the input x, e.g. q/k/v or gate/up,
+each with its own threshold, score_scale, factors and bias: one set of launches for all of
+them), plus their torch references.
 
-1. ``_prep_kernel`` (a) with a low-rank term: split-k over ``lr_down`` rows; each program
-   computes the partial ``z`` of a chunk of the in-dimension for the DROPPED channels (only rows
-   that some batch row drops are fetched) and atomically adds it (fp32) into a zeroed ``z``;
-   (b) in COMPACT mode: per chunk of CH input channels, the list of channels that some batch row
-   keeps (cumsum + scatter) and its length.
-2. ``_main_kernel``: split-k over the rows of ``w_t`` (= input channels). COMPACT mode walks
-   only the listed kept rows, G at a time, so dropped rows cost neither memory traffic nor
-   arithmetic; the plain mode loads row tiles predicated on "some batch row keeps it" (no
-   traffic for dropped rows, but the arithmetic still runs over the whole tile). The last
-   programs multiply ``z`` with the ``lr_up`` rows. Partial sums go to an fp32 workspace with
-   relaxed atomic adds. The tile product runs on the tensor cores (``tl.dot``, batch padded to
-   16) for M > 1 and, with M1_DOT, also for M = 1; otherwise as fp32 FMAs.
-3. ``_epilogue_kernel``: y = cast(workspace + bias) in x's dtype, then zeroes workspace and ``z``.
+Design v4 (no host synchronisation, no memset, CUDA-graph safe; all scratch is zero again
+after each call). Launches per call, all chained with programmatic dependent launch (PDL) on
+the GPU so each one is resident before its predecessor ends:
 
-Launches per call: 3 (prep, main, epilogue), or 2 when there is neither a low-rank term nor
-COMPACT mode. The threshold test is recomputed in each kernel (cheap) instead of materialising
-a mask. Configs (tile sizes, COMPACT, M1_DOT) are chosen per shape from a table measured on an
-H100 (``_CONFIG_TABLE``), with a size heuristic for other shapes. An earlier one-launch version
-(ticketed roles + per-tile semaphores) was slower and racy: see docs/kernel-notes.md.
+1. ``_z_kernel`` (only if some part has a low-rank term): split-k over ``lr_down`` rows; each
+   program adds (fp32 atomics) the partial ``z`` of a chunk of input channels (the DROPPED
+   ones; rows nobody drops are not fetched) into a zeroed ``z`` buffer.
+2. ``_main_kernel``: program ids [low-rank tiles of every part][sparse tiles of every part].
+   The low-rank tiles (lowest ids, so they are scheduled first) wait for ``z`` (``gdc_wait``)
+   and add ``z @ lr_up[chunk, tile]``. Each sparse tile (column tile n, chunk kc of CH input
+   channels) computes its chunk's keep mask itself, writes the compacted list of kept channels
+   to its own scratch slot (cumsum + scatter), barriers, and walks only the kept rows of
+   ``w_t``, G at a time (COMPACT), or loads whole row tiles predicated on the mask (plain).
+   Partial sums go to an fp32 workspace with relaxed atomic adds.
+3. ``_epilogue_kernel``: waits (``gdc_wait``) for the main kernel, y = cast(ws + bias) in x's
+   dtype, and zeroes ws and z for the next call.
 
-Batch (M > 1, at most 8 rows): every row has its own mask (exact per-row semantics as above);
-a weight row of ``w_t`` is read if ANY batch row keeps the channel (union of masks) and rows that
-do not keep it contribute exactly 0 (likewise ``lr_down`` rows are read for the union of drops).
-The batched path runs the tile products as a ``tl.dot`` with the batch padded to 16 rows.
+Why kernel boundaries (and PDL) instead of a last-arriving-program epilogue: the one-launch v1
+design raced (docs/kernel-notes.md). ``griddepcontrol.wait`` waits for the whole preceding grid
+to complete and its memory to be visible, so every cross-program dependency here is ordered by
+a grid boundary. Rules that make the PDL chain safe whatever kernel precedes a call: every
+kernel that reads or writes data another grid produced calls ``gdc_wait`` first (the main
+kernel's sparse tiles skip it only when the z kernel precedes them in the same call: that
+kernel waited for everything before it before it let the main kernel start), and
+``gdc_launch_dependents`` only lets the next grid be scheduled, never lets it read.
 
-Constraints: ``w_t``, ``lr_down``, ``lr_up`` must be row-contiguous (``stride(-1) == 1``) and have
-the same dtype as ``x`` (fp16, bf16 or fp32); ``score_scale`` fp32 (other dtypes are converted
-per call); the threshold is compared in fp32. Scratch buffers are cached per device and shape and
-reused: calls must be ordered on one stream (as in a decode loop or CUDA graph); do the first
-call for a shape before graph capture so that the scratch is not allocated inside the capture.
+Batch (M > 1, at most 8 rows): every row has its own mask (exact per-row semantics); a row of
+``w_t`` is read if ANY batch row keeps the channel (union) and rows that do not keep it add
+exactly 0. Where the union makes the sparse kernel lose to cuBLAS (measured per shape, see
+``_CONFIG_TABLE``), the call runs the "cublas" path: one Triton launch splits x into
+x*m and x*(1-m) per part, then cuBLAS products (same function, 16-bit rounding of the partial
+products instead of one fp32 accumulator).
+
+Constraints: ``w_t``, ``lr_down``, ``lr_up`` row-contiguous (``stride(-1) == 1``), same dtype as
+``x`` (fp16, bf16 or fp32); ``score_scale`` fp32 (other dtypes are converted per call); the
+threshold is compared in fp32. Scratch buffers are cached per device and shape and reused:
+calls must be ordered on one stream (as in a decode loop or CUDA graph); do the first call for a
+shape before graph capture so that the scratch is not allocated inside the capture.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -63,12 +73,16 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "MAX_BATCH_ROWS",
+    "MAX_PARTS",
     "rsparse_decode_linear",
+    "rsparse_decode_linear_multi",
+    "rsparse_decode_linear_multi_reference",
     "rsparse_decode_linear_reference",
     "triton_available",
 ]
 
 MAX_BATCH_ROWS = 8
+MAX_PARTS = 3
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -113,11 +127,36 @@ def rsparse_decode_linear_reference(x, w_t, threshold, score_scale=None, lr_down
     return y.to(x.dtype).reshape(*lead, w_t.shape[1])
 
 
+def _part_tuple(part) -> tuple:
+    """(w_t, threshold, score_scale, lr_down, lr_up, bias) from a tuple of 2 to 6 entries."""
+    part = tuple(part)
+    if not 2 <= len(part) <= 6:
+        raise ValueError("each part is (w_t, threshold[, score_scale[, lr_down[, lr_up[, bias]]]])")
+    return part + (None,) * (6 - len(part))
+
+
+def rsparse_decode_linear_multi_reference(x, parts) -> tuple:
+    """Plain torch version of :func:`rsparse_decode_linear_multi`: one reference call per part."""
+    return tuple(rsparse_decode_linear_reference(x, *_part_tuple(p)) for p in parts)
+
+
 # --------------------------------------------------------------------------------------------
-# kernel
+# kernels
 # --------------------------------------------------------------------------------------------
 
 if _HAS_TRITON:
+
+    @triton.jit
+    def _pdl_wait(USE_PDL: tl.constexpr):
+        """Wait until the preceding grid completed and its writes are visible (PDL)."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _pdl_release(USE_PDL: tl.constexpr):
+        """Let the next grid be scheduled (it still waits with _pdl_wait before reading)."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _load_thr(thr_ptr, thr_val, THR_IS_PTR: tl.constexpr):
@@ -183,145 +222,46 @@ if _HAS_TRITON:
                 acc = tl.dot(lo, w, acc)
         return acc
 
+    # ---------------------------------------------------------------- per-part device code
+
     @triton.jit
-    def _prep_kernel(x_ptr, stride_xm, thr_ptr, thr_val, scale_ptr, down_ptr, stride_dk, z_ptr,
-                     idx_ptr, cnt_ptr, M, K, R, n_rt, n_z, n_ch,
-                     M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     CH: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
-                     COMPACT: tl.constexpr, THR_IS_PTR: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr):
-        """Program pid: (a) z partial of K chunk pid // n_rt, r-tile pid % n_rt (if pid < n_z):
-        z[b, r-tile] += sum over the chunk's DROPPED channels of x[b, j] * lr_down[j, :];
-        (b) compaction of rows chunk pid (if pid < n_ch): idx[pid*CH + i] = i-th row of the
-        chunk that some batch row keeps, cnt[pid] = their number."""
-        pid = tl.program_id(0)
+    def _z_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr, stride_dk,
+                z_ptr, R, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
+                THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        """z[b, r-tile] += sum over the DROPPED channels of chunk kp of x[b, j] lr_down[j, :]."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
-        if HAS_LR:
-            if pid < n_z:
-                rt = pid % n_rt
-                kp = pid // n_rt
-                offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
-                r_ok = offs_r < R
-                offs_k = kp * BLOCK_KP + tl.arange(0, BLOCK_KP)
-                d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :]
-                if M_PAD == 1:
-                    xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
-                    drop = ok & (~keep)
-                    acc = _mac1(tl.zeros([BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
-                                d_ptrs, drop, r_ok)
-                    tl.atomic_add(z_ptr + offs_r, acc, mask=r_ok, sem="relaxed")
-                else:
-                    offs_m = tl.arange(0, M_PAD)
-                    xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr,
-                                            M_PAD, HAS_SCALE)
-                    drop = ok & (~keep)
-                    row_any = tl.max(drop.to(tl.int32), axis=0) > 0
-                    acc = _macm(tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32),
-                                tl.where(drop, xv, 0.0), d_ptrs, row_any, r_ok, False,
-                                DOT_UPCAST)
-                    tl.atomic_add(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
-                                  mask=(offs_m < M)[:, None] & r_ok[None, :], sem="relaxed")
-        if COMPACT:
-            if pid < n_ch:
-                offs_c = pid * CH + tl.arange(0, CH)
-                if M_PAD == 1:
-                    xv1, keep1, ok1 = _load_x1(x_ptr, scale_ptr, offs_c, K, thr, HAS_SCALE)
-                    kany = keep1.to(tl.int32)
-                else:
-                    xvm, keepm, okm = _load_xm(x_ptr, stride_xm, scale_ptr, offs_c, K, M, thr,
-                                               M_PAD, HAS_SCALE)
-                    kany = tl.max(keepm.to(tl.int32), axis=0)
-                pos = tl.cumsum(kany, 0) - 1
-                tl.store(idx_ptr + pid * CH + pos, offs_c, mask=kany > 0)
-                tl.store(cnt_ptr + pid, tl.sum(kany, 0))
-
-    @triton.jit
-    def _sparse_tile(pid, x_ptr, stride_xm, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
-                     M, K, N, n_tiles,
-                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr):
-        n = pid % n_tiles
-        kc = pid // n_tiles
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+        n_rt = tl.cdiv(R, BLOCK_R)
+        rt = q % n_rt
+        kp = q // n_rt
+        offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        offs_k = kp * BLOCK_KP + tl.arange(0, BLOCK_KP)
+        d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :]
         if M_PAD == 1:
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for it in tl.static_range(K_ITERS):
-                offs_k = (kc * K_ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
-                xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
-                acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
-                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
-            tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed")
+            xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
+            drop = ok & (~keep)
+            acc = _mac1(tl.zeros([BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
+                        d_ptrs, drop, r_ok)
+            tl.atomic_add(z_ptr + offs_r, acc, mask=r_ok, sem="relaxed")
         else:
             offs_m = tl.arange(0, M_PAD)
-            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-            for it in tl.static_range(K_ITERS):
-                offs_k = (kc * K_ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
-                xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr,
-                                        M_PAD, HAS_SCALE)
-                row_any = tl.max(keep.to(tl.int32), axis=0) > 0
-                acc = _macm(acc, tl.where(keep, xv, 0.0),
-                            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                            row_any, n_ok, False, DOT_UPCAST)
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                          mask=(offs_m < M)[:, None] & n_ok[None, :], sem="relaxed")
+            xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
+                                    HAS_SCALE)
+            drop = ok & (~keep)
+            row_any = tl.max(drop.to(tl.int32), axis=0) > 0
+            acc = _macm(tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
+                        d_ptrs, row_any, r_ok, False, DOT_UPCAST)
+            tl.atomic_add(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                          mask=(offs_m < M)[:, None] & r_ok[None, :], sem="relaxed")
 
     @triton.jit
-    def _sparse_tile_compact(pid, x_ptr, stride_xm, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
-                             idx_ptr, cnt_ptr, M, N, n_tiles,
-                             M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
-                             G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DOT_UPCAST: tl.constexpr):
-        """Like _sparse_tile but walks only the kept rows of the chunk (compacted list), G rows
-        at a time: no loads AND no arithmetic for dropped rows."""
-        n = pid % n_tiles
-        kc = pid // n_tiles
-        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        cnt = tl.load(cnt_ptr + kc)
-        if M_PAD == 1:
-            # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
-            acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-            for g in tl.static_range(CH // G):
-                if g * G < cnt:
-                    r = g * G + tl.arange(0, G)
-                    r_ok = r < cnt
-                    rows = tl.load(idx_ptr + kc * CH + r, mask=r_ok, other=0)
-                    xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-                                eviction_policy="evict_first")
-                    acc2 += w.to(tl.float32) * xv[:, None]
-            tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
-        else:
-            offs_m = tl.arange(0, M_PAD)
-            m_ok = offs_m < M
-            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-            for g in tl.static_range(CH // G):
-                if g * G < cnt:
-                    r = g * G + tl.arange(0, G)
-                    r_ok = r < cnt
-                    rows = tl.load(idx_ptr + kc * CH + r, mask=r_ok, other=0)
-                    ok = m_ok[:, None] & r_ok[None, :]
-                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
-                                 other=0.0).to(tl.float32)
-                    score = tl.abs(xv)
-                    if HAS_SCALE:
-                        sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
-                        score = score * sc[None, :]
-                    keep = (score > thr) & ok  # per-row semantics inside the union
-                    acc = _macm(acc, tl.where(keep, xv, 0.0),
-                                w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                r_ok, n_ok, False, DOT_UPCAST)
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                          mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
-
-    @triton.jit
-    def _lowrank_tile(c, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, n_tiles,
+    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       DOT_UPCAST: tl.constexpr):
-        n = c % n_tiles
-        rc = c // n_tiles
+        """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile]."""
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        n = q % n_tiles
+        rc = q // n_tiles
         offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_c = rc * BLOCK_KR + tl.arange(0, BLOCK_KR)
@@ -342,42 +282,124 @@ if _HAS_TRITON:
                           mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     @triton.jit
-    def _main_kernel(x_ptr, stride_xm, w_ptr, stride_wk, thr_ptr, thr_val, scale_ptr,
-                     up_ptr, stride_ur, z_ptr, ws_ptr, idx_ptr, cnt_ptr,
-                     M, K, N, R, n_tiles, n_kc,
-                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr, CH: tl.constexpr,
-                     G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr,
-                     COMPACT: tl.constexpr, THR_IS_PTR: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr):
-        """Sparse tiles (pid < n_tiles * n_kc), then low-rank tiles; fp32 partials -> ws."""
-        pid = tl.program_id(0)
-        P2 = n_tiles * n_kc
-        if pid < P2:
-            thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
-            if COMPACT:
-                _sparse_tile_compact(pid, x_ptr, stride_xm, w_ptr, stride_wk, thr, scale_ptr,
-                                     ws_ptr, idx_ptr, cnt_ptr, M, N, n_tiles, M_PAD, BLOCK_N,
-                                     CH, G, HAS_SCALE, DOT_UPCAST)
-            else:
-                _sparse_tile(pid, x_ptr, stride_xm, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
-                             M, K, N, n_tiles, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
-                             DOT_UPCAST)
+    def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
+                           N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           DOT_UPCAST: tl.constexpr):
+        """Tile (n, kc): row tiles of w_t loaded predicated on the mask (TEAL-style: dropped
+        rows cost no traffic, but the tile arithmetic runs over every row)."""
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        n = q % n_tiles
+        kc = q // n_tiles
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        if M_PAD == 1:
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for it in tl.static_range(K_ITERS):
+                offs_k = (kc * K_ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
+                xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
+                acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
+                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
+            tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed")
         else:
-            if HAS_LR:
-                _lowrank_tile(pid - P2, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, n_tiles,
-                              M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+            offs_m = tl.arange(0, M_PAD)
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            for it in tl.static_range(K_ITERS):
+                offs_k = (kc * K_ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
+                xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
+                                        HAS_SCALE)
+                row_any = tl.max(keep.to(tl.int32), axis=0) > 0
+                acc = _macm(acc, tl.where(keep, xv, 0.0),
+                            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                            row_any, n_ok, False, DOT_UPCAST)
+            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                          mask=(offs_m < M)[:, None] & n_ok[None, :], sem="relaxed")
 
     @triton.jit
-    def _epilogue_kernel(ws_ptr, y_ptr, stride_ym, bias_ptr, z_ptr, N, ZN,
-                         BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         RTNE_FIX: tl.constexpr):
-        """y[b] = cast(ws[b] + bias); ws[b] = 0; z = 0 (scratch clean for the next call).
+    def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
+                             scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                             CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             DOT_UPCAST: tl.constexpr):
+        """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
+        into its own scratch slot (cumsum + scatter; no other program touches the slot), then
+        walks them G at a time: dropped rows cost neither traffic nor arithmetic."""
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        n = q % n_tiles
+        kc = q // n_tiles
+        offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_c = kc * CH + tl.arange(0, CH)
+        if M_PAD == 1:
+            xc, keepc, okc = _load_x1(x_ptr, scale_ptr, offs_c, K, thr, HAS_SCALE)
+            kany = keepc.to(tl.int32)
+        else:
+            xcm, keepcm, okcm = _load_xm(x_ptr, stride_xm, scale_ptr, offs_c, K, M, thr, M_PAD,
+                                         HAS_SCALE)
+            kany = tl.max(keepcm.to(tl.int32), axis=0)  # union over the batch rows
+        pos = tl.cumsum(kany, 0) - 1
+        tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
+        cnt = tl.sum(kany, 0)
+        # the slot is written and read back by different threads of this program: a CTA barrier
+        # orders global stores before loads within the CTA (same SM, same L1)
+        tl.debug_barrier()
+        if M_PAD == 1:
+            # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
+            acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
+            for g in tl.static_range(CH // G):
+                if g * G < cnt:
+                    r = g * G + tl.arange(0, G)
+                    r_ok = r < cnt
+                    rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                    xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+                    w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+                                eviction_policy="evict_first")
+                    acc2 += w.to(tl.float32) * xv[:, None]
+            tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
+        else:
+            offs_m = tl.arange(0, M_PAD)
+            m_ok = offs_m < M
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            for g in tl.static_range(CH // G):
+                if g * G < cnt:
+                    r = g * G + tl.arange(0, G)
+                    r_ok = r < cnt
+                    rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                    ok = m_ok[:, None] & r_ok[None, :]
+                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
+                                 other=0.0).to(tl.float32)
+                    score = tl.abs(xv)
+                    if HAS_SCALE:
+                        sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
+                        score = score * sc[None, :]
+                    keep = (score > thr) & ok  # per-row semantics inside the union
+                    acc = _macm(acc, tl.where(keep, xv, 0.0),
+                                w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                r_ok, n_ok, False, DOT_UPCAST)
+            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                          mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
-        grid = (cdiv(N, BLOCK_E), M)."""
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
-        offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    @triton.jit
+    def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
+                     scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
+                     G: tl.constexpr, COMPACT: tl.constexpr, THR_IS_PTR: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
+        if COMPACT:
+            _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
+                                 scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE,
+                                 DOT_UPCAST)
+        else:
+            _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
+                               ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
+                               DOT_UPCAST)
+
+    @triton.jit
+    def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, BLOCK_E: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr):
+        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0."""
+        offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = offs < N
         v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
@@ -389,40 +411,198 @@ if _HAS_TRITON:
             v = bits.to(tl.float32, bitcast=True)
         tl.store(y_ptr + b * stride_ym + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
+
+    @triton.jit
+    def _split_part(xv, offs, ok, b, thr_ptr, thr_val, scale_ptr, xk_ptr, xd_ptr, K,
+                    THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LR: tl.constexpr):
+        thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
+        score = tl.abs(xv.to(tl.float32))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + offs, mask=ok, other=0.0)
+        keep = score > thr
+        tl.store(xk_ptr + b * K + offs, tl.where(keep, xv, 0.0).to(xk_ptr.dtype.element_ty),
+                 mask=ok)
+        if HAS_LR:
+            tl.store(xd_ptr + b * K + offs, tl.where(keep, 0.0, xv).to(xd_ptr.dtype.element_ty),
+                     mask=ok)
+
+    # ---------------------------------------------------------------- kernels (1-3 parts)
+    # Per-part arguments carry the part's index as a suffix (w0, w1, w2, ...); program ids are
+    # split into contiguous ranges per part (ends ZE*/LE*/SE*/EE*, computed on the host). Parts
+    # beyond NUM_PARTS are never compiled.
+
+    @triton.jit
+    def _z_kernel(x_ptr, stride_xm, M, K, z_ptr,
+                  thr0, tv0, sc0, dn0, sdn0, R0, zo0, ZE0,
+                  thr1, tv1, sc1, dn1, sdn1, R1, zo1, ZE1,
+                  thr2, tv2, sc2, dn2, sdn2, R2, zo2,
+                  TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
+                  TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
+                  TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
+                  NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr,
+                  BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+        _pdl_wait(USE_PDL)  # x, the threshold and the zeroed z come from earlier grids
+        _pdl_release(USE_PDL)
+        pid = tl.program_id(0)
+        if pid < ZE0:
+            if HL0:
+                _z_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, z_ptr + zo0, R0,
+                        M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST)
+        elif pid < ZE1:
+            if NUM_PARTS > 1:
+                if HL1:
+                    _z_part(pid - ZE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1, sdn1,
+                            z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST)
+        else:
+            if NUM_PARTS > 2:
+                if HL2:
+                    _z_part(pid - ZE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2, sdn2,
+                            z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST)
+
+    @triton.jit
+    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr,
+                     w0, sw0, thr0, tv0, sc0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
+                     w1, sw1, thr1, tv1, sc1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
+                     w2, sw2, thr2, tv2, sc2, up2, sup2, N2, R2, wo2, zo2, LE2,
+                     TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
+                     TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
+                     TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
+                     NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
+                     CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
+        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
+        pid = tl.program_id(0)
+        if pid < LE2:
+            # low-rank tiles read z, written by the z kernel just before: wait for that grid
+            _pdl_wait(USE_PDL)
+            _pdl_release(USE_PDL)
+            if pid < LE0:
+                if HL0:
+                    _lowrank_part(pid, up0, sup0, z_ptr + zo0, ws_ptr + wo0, M, N0, R0,
+                                  M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+            elif pid < LE1:
+                if NUM_PARTS > 1:
+                    if HL1:
+                        _lowrank_part(pid - LE0, up1, sup1, z_ptr + zo1, ws_ptr + wo1, M, N1,
+                                      R1, M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+            else:
+                if NUM_PARTS > 2:
+                    if HL2:
+                        _lowrank_part(pid - LE1, up2, sup2, z_ptr + zo2, ws_ptr + wo2, M, N2,
+                                      R2, M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+        else:
+            # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
+            # grid that precedes this one. Without a z kernel in between, that grid may still be
+            # running: wait. After the z kernel, they are complete (the z kernel waited for them
+            # before it released this grid), so these tiles overlap the z kernel.
+            if not AFTER_Z:
+                _pdl_wait(USE_PDL)
+            _pdl_release(USE_PDL)
+            q = pid - LE2
+            slot = slot_ptr + q * CH
+            if q < SE0:
+                _sparse_part(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
+                             ws_ptr + wo0, N0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT,
+                             TP0, HS0, DOT_UPCAST)
+            elif q < SE1:
+                if NUM_PARTS > 1:
+                    _sparse_part(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
+                                 ws_ptr + wo1, N1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
+                                 COMPACT, TP1, HS1, DOT_UPCAST)
+            else:
+                if NUM_PARTS > 2:
+                    _sparse_part(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
+                                 ws_ptr + wo2, N2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
+                                 COMPACT, TP2, HS2, DOT_UPCAST)
+
+    @triton.jit
+    def _epilogue_kernel(ws_ptr, z_ptr, ZN,
+                         y0, sy0, b0, N0, wo0, EE0,
+                         y1, sy1, b1, N1, wo1, EE1,
+                         y2, sy2, b2, N2, wo2,
+                         HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
+                         NUM_PARTS: tl.constexpr, BLOCK_E: tl.constexpr,
+                         RTNE_FIX: tl.constexpr, USE_PDL: tl.constexpr):
+        """grid (EE_last, M): y_p = cast(ws_p + bias_p); ws = 0; z = 0."""
+        _pdl_wait(USE_PDL)  # every partial sum of the main grid has landed
+        _pdl_release(USE_PDL)
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        if pid < EE0:
+            _epilogue_part(pid, b, ws_ptr + wo0, y0, sy0, b0, N0, BLOCK_E, HB0, RTNE_FIX)
+        elif pid < EE1:
+            if NUM_PARTS > 1:
+                _epilogue_part(pid - EE0, b, ws_ptr + wo1, y1, sy1, b1, N1, BLOCK_E, HB1,
+                               RTNE_FIX)
+        else:
+            if NUM_PARTS > 2:
+                _epilogue_part(pid - EE1, b, ws_ptr + wo2, y2, sy2, b2, N2, BLOCK_E, HB2,
+                               RTNE_FIX)
         if b == 0:
             step = tl.num_programs(0) * BLOCK_E
             for z0 in range(pid * BLOCK_E, ZN, step):
                 zo = z0 + tl.arange(0, BLOCK_E)
                 tl.store(z_ptr + zo, tl.zeros([BLOCK_E], dtype=tl.float32), mask=zo < ZN)
 
+    @triton.jit
+    def _split_input_kernel(x_ptr, stride_xm, K,
+                            thr0, tv0, sc0, xk0, xd0,
+                            thr1, tv1, sc1, xk1, xd1,
+                            thr2, tv2, sc2, xk2, xd2,
+                            TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
+                            TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
+                            TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
+                            NUM_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+        """cuBLAS path: xk_p = x * m_p, xd_p = x * (1 - m_p) (x's dtype), grid (cdiv(K), M)."""
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < K
+        xv = tl.load(x_ptr + b * stride_xm + offs, mask=ok, other=0.0)
+        _split_part(xv, offs, ok, b, thr0, tv0, sc0, xk0, xd0, K, TP0, HS0, HL0)
+        if NUM_PARTS > 1:
+            _split_part(xv, offs, ok, b, thr1, tv1, sc1, xk1, xd1, K, TP1, HS1, HL1)
+        if NUM_PARTS > 2:
+            _split_part(xv, offs, ok, b, thr2, tv2, sc2, xk2, xd2, K, TP2, HS2, HL2)
+
 
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
 
-# Tile configs; "m1" = one row, "mm" = 2..8 rows (batch padded to 16 for tl.dot).
+def _batch_class(M: int) -> str:
+    """Config classes by rows: the union of kept rows (and so the best path) grows with M."""
+    return "m1" if M == 1 else "m2" if M == 2 else "m4" if M <= 4 else "m8"
+
+
+# Base tile configs: one row (FMA) and several rows (tl.dot, batch padded to 16).
 _DEFAULT_CONFIGS = {
     "m1": dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=1, num_warps=4, num_stages=1),
     "mm": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=1, num_warps=4, num_stages=1),
 }
-# Per-shape choices for 16-bit dtypes, measured on an H100 (torch 2.11, triton 3.6; bench
-# `--tune`, bf16, s=0.5; docs/kernel-notes.md): ("m1"|"mm", in, out) -> config.
+# z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block.
+_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512)  # KR 0: = BLOCK_K
+# COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
+# G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
+# dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
+_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, M1_DOT=False, PDL=True, PATH="triton")
+
 _CMP_DOT = dict(COMPACT=True, M1_DOT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4)
 _CMP_DOT_MM = dict(COMPACT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4)
-_CMP_DOT_MM256 = dict(COMPACT=True, BLOCK_N=256, CH=256, G=32, BLOCK_KR=32, num_warps=8)
+_CUBLAS = dict(PATH="cublas")
+# Per-shape choices for 16-bit dtypes: (class, in, out) -> config (out = sum over the parts of a
+# multi call). Measured on the H200 (torch 2.11, triton 3.6; `rsparse bench kernel --tune`,
+# bf16, s = 0.5; docs/kernel-notes.md). Classes m2/m4/m8 are batch 2, 3-4, 5-8: there the
+# union of the rows' masks decides whether the sparse kernel still pays; "cublas" entries mark
+# the shapes where it measured slower than the dense GEMM.
 _CONFIG_TABLE: dict = {
     ("m1", 4096, 4096): _CMP_DOT,
-    ("mm", 4096, 4096): _CMP_DOT_MM,
     ("m1", 4096, 11008): _CMP_DOT,
-    ("mm", 4096, 11008): _CMP_DOT_MM,
     ("m1", 11008, 4096): dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=16, num_warps=4),
-    ("mm", 11008, 4096): _CMP_DOT_MM,
     ("m1", 4096, 14336): _CMP_DOT,
-    ("mm", 4096, 14336): _CMP_DOT_MM256,
     ("m1", 14336, 4096): _CMP_DOT,
-    ("mm", 14336, 4096): _CMP_DOT_MM256,
     ("m1", 4096, 1024): dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
-    ("mm", 4096, 1024): dict(BLOCK_N=128, BLOCK_K=64, num_warps=4),
 }
 
 
@@ -433,13 +613,6 @@ def _default_16bit(cls: str, K: int, N: int) -> dict:
     return dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4) if cls == "m1" else {}
 
 
-# z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block.
-_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512)  # KR 0: = BLOCK_K
-# COMPACT: the prep kernel writes, per chunk of CH rows, the list of kept rows; the main kernel
-# then walks only those, G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path.
-_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, M1_DOT=False)
-
-
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v - 1).bit_length())
 
@@ -447,8 +620,8 @@ def _next_pow2(v: int) -> int:
 def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict]) -> dict:
     """Base config of the batch class, then the per-shape table (16-bit), or, if given, the
     override (`_config=`, used by tests and the benchmark's sweep) on top of the base."""
-    cls = "m1" if M == 1 else "mm"
-    cfg = dict(_DEFAULT_CONFIGS[cls])
+    cls = _batch_class(M)
+    cfg = dict(_DEFAULT_CONFIGS["m1" if M == 1 else "mm"])
     cfg.update(_LR_DEFAULTS)
     cfg.update(_MODE_DEFAULTS)
     if elt == 4 and M > 1:  # fp32 FMA dot: smaller K tiles, else register spills
@@ -461,6 +634,8 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict]) -> 
         if unknown:
             raise ValueError(f"unknown kernel config keys {sorted(unknown)}")
         cfg.update(override)
+    if cfg["PATH"] not in ("triton", "cublas"):
+        raise ValueError(f"PATH must be 'triton' or 'cublas', got {cfg['PATH']!r}")
     return cfg
 
 
@@ -472,33 +647,46 @@ _SCRATCH: dict = {}
 _SCRATCH_LOCK = threading.Lock()
 
 
-def _scratch(device: torch.device, M: int, N: int, R: int):
-    """fp32 workspace ws (M*N) and z (M*R), both zero; the epilogue leaves them zero again."""
-    key = (device.type, device.index, M, N, R)
+def _scratch(device: torch.device, n_ws: int, n_z: int):
+    """fp32 workspace ws and z, both zero; the epilogue leaves them zero again."""
+    key = (device.type, device.index, n_ws, n_z)
     with _SCRATCH_LOCK:
         ent = _SCRATCH.get(key)
         if ent is None:
-            ent = dict(ws=torch.zeros(M * N, dtype=torch.float32, device=device),
-                       z=torch.zeros(max(M * R, 1), dtype=torch.float32, device=device))
+            ent = dict(ws=torch.zeros(max(n_ws, 1), dtype=torch.float32, device=device),
+                       z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device))
             _SCRATCH[key] = ent
     return ent["ws"], ent["z"]
 
 
-def _index_scratch(device: torch.device, n_idx: int, n_chunks: int):
-    """int32 compacted kept-row lists (fully rewritten by each call's prep kernel)."""
-    key = (device.type, device.index, "idx", n_idx, n_chunks)
+def _slot_scratch(device: torch.device, n: int):
+    """int32 per-program slots of compacted kept channels (each program rewrites its own slot
+    before reading it, so the contents never need clearing)."""
+    key = (device.type, device.index, "slots", n)
     with _SCRATCH_LOCK:
         ent = _SCRATCH.get(key)
         if ent is None:
-            ent = dict(idx=torch.zeros(n_idx, dtype=torch.int32, device=device),
-                       cnt=torch.zeros(n_chunks, dtype=torch.int32, device=device))
+            ent = dict(slots=torch.zeros(max(n, 1), dtype=torch.int32, device=device))
             _SCRATCH[key] = ent
-    return ent["idx"], ent["cnt"]
+    return ent["slots"]
 
 
 # --------------------------------------------------------------------------------------------
-# public entry point
+# host side
 # --------------------------------------------------------------------------------------------
+
+class _Part(NamedTuple):
+    """One validated projection of a call."""
+    w_t: torch.Tensor
+    N: int
+    thr_t: Optional[torch.Tensor]  # fp32 tensor on the device, or None (then thr_val)
+    thr_val: float
+    scale: Optional[torch.Tensor]  # fp32 contiguous (K,)
+    lr_down: Optional[torch.Tensor]
+    lr_up: Optional[torch.Tensor]
+    R: int  # 0: no low-rank term
+    bias: Optional[torch.Tensor]
+
 
 def _check_2d(name, t, shape, dtype):
     if t.dim() != 2 or tuple(t.shape) != tuple(shape):
@@ -509,48 +697,12 @@ def _check_2d(name, t, shape, dtype):
         raise ValueError(f"{name} must be row-contiguous (stride(1) == 1), got strides {t.stride()}")
 
 
-def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[float, torch.Tensor],
-                          score_scale: Optional[torch.Tensor] = None,
-                          lr_down: Optional[torch.Tensor] = None,
-                          lr_up: Optional[torch.Tensor] = None,
-                          bias: Optional[torch.Tensor] = None,
-                          *, out: Optional[torch.Tensor] = None,
-                          _config: Optional[dict] = None) -> torch.Tensor:
-    """R-Sparse decode linear layer (Triton; 2-3 launches, no host sync, CUDA-graph safe).
-
-    y[b] = sum_{j: m[b,j]} x[b,j] w_t[j,:] + (sum_{j: not m[b,j]} x[b,j] lr_down[j,:]) @ lr_up + bias
-    with m[b,j] = |x[b,j]| * score_scale[j] > threshold (strict, compared in fp32).
-
-    Args:
-        x: (..., in) fp16/bf16/fp32; leading dims are flattened to M rows, M <= 8 (ValueError above).
-        w_t: (in, out) transposed weight, same dtype as x, rows contiguous (stride(1) == 1).
-        threshold: Python float (baked into a captured graph) or a 0-d/1-element tensor on x's
-            device (read by the kernel at run time: no recompile, graph-safe). +inf keeps nothing.
-        score_scale: optional (in,) per-channel score multiplier (fp32 preferred); None means 1.
-        lr_down: optional (in, r) = B^T, lr_up: optional (r, out) = A^T, same dtype as x; None or
-            r == 0 gives the sparse-only GEMV.
-        bias: optional (out,).
-        out: optional preallocated output, contiguous, x's dtype, shape (..., out) or (M, out);
-            every element is overwritten. Returned (reshaped to x's leading dims).
-
-    Each row has its own mask (exact per-row semantics). For M > 1 a row of ``w_t`` is fetched if
-    ANY row keeps the channel (union); rows that don't keep it contribute 0. Accumulation is in
-    fp32; the output has x's dtype and shape (..., out).
-    """
-    if not _HAS_TRITON:
-        raise RuntimeError("rsparse_decode_linear needs triton (pip install triton)")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype must be one of fp16/bf16/fp32, got {x.dtype}")
+def _validate_part(x, K, w_t, threshold, score_scale, lr_down, lr_up, bias) -> _Part:
     if w_t.dim() != 2:
         raise ValueError(f"w_t must be 2-D (in, out), got shape {tuple(w_t.shape)}")
-    K, N = w_t.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x last dim {x.shape[-1]} does not match w_t in-dim {K}")
-    lead = x.shape[:-1]
-    M = math.prod(lead) if len(lead) else 1
-    if M > MAX_BATCH_ROWS:
-        raise ValueError(f"rsparse_decode_linear supports at most {MAX_BATCH_ROWS} rows "
-                         f"(flattened leading dims), got {M}")
+    if w_t.shape[0] != K:
+        raise ValueError(f"x last dim {K} does not match w_t in-dim {w_t.shape[0]}")
+    N = w_t.shape[1]
     _check_2d("w_t", w_t, (K, N), x.dtype)
     dev = x.device
     if w_t.device != dev:
@@ -569,91 +721,271 @@ def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[f
         if score_scale.numel() != K:
             raise ValueError(f"score_scale must have {K} elements, got {score_scale.numel()}")
         score_scale = score_scale.reshape(K)
-        if score_scale.dtype != torch.float32 or not score_scale.is_contiguous():
-            score_scale = score_scale.float().contiguous()
+        if (score_scale.dtype != torch.float32 or not score_scale.is_contiguous()
+                or score_scale.device != dev):
+            score_scale = score_scale.to(device=dev, dtype=torch.float32).contiguous()
     if bias is not None:
         if bias.numel() != N:
             raise ValueError(f"bias must have {N} elements, got {bias.numel()}")
         bias = bias.reshape(N)
         if not bias.is_contiguous():
             bias = bias.contiguous()
-    if out is not None and (out.numel() != M * N or out.dtype != x.dtype or out.device != dev
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {M}x{N} elements on {dev}")
-    if M == 0 or N == 0:
-        return x.new_empty(*lead, N) if out is None else out.view(*lead, N)
-    y = torch.empty(M, N, dtype=x.dtype, device=dev) if out is None else out.view(M, N)
-    if K == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias.to(x.dtype)
-        return y.view(*lead, N)
-
-    x2 = x.reshape(M, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
             raise ValueError("threshold tensor must have one element")
         thr_t = threshold
         if thr_t.device != dev or thr_t.dtype != torch.float32:
             thr_t = thr_t.to(device=dev, dtype=torch.float32)
-        thr_is_ptr, thr_val = True, 0.0
+        thr_val = 0.0
     else:
-        thr_t, thr_is_ptr, thr_val = None, False, float(threshold)
+        thr_t, thr_val = None, float(threshold)
+    return _Part(w_t, N, thr_t, thr_val, score_scale, lr_down if has_lr else None,
+                 lr_up if has_lr else None, R, bias)
 
-    cfg = _pick_config(M, K, N, x.element_size(), _config)
-    M_PAD = 16 if (M > 1 or cfg["M1_DOT"]) else 1
+
+def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor]):
+    """Dense path for batches where the sparse kernel stops paying: one Triton launch writes
+    x*m_p (and x*(1-m_p) for low-rank parts), then cuBLAS: y_p = x*m_p @ w_t_p + bias_p
+    (+ (x*(1-m_p) @ lr_down_p) @ lr_up_p)."""
+    M, K = x2.shape
+    xk = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) for _ in parts]
+    xd = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) if p.R else xk[i]
+          for i, p in enumerate(parts)]
+    args, flags = [], []
+    for i in range(MAX_PARTS):
+        if i < len(parts):
+            p = parts[i]
+            args += [p.thr_t if p.thr_t is not None else xk[i], p.thr_val,
+                     p.scale if p.scale is not None else xk[i], xk[i], xd[i]]
+            flags += [p.thr_t is not None, p.scale is not None, p.R > 0]
+        else:
+            args += [xk[0], 0.0, xk[0], xk[0], xk[0]]
+            flags += [False, False, False]
+    BLOCK = 1024
+    _split_input_kernel[(triton.cdiv(K, BLOCK), M)](
+        x2, x2.stride(0), K, *args, *flags, NUM_PARTS=len(parts), BLOCK=BLOCK, num_warps=4)
+    for i, p in enumerate(parts):
+        if p.bias is not None:
+            torch.addmm(p.bias.to(x2.dtype), xk[i], p.w_t, out=ys[i])
+        else:
+            torch.mm(xk[i], p.w_t, out=ys[i])
+        if p.R:
+            ys[i].addmm_(xd[i] @ p.lr_down, p.lr_up)
+
+
+def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor], cfg: dict):
+    M, K = x2.shape
+    dev = x2.device
     interp = _interpret_mode()
-    dot_upcast = bool(M_PAD > 1 and x.dtype == torch.bfloat16 and interp)
+    M_PAD = 16 if (M > 1 or cfg["M1_DOT"]) else 1
+    dot_upcast = bool(M_PAD > 1 and x2.dtype == torch.bfloat16 and interp)
+    use_pdl = bool(cfg["PDL"]) and not interp and dev.type == "cuda"
     BN, BK, KIT = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_ITERS"]
     compact = bool(cfg["COMPACT"])
     CH, G = cfg["CH"], cfg["G"]
-    if compact and (CH % G or G < 16 and M_PAD > 1):
-        raise ValueError("COMPACT needs CH % G == 0 (and G >= 16 for the batched path)")
-    n_tiles = triton.cdiv(N, BN)
+    if compact and (CH % G or (G < 16 and M_PAD > 1)):
+        raise ValueError("COMPACT needs CH % G == 0 (and G >= 16 for the tl.dot path)")
     n_kc = triton.cdiv(K, CH) if compact else triton.cdiv(K, BK * KIT)
-    ws, zbuf = _scratch(dev, M, N, R)
-    dummy = ws
-    thr_arg = thr_t if thr_is_ptr else dummy
-    scale_arg = score_scale if score_scale is not None else dummy
-    has_scale = score_scale is not None
-    idx, cnt = _index_scratch(dev, n_kc * CH, n_kc) if compact else (dummy, dummy)
+    R_max = max(p.R for p in parts)
+    any_lr = R_max > 0
+    BLOCK_R = min(cfg["BLOCK_R"], max(16, _next_pow2(R_max)))
+    BLOCK_KP = cfg["BLOCK_KP"]
+    BLOCK_KR = min(cfg["BLOCK_KR"] or BK, max(16, _next_pow2(R_max)))
 
-    n_lr = 0
-    BLOCK_KR = 16
-    n_z = n_rt = 0
-    BLOCK_R, BLOCK_KP = 16, 16
-    if has_lr:
-        BLOCK_R = min(cfg["BLOCK_R"], max(16, _next_pow2(R)))
-        BLOCK_KP = cfg["BLOCK_KP"]
-        n_rt = triton.cdiv(R, BLOCK_R)
-        n_z = triton.cdiv(K, BLOCK_KP) * n_rt
-        BLOCK_KR = min(cfg["BLOCK_KR"] or BK, max(16, _next_pow2(R)))
-        n_lr = n_tiles * triton.cdiv(R, BLOCK_KR)
-    n_prep = max(n_z, n_kc if compact else 0)
-    if n_prep:
-        _prep_kernel[(n_prep,)](
-            x2, x2.stride(0), thr_arg, thr_val, scale_arg,
-            lr_down if has_lr else w_t, lr_down.stride(0) if has_lr else 0, zbuf, idx, cnt,
-            M, K, R, n_rt, n_z, n_kc if compact else 0,
-            M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R, CH=CH, HAS_SCALE=has_scale,
-            HAS_LR=has_lr, COMPACT=compact, THR_IS_PTR=thr_is_ptr, DOT_UPCAST=dot_upcast,
-            num_warps=cfg["Z_WARPS"], num_stages=1,
-        )
-    _main_kernel[(n_tiles * n_kc + n_lr,)](
-        x2, x2.stride(0), w_t, w_t.stride(0), thr_arg, thr_val, scale_arg,
-        lr_up if has_lr else w_t, lr_up.stride(0) if has_lr else 0, zbuf, ws, idx, cnt,
-        M, K, N, R, n_tiles, n_kc,
-        M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR, CH=CH, G=G,
-        HAS_SCALE=has_scale, HAS_LR=has_lr, COMPACT=compact, THR_IS_PTR=thr_is_ptr,
-        DOT_UPCAST=dot_upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    # per-part offsets into the shared scratch and program-id ranges of each kernel
+    ws_off, z_off, z_end, lr_end, sp_end = [], [], [], [], []
+    n_ws = n_z = zc = lc = sc = 0
+    for p in parts:
+        ws_off.append(n_ws)
+        z_off.append(n_z)
+        n_ws += M * p.N
+        n_z += M * p.R
+        n_tiles = triton.cdiv(p.N, BN)
+        if p.R:
+            zc += triton.cdiv(K, BLOCK_KP) * triton.cdiv(p.R, BLOCK_R)
+            lc += n_tiles * triton.cdiv(p.R, BLOCK_KR)
+        sc += n_tiles * n_kc
+        z_end.append(zc)
+        lr_end.append(lc)
+        sp_end.append(sc)
+    ws, zbuf = _scratch(dev, n_ws, n_z)
+    slots = _slot_scratch(dev, sc * CH) if compact else ws
+    dummy = ws
+
+    def part_args(i, names):
+        """Per-part argument values (dummies for parts beyond the call's)."""
+        p = parts[i] if i < len(parts) else None
+        vals = []
+        for nm in names:
+            if p is None:
+                vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "end")
+                            else 0.0 if nm == "tv" else dummy)
+                continue
+            vals.append({
+                "w": p.w_t, "sw": p.w_t.stride(0), "thr": p.thr_t if p.thr_t is not None else dummy,
+                "tv": p.thr_val, "sc": p.scale if p.scale is not None else dummy,
+                "dn": p.lr_down if p.R else dummy, "sdn": p.lr_down.stride(0) if p.R else 0,
+                "up": p.lr_up if p.R else dummy, "sup": p.lr_up.stride(0) if p.R else 0,
+                "N": p.N, "R": p.R, "wo": ws_off[i], "zo": z_off[i],
+                "y": ys[i], "sy": ys[i].stride(0), "b": p.bias if p.bias is not None else dummy,
+            }[nm])
+        return vals
+
+    def flags(i):
+        p = parts[i] if i < len(parts) else None
+        if p is None:
+            return [False, False, False]
+        return [p.thr_t is not None, p.scale is not None, p.R > 0]
+
+    all_flags = flags(0) + flags(1) + flags(2)
+    n_parts = len(parts)
+    last = lambda ends: ends[-1]  # noqa: E731
+    pad_ends = lambda ends: ends + [ends[-1]] * (MAX_PARTS - len(ends))  # noqa: E731
+    ze, le, se = pad_ends(z_end), pad_ends(lr_end), pad_ends(sp_end)
+    pdl_kw = dict(launch_pdl=True) if use_pdl else {}
+
+    if any_lr:
+        zargs = []
+        for i in range(MAX_PARTS):
+            zargs += part_args(i, ("thr", "tv", "sc", "dn", "sdn", "R", "zo"))
+            if i < MAX_PARTS - 1:
+                zargs.append(ze[i])
+        _z_kernel[(last(z_end),)](
+            x2, x2.stride(0), M, K, zbuf, *zargs, *all_flags,
+            NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R,
+            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, num_warps=cfg["Z_WARPS"], num_stages=1,
+            **pdl_kw)
+    margs = []
+    for i in range(MAX_PARTS):
+        margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "up", "sup", "N", "R", "wo", "zo"))
+        margs.append(le[i])
+        if i < MAX_PARTS - 1:
+            margs.append(se[i])
+    _main_kernel[(last(lr_end) + last(sp_end),)](
+        x2, x2.stride(0), M, K, ws, zbuf, slots, *margs, *all_flags,
+        NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
+        CH=CH, G=G, COMPACT=compact, DOT_UPCAST=dot_upcast, USE_PDL=use_pdl,
+        AFTER_Z=any_lr, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
-    _epilogue_kernel[(triton.cdiv(N, BLOCK_E), M)](
-        ws, y, y.stride(0), bias if bias is not None else dummy, zbuf, N, M * R if has_lr else 0,
-        BLOCK_E=BLOCK_E, HAS_BIAS=bias is not None,
-        RTNE_FIX=bool(x.dtype == torch.bfloat16 and interp), num_warps=4,
-    )
-    return y.view(*lead, N)
+    eargs, e_end, ec = [], [], 0
+    for p in parts:
+        ec += triton.cdiv(p.N, BLOCK_E)
+        e_end.append(ec)
+    e_end = pad_ends(e_end)
+    for i in range(MAX_PARTS):
+        eargs += part_args(i, ("y", "sy", "b", "N", "wo"))
+        if i < MAX_PARTS - 1:
+            eargs.append(e_end[i])
+    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
+    _epilogue_kernel[(e_end[-1], M)](
+        ws, zbuf, n_z, *eargs, *has_bias, NUM_PARTS=n_parts, BLOCK_E=BLOCK_E,
+        RTNE_FIX=bool(x2.dtype == torch.bfloat16 and interp), USE_PDL=use_pdl, num_warps=4,
+        **pdl_kw)
+
+
+def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional[torch.Tensor]],
+            _config: Optional[dict]) -> list:
+    """Shared body of the public functions: validate, allocate, dispatch; returns (M, N_p) views."""
+    if not _HAS_TRITON:
+        raise RuntimeError("rsparse_decode_linear needs triton (pip install triton)")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype must be one of fp16/bf16/fp32, got {x.dtype}")
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    M = math.prod(lead) if len(lead) else 1
+    if M > MAX_BATCH_ROWS:
+        raise ValueError(f"rsparse_decode_linear supports at most {MAX_BATCH_ROWS} rows "
+                         f"(flattened leading dims), got {M}")
+    parts = [_validate_part(x, K, *rp) for rp in raw_parts]
+    dev = x.device
+    ys = []
+    for p, out in zip(parts, outs):
+        if out is not None and (out.numel() != M * p.N or out.dtype != x.dtype
+                                or out.device != dev or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of {M}x{p.N} elements "
+                             f"on {dev}")
+        ys.append(torch.empty(M, p.N, dtype=x.dtype, device=dev) if out is None
+                  else out.view(M, p.N))
+    if M == 0:
+        return ys
+    if K == 0:
+        for p, y in zip(parts, ys):
+            y.zero_()
+            if p.bias is not None:
+                y += p.bias.to(x.dtype)
+        return ys
+    live = [i for i, p in enumerate(parts) if p.N > 0]
+    if not live:
+        return ys
+    x2 = x.reshape(M, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = _pick_config(M, K, sum(p.N for p in parts), x.element_size(), _config)
+    run_parts, run_ys = [parts[i] for i in live], [ys[i] for i in live]
+    if cfg["PATH"] == "cublas":
+        _run_cublas(x2, run_parts, run_ys)
+    else:
+        _run_triton(x2, run_parts, run_ys, cfg)
+    return ys
+
+
+def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[float, torch.Tensor],
+                          score_scale: Optional[torch.Tensor] = None,
+                          lr_down: Optional[torch.Tensor] = None,
+                          lr_up: Optional[torch.Tensor] = None,
+                          bias: Optional[torch.Tensor] = None,
+                          *, out: Optional[torch.Tensor] = None,
+                          _config: Optional[dict] = None) -> torch.Tensor:
+    """R-Sparse decode linear layer (Triton; no host sync, CUDA-graph safe).
+
+    y[b] = sum_{j: m[b,j]} x[b,j] w_t[j,:] + (sum_{j: not m[b,j]} x[b,j] lr_down[j,:]) @ lr_up + bias
+    with m[b,j] = |x[b,j]| * score_scale[j] > threshold (strict, compared in fp32).
+
+    Args:
+        x: (..., in) fp16/bf16/fp32; leading dims are flattened to M rows, M <= 8 (ValueError above).
+        w_t: (in, out) transposed weight, same dtype as x, rows contiguous (stride(1) == 1).
+        threshold: Python float (baked into a captured graph) or a 0-d/1-element tensor (read by
+            the kernel at run time: no recompile, graph-safe; fp32 on x's device avoids a copy).
+            +inf keeps nothing.
+        score_scale: optional (in,) per-channel score multiplier (fp32 preferred); None means 1.
+        lr_down: optional (in, r) = B^T, lr_up: optional (r, out) = A^T, same dtype as x; None or
+            r == 0 gives the sparse-only GEMV.
+        bias: optional (out,).
+        out: optional preallocated output, contiguous, x's dtype, shape (..., out) or (M, out);
+            every element is overwritten. Returned (reshaped to x's leading dims).
+
+    Each row has its own mask (exact per-row semantics). Accumulation is in fp32 (the "cublas"
+    batch path: fp32 inside each product, 16-bit between them); the output has x's dtype and
+    shape (..., out).
+    """
+    lead = x.shape[:-1]
+    (y,) = _decode(x, [(w_t, threshold, score_scale, lr_down, lr_up, bias)], [out], _config)
+    return y.view(*lead, y.shape[-1])
+
+
+def rsparse_decode_linear_multi(x: torch.Tensor, parts: Sequence[tuple], *,
+                                outs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                                _config: Optional[dict] = None) -> tuple:
+    """Several R-Sparse layers that share the input x (q/k/v, gate/up) in one set of launches.
+
+    Args:
+        x: as for :func:`rsparse_decode_linear` ((..., in), M <= 8 rows).
+        parts: 1 to 3 tuples ``(w_t, threshold, score_scale, lr_down, lr_up, bias)`` (trailing
+            entries may be left out: None). Each part has the constraints of the single call's
+            arguments; the out-dims may differ (grouped-query k/v), the in-dim is x's.
+        outs: optional sequence (one per part) of preallocated outputs or None.
+
+    Returns a tuple with one fresh (or the given) tensor per part, each (..., out_p) in x's
+    dtype, equal to ``rsparse_decode_linear(x, *part)``.
+    """
+    parts = [_part_tuple(p) for p in parts]
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"rsparse_decode_linear_multi takes 1 to {MAX_PARTS} parts, "
+                         f"got {len(parts)}")
+    if outs is None:
+        outs = [None] * len(parts)
+    if len(outs) != len(parts):
+        raise ValueError("outs must have one entry per part")
+    lead = x.shape[:-1]
+    ys = _decode(x, parts, outs, _config)
+    return tuple(y.view(*lead, y.shape[-1]) for y in ys)
