@@ -282,6 +282,82 @@ if _HAS_TRITON:
                           mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     @triton.jit
+    def _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
+                            stride_dk, up_ptr, stride_ur, ws_ptr, N, R,
+                            M_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr,
+                            LR_KS: tl.constexpr, LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr,
+                            THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            DOT_UPCAST: tl.constexpr):
+        """Low-rank term without a z pass (LR_FUSED): the term is linear in the K-slices, so the
+        program (r-tile rt, K-slice s, column group ng) computes the partial z of its slice's
+        dropped channels and at once multiplies it by lr_up[rt, group] (loop over BLOCK_NL
+        columns), adding into ws. No dependency on any other program."""
+        thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
+        n_rt = tl.cdiv(R, BLOCK_R)
+        n_s = tl.cdiv(K, LR_KS)
+        rt = q % n_rt
+        rest = q // n_rt
+        s = rest % n_s
+        ng = rest // n_s
+        offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        n_per = tl.cdiv(tl.cdiv(N, LR_NG), BLOCK_NL) * BLOCK_NL
+        n_lo = ng * n_per
+        n_hi = tl.minimum(n_lo + n_per, N)
+        if M_PAD == 1:
+            zacc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for it in tl.static_range(LR_KS // BLOCK_KP):
+                offs_k = s * LR_KS + it * BLOCK_KP + tl.arange(0, BLOCK_KP)
+                xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
+                drop = ok & (~keep)
+                zacc = _mac1(zacc, tl.where(drop, xv, 0.0),
+                             down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :], drop, r_ok)
+            for n0 in range(n_lo, n_hi, BLOCK_NL):
+                offs_n = n0 + tl.arange(0, BLOCK_NL)
+                n_ok = offs_n < n_hi
+                acc = _mac1(tl.zeros([BLOCK_NL], dtype=tl.float32), zacc,
+                            up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :], r_ok, n_ok)
+                tl.atomic_add(ws_ptr + offs_n, acc, mask=n_ok, sem="relaxed")
+        else:
+            offs_m = tl.arange(0, M_PAD)
+            m_ok = offs_m < M
+            zacc = tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32)
+            for it in tl.static_range(LR_KS // BLOCK_KP):
+                offs_k = s * LR_KS + it * BLOCK_KP + tl.arange(0, BLOCK_KP)
+                xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
+                                        HAS_SCALE)
+                drop = ok & (~keep)
+                row_any = tl.max(drop.to(tl.int32), axis=0) > 0
+                zacc = _macm(zacc, tl.where(drop, xv, 0.0),
+                             down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :], row_any,
+                             r_ok, False, DOT_UPCAST)
+            for n0 in range(n_lo, n_hi, BLOCK_NL):
+                offs_n = n0 + tl.arange(0, BLOCK_NL)
+                n_ok = offs_n < n_hi
+                acc = _macm(tl.zeros([M_PAD, BLOCK_NL], dtype=tl.float32), zacc,
+                            up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :], r_ok, n_ok,
+                            True, DOT_UPCAST)
+                tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                              mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+
+    @triton.jit
+    def _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
+                          stride_dk, up_ptr, stride_ur, z_ptr, ws_ptr, N, R,
+                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
+                          LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
+                          THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          DOT_UPCAST: tl.constexpr):
+        if LR_FUSED:
+            _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
+                                stride_dk, up_ptr, stride_ur, ws_ptr, N, R, M_PAD, BLOCK_R,
+                                BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, THR_IS_PTR, HAS_SCALE,
+                                DOT_UPCAST)
+        else:
+            _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, M_PAD, BLOCK_N, BLOCK_KR,
+                          DOT_UPCAST)
+
+    @triton.jit
     def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
                            N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -461,36 +537,45 @@ if _HAS_TRITON:
 
     @triton.jit
     def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr,
-                     w0, sw0, thr0, tv0, sc0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
-                     w1, sw1, thr1, tv1, sc1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
-                     w2, sw2, thr2, tv2, sc2, up2, sup2, N2, R2, wo2, zo2, LE2,
+                     w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
+                     w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
+                     w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2, LE2,
                      TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
                      TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
                      TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
+                     LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
         pid = tl.program_id(0)
         if pid < LE2:
-            # low-rank tiles read z, written by the z kernel just before: wait for that grid
+            # low-rank tiles read z, written by the z kernel just before (or, LR_FUSED, x and
+            # the zeroed ws, written earlier): wait for the preceding grid
             _pdl_wait(USE_PDL)
             _pdl_release(USE_PDL)
             if pid < LE0:
                 if HL0:
-                    _lowrank_part(pid, up0, sup0, z_ptr + zo0, ws_ptr + wo0, M, N0, R0,
-                                  M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+                    _lowrank_any_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0,
+                                      up0, sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, M_PAD,
+                                      BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG,
+                                      BLOCK_NL, LR_FUSED, TP0, HS0, DOT_UPCAST)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
-                        _lowrank_part(pid - LE0, up1, sup1, z_ptr + zo1, ws_ptr + wo1, M, N1,
-                                      R1, M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+                        _lowrank_any_part(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
+                                          sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1,
+                                          M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS,
+                                          LR_NG, BLOCK_NL, LR_FUSED, TP1, HS1, DOT_UPCAST)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
-                        _lowrank_part(pid - LE1, up2, sup2, z_ptr + zo2, ws_ptr + wo2, M, N2,
-                                      R2, M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST)
+                        _lowrank_any_part(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
+                                          sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2,
+                                          M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS,
+                                          LR_NG, BLOCK_NL, LR_FUSED, TP2, HS2, DOT_UPCAST)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
             # grid that precedes this one. Without a z kernel in between, that grid may still be
@@ -583,6 +668,9 @@ _DEFAULT_CONFIGS = {
 }
 # z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block.
 _LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512)  # KR 0: = BLOCK_K
+# LR_FUSED: no z kernel; low-rank programs (r-tile, K-slice of LR_KS channels, one of LR_NG
+# column groups) multiply their partial z straight into lr_up, BLOCK_NL columns at a time.
+_LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
@@ -623,6 +711,7 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict]) -> 
     cls = _batch_class(M)
     cfg = dict(_DEFAULT_CONFIGS["m1" if M == 1 else "mm"])
     cfg.update(_LR_DEFAULTS)
+    cfg.update(_LR_FUSED_DEFAULTS)
     cfg.update(_MODE_DEFAULTS)
     if elt == 4 and M > 1:  # fp32 FMA dot: smaller K tiles, else register spills
         cfg.update(BLOCK_K=32)
@@ -791,6 +880,9 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     BLOCK_R = min(cfg["BLOCK_R"], max(16, _next_pow2(R_max)))
     BLOCK_KP = cfg["BLOCK_KP"]
     BLOCK_KR = min(cfg["BLOCK_KR"] or BK, max(16, _next_pow2(R_max)))
+    lr_fused = bool(cfg["LR_FUSED"]) and any_lr
+    LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
+    LR_NG, BLOCK_NL = cfg["LR_NG"], cfg["BLOCK_NL"]
 
     # per-part offsets into the shared scratch and program-id ranges of each kernel
     ws_off, z_off, z_end, lr_end, sp_end = [], [], [], [], []
@@ -801,7 +893,9 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         n_ws += M * p.N
         n_z += M * p.R
         n_tiles = triton.cdiv(p.N, BN)
-        if p.R:
+        if p.R and lr_fused:
+            lc += triton.cdiv(p.R, BLOCK_R) * triton.cdiv(K, LR_KS) * LR_NG
+        elif p.R:
             zc += triton.cdiv(K, BLOCK_KP) * triton.cdiv(p.R, BLOCK_R)
             lc += n_tiles * triton.cdiv(p.R, BLOCK_KR)
         sc += n_tiles * n_kc
@@ -844,7 +938,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     ze, le, se = pad_ends(z_end), pad_ends(lr_end), pad_ends(sp_end)
     pdl_kw = dict(launch_pdl=True) if use_pdl else {}
 
-    if any_lr:
+    if any_lr and not lr_fused:
         zargs = []
         for i in range(MAX_PARTS):
             zargs += part_args(i, ("thr", "tv", "sc", "dn", "sdn", "R", "zo"))
@@ -857,15 +951,17 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             **pdl_kw)
     margs = []
     for i in range(MAX_PARTS):
-        margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "up", "sup", "N", "R", "wo", "zo"))
+        margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "dn", "sdn", "up", "sup", "N", "R",
+                               "wo", "zo"))
         margs.append(le[i])
         if i < MAX_PARTS - 1:
             margs.append(se[i])
     _main_kernel[(last(lr_end) + last(sp_end),)](
         x2, x2.stride(0), M, K, ws, zbuf, slots, *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
-        CH=CH, G=G, COMPACT=compact, DOT_UPCAST=dot_upcast, USE_PDL=use_pdl,
-        AFTER_Z=any_lr, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
+        CH=CH, G=G, COMPACT=compact, BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
+        LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
+        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
     eargs, e_end, ec = [], [], 0
     for p in parts:
@@ -878,7 +974,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             eargs.append(e_end[i])
     has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
     _epilogue_kernel[(e_end[-1], M)](
-        ws, zbuf, n_z, *eargs, *has_bias, NUM_PARTS=n_parts, BLOCK_E=BLOCK_E,
+        ws, zbuf, 0 if lr_fused else n_z, *eargs, *has_bias, NUM_PARTS=n_parts, BLOCK_E=BLOCK_E,
         RTNE_FIX=bool(x2.dtype == torch.bfloat16 and interp), USE_PDL=use_pdl, num_warps=4,
         **pdl_kw)
 
