@@ -5,6 +5,10 @@ saved, or anything rsparse.models.load_model accepts, sparsified on the fly (cal
 takes minutes on a CPU for a real model) unless --dense. Decoding is sparse: with the default
 token mode "decode" the prompt (prefill) runs dense and every generation step runs the R-Sparse
 layers. Tokens stream to stdout as they are generated; timings go to stderr.
+
+On CUDA the decode engine (rsparse.runtime.engine: static KV cache, compiled step replayed as a
+CUDA graph) generates by default; `--engine hf` uses transformers' `generate` instead (the
+reference; the default on other devices).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's dtype, float32 otherwise")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="auto", choices=["auto", "rsparse", "hf"],
+                   help="rsparse: the compiled static-cache engine; hf: transformers' generate; "
+                        "auto (default): rsparse on CUDA, hf elsewhere")
     g = p.add_argument_group("on-the-fly sparsification (only for a model that is not a checkpoint)")
     g.add_argument("--dense", action="store_true", help="no sparsification (a checkpoint: restore its dense layers)")
     g.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5)")
@@ -51,6 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    if args.engine == "auto":
+        args.engine = "rsparse" if str(args.device).startswith("cuda") else "hf"
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -184,11 +193,55 @@ def stream_generate(model, tokenizer, input_ids: torch.Tensor, args: argparse.Na
     return tokenizer.decode(new, skip_special_tokens=True), stats
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    return generation_kwargs(model, tokenizer, argparse.Namespace(max_new_tokens=1, temperature=0)).get("eos_token_id", [])
+
+
+def make_engine(model, tokenizer, args: argparse.Namespace, max_seq_len: int):
+    """The decode engine for `--engine rsparse` (compiled and captured on first use)."""
+    from rsparse.runtime.engine import Engine
+
+    context = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+    return Engine(model, max_seq_len=min(context, max_seq_len))
+
+
+@torch.no_grad()
+def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
+                    stop_text: str | None = None) -> tuple[str, dict]:
+    """Like stream_generate, with the decode engine; stop_text ends a reply once it appears."""
+    from rsparse.runtime.engine import Sampling
+
+    streamer = _streamer(tokenizer)
+    streamer.put(input_ids[0])
+    new: list[int] = []
+
+    def on_tokens(step):
+        if step[0] is None:  # finished (end-of-sequence) rows yield None
+            return True
+        new.append(step[0])
+        streamer.put(torch.tensor([step[0]]))
+        return stop_text is not None and stop_text in tokenizer.decode(new[-16:], skip_special_tokens=True)
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
+    result = engine.generate([input_ids[0].tolist()], args.max_new_tokens, sampling,
+                             eos_token_id=eos_ids(engine.model, tokenizer), on_tokens=on_tokens)
+    streamer.end()
+    tokens = result.tokens[0]
+    stats = {"prompt_tokens": int(input_ids.shape[1]), "new_tokens": len(tokens),
+             "seconds": time.perf_counter() - t0 - result.warmup_seconds, "prefill_seconds": result.prefill_seconds,
+             "tokens_per_s": len(tokens) / max(result.prefill_seconds + result.decode_seconds, 1e-9),
+             "decode_tokens_per_s": result.decode_tokens_per_s, "warmup_seconds": result.warmup_seconds}
+    return tokenizer.decode(tokens, skip_special_tokens=True), stats
+
+
 def _print_stats(stats: dict) -> None:
     decode = stats["decode_tokens_per_s"]
+    warm = stats.get("warmup_seconds") or 0
     print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
-          f"prefill {stats['prompt_tokens']} tokens {stats['prefill_seconds']:.2f} s"
-          + (f", decode {decode:.1f} tokens/s]" if decode is not None else "]"), file=sys.stderr, flush=True)
+          f"prefill {stats['prompt_tokens']} tokens {1e3 * stats['prefill_seconds']:.1f} ms"
+          + (f", decode {decode:.1f} tokens/s" if decode is not None else "")
+          + (f"; engine warm-up {warm:.1f} s" if warm >= 0.05 else "") + "]", file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -199,7 +252,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         [{"role": "user", "content": args.prompt}]
     ids = encode(tokenizer, messages, template)
     torch.manual_seed(args.seed)
-    _, stats = stream_generate(model, tokenizer, ids, args)
+    if args.engine == "rsparse":
+        # cache sized to the request (attention reads every slot), in steps of 256 to reuse compiled code
+        from rsparse.runtime.engine import EngineError
+
+        try:
+            engine = make_engine(model, tokenizer, args, -(-(ids.shape[1] + args.max_new_tokens) // 256) * 256)
+            _, stats = engine_generate(engine, tokenizer, ids, args)
+        except EngineError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        _, stats = stream_generate(model, tokenizer, ids, args)
     _print_stats(stats)
     return 0
 
@@ -225,6 +288,9 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
     start = [{"role": "system", "content": args.system}] if args.system and template else []
     history = list(start)
     limit = getattr(model.config, "max_position_embeddings", None)
+    engine = make_engine(model, tokenizer, args, 4096) if args.engine == "rsparse" else None
+    if engine is not None:
+        limit = engine.max_seq_len
     torch.manual_seed(args.seed)
     print("chat: type a message; /reset clears the history, /exit or end of input quits", file=sys.stderr)
     while True:
@@ -248,8 +314,11 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
         while limit and ids.shape[1] + args.max_new_tokens > limit and len(history) > len(start) + 1:
             del history[len(start):len(start) + 2]
             ids = encode(tokenizer, history, template)
-        extra = {} if template else {"stopping_criteria": _stop_on_text(tokenizer, ids.shape[1], "\nUser:")}
-        reply, stats = stream_generate(model, tokenizer, ids, args, extra)
+        if engine is not None:
+            reply, stats = engine_generate(engine, tokenizer, ids, args, None if template else "\nUser:")
+        else:
+            extra = {} if template else {"stopping_criteria": _stop_on_text(tokenizer, ids.shape[1], "\nUser:")}
+            reply, stats = stream_generate(model, tokenizer, ids, args, extra)
         reply = reply.split("\nUser:")[0].strip() if not template else reply.strip()
         history.append({"role": "assistant", "content": reply})
         _print_stats(stats)

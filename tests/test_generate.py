@@ -119,3 +119,34 @@ def test_embedded_model_answers(capsys):
              "--max-new-tokens", "3"])
     out, err = capsys.readouterr()
     assert "Paris" in out and "tokens/s" in err
+
+
+def test_engine_and_transformers_generate_the_same_text(compressed, monkeypatch, capsys):
+    """`--engine rsparse` (the decode engine; eager on CPU) and `--engine hf` stream the same greedy
+    text from a checkpoint, and print prefill and decode timings."""
+    from transformers import TextStreamer
+
+    monkeypatch.setattr(TextStreamer, "on_finalized_text", lambda self, text, stream_end=False: print(text, end=""))
+    capsys.readouterr()
+    base = ["generate", "--model", str(compressed), "--prompt", "Rivers flow to the", "--max-new-tokens", "12"]
+    run_cli(base + ["--engine", "hf"])
+    hf_out, _ = capsys.readouterr()
+    run_cli(base + ["--engine", "rsparse"])
+    engine_out, err = capsys.readouterr()
+    assert engine_out == hf_out and len(hf_out.split()) >= 2
+    assert "prefill" in err and "decode" in err and "tokens/s" in err
+
+
+def test_chat_through_the_engine_keeps_history(compressed, monkeypatch, capsys):
+    seen = []
+    original = generate.engine_generate
+
+    def recording(engine, tokenizer, input_ids, args, stop_text=None):
+        seen.append((input_ids.shape[1], engine.max_seq_len, stop_text))
+        return original(engine, tokenizer, input_ids, args, stop_text)
+
+    monkeypatch.setattr(generate, "engine_generate", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("The quick\nbrown fox\n"))
+    assert run_cli(["chat", "--model", str(compressed), "--max-new-tokens", "3", "--engine", "rsparse"]) == 0
+    assert len(seen) == 2 and seen[1][0] > seen[0][0]  # the second prompt holds the first exchange
+    assert seen[0][2] == "\nUser:" and seen[0][1] == 256  # one engine, sized to the tiny model's context

@@ -1,19 +1,24 @@
-"""End-to-end decode benchmark: tokens/s, dense vs R-Sparse, in the same graph-captured loop.
+"""End-to-end decode benchmark: tokens/s of the decode engine, dense vs sparse-only vs R-Sparse,
+all in ONE run (absolute speeds move 10-15% between GPU leases; ratios within a run do not).
 
-    rsparse bench decode --out DIR [--models llama2-7b,llama3-8b] [--prompt 2048] [--gens 128,512,2048]
+    rsparse bench decode [--models llama2-7b,llama3-8b] [--sparsities 0.4,0.5,0.6,0.7] [--ratio 0.9]
+                         [--prompt 512] [--gen 128] [--out DIR]
+    rsparse bench decode --model CHECKPOINT_OR_MODEL ...   a real model: its dense and saved layers
 
-Models are Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (bf16 by
-default): speed depends on shapes and the kept fraction, not on trained values. The R-Sparse
-model is built as sparsify_ would (true-shape budgets at `--sparsity`, uniform `--ratio`,
-thresholds calibrated on the model's own activations over random-token windows, so decode keeps
-the target fraction), except that the rank-r factors are random matrices of the right shape
-instead of an SVD of random weights (same bytes, no 224 float64 SVDs on the lease).
+Shapes: Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (bf16 by default):
+speed depends on shapes and on the kept fraction, not on trained values. Sparse layers are built
+as sparsify_ builds them (true-shape budgets at each sparsity, uniform `--ratio` for R-Sparse,
+rho 1 for sparse-only; thresholds calibrated on the model's own activations over random-token
+windows, so decoding keeps the target fraction), except that the rank-r factors are random
+matrices of the right shape instead of SVDs of random weights (same bytes, no float64 SVDs).
 
-For every model and generation length, dense and R-Sparse run in rsparse.runtime.decode.StaticDecoder
-(static KV cache, each decode step one CUDA graph replay), timed with CUDA events around the
-whole decode, median of `--repeats`; Hugging Face eager `generate` (default cache) is timed on
-the dense model as the reference a user has. The kept fraction during decode is measured in an
-untimed pass. Raw numbers go to DIR/decode_bench.json; a table is printed last.
+Rows per model: transformers' eager `generate` (the loop a user has, a few tokens), the engine
+dense (the original nn.Linear layers), the engine sparse-only and the engine R-Sparse at each
+sparsity. Each engine row is built, compiled and captured (warm-up, reported), then timed over
+`--repeats` generate calls (median): decode tokens/s excludes prefill. Columns: tokens/s, ms per
+token, speed-up over the engine dense, achieved sparsity (measured in an untimed eager pass) and
+the weight-bandwidth bound: bytes read per token over the device-to-device copy bandwidth
+measured in the same run. Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ MODELS = {
 }
 
 
-def build_model(name: str, dtype: torch.dtype, layers: int | None = None):
+def build_model(name: str, dtype: torch.dtype, layers: int | None = None, device: str = "cuda"):
+    """A randomly initialised LlamaForCausalLM of a named shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = dict(MODELS[name])
@@ -46,145 +52,243 @@ def build_model(name: str, dtype: torch.dtype, layers: int | None = None):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
 
 
+def calibration_scores(model, calib_tokens: int = 256) -> dict:
+    """Input rows of every decoder projection on random-token windows (for thresholds)."""
+    from rsparse.calibrate import collect_activations
+
+    windows = torch.randint(0, model.config.vocab_size, (2, calib_tokens), generator=torch.Generator().manual_seed(1))
+    return collect_activations(model, windows, max_rows_per_layer=2 * calib_tokens).rows
+
+
 @torch.no_grad()
-def make_rsparse(model, sparsity: float, ratio: float, calib_tokens: int = 256) -> dict:
-    """Convert to R-Sparse in place (random factors, calibrated thresholds); returns a summary."""
+def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None) -> dict:
+    """Make every decoder projection an RSparseLinear at (sparsity, ratio) in place: thresholds
+    from `rows` (calibration inputs, collected if None), random factors of the budgeted rank.
+    Layers that are already RSparseLinear are re-configured (weights kept)."""
     from rsparse.budget import layer_budget
-    from rsparse.calibrate import calibrate_threshold, collect_activations
+    from rsparse.calibrate import calibrate_threshold
     from rsparse.layer import RSparseLinear
     from rsparse.models import decoder_linears, replace_module
 
-    vocab = model.config.vocab_size
+    rows = calibration_scores(model) if rows is None else rows
     device = next(model.parameters()).device
-    windows = torch.randint(0, vocab, (2, calib_tokens), generator=torch.Generator().manual_seed(1))
-    acts = collect_activations(model, windows, max_rows_per_layer=2 * calib_tokens)
     gen = torch.Generator(device=device).manual_seed(2)
     for lin in decoder_linears(model):
         m = lin.module
         b = layer_budget(m.out_features, m.in_features, sparsity, ratio)
-        scale = m.weight.float().norm(dim=0) if b.rank else None
-        scores = acts.rows[lin.name].abs() * (scale.cpu() if scale is not None else 1.0)
-        layer = RSparseLinear.from_linear(m, name=lin.name)
+        layer = m if isinstance(m, RSparseLinear) else RSparseLinear.from_linear(m, name=lin.name)
+        scale = layer.weight.float().norm(dim=0) if b.rank else None
+        scores = rows[lin.name].abs() * (scale.cpu() if scale is not None else 1.0)
         down = up = None
         if b.rank:
-            down = torch.randn(m.in_features, b.rank, device=device, generator=gen, dtype=m.weight.dtype) * 0.02
-            up = torch.randn(b.rank, m.out_features, device=device, generator=gen, dtype=m.weight.dtype) * 0.02
+            down = torch.randn(m.in_features, b.rank, device=device, generator=gen, dtype=layer.weight.dtype) * 0.02
+            up = torch.randn(b.rank, m.out_features, device=device, generator=gen, dtype=layer.weight.dtype) * 0.02
         method = "rsparse" if b.rank and b.keep_fraction else ("sparse" if not b.rank else "lowrank")
         layer.configure(method, calibrate_threshold(scores, b.keep_fraction), b.keep_fraction, scale, down, up)
         layer.tokens = "decode"
-        replace_module(model, lin.name, layer)
-        del m
+        if layer is not m:
+            replace_module(model, lin.name, layer)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"sparsity": sparsity, "ratio": ratio}
 
 
-def measure_kept(model, prompt, n: int = 8) -> float:
-    """Model-level achieved sparsity over n eager decode steps (untimed; stats need host syncs)."""
-    from rsparse.runtime.decode import StaticDecoder
+@torch.no_grad()
+def measure_sparsity(model, prompt: list[int], n: int = 8) -> float:
+    """Model-level achieved sparsity over n eager decode steps (untimed; the counters sync)."""
     from rsparse.layer import rsparse_layers
     from rsparse.perplexity import measured_read
+    from rsparse.runtime.engine import Engine
 
     layers = rsparse_layers(model)
-    for l in layers:
-        l.reset_stats()
-        l.track_stats = True
-    dec = StaticDecoder(model, prompt.shape[1] + n + 1, use_graph=False)
-    dec.prefill(prompt)
-    dec.decode(n)
-    result = measured_read(model)["achieved_sparsity"]
-    for l in layers:
-        l.track_stats = False
-    return result
+    if not layers:
+        return 0.0
+    for layer in layers:
+        layer.reset_stats()
+        layer.track_stats = True
+    try:
+        Engine(model, max_seq_len=len(prompt) + n, compile=False, cuda_graph=False).generate([prompt], n)
+    finally:
+        for layer in layers:
+            layer.track_stats = False
+    return measured_read(model)["achieved_sparsity"]
 
 
-def time_decode(model, prompt, gen: int, repeats: int) -> dict:
-    from rsparse.runtime.decode import StaticDecoder
+def weight_bytes(model, achieved_sparsity: float) -> float:
+    """Bytes of weights read per decoded token: decoder projections at the achieved read
+    fraction, the lm_head in full (one embedding row is negligible)."""
+    from rsparse.models import decoder_linears
 
-    dec = StaticDecoder(model, prompt.shape[1] + gen + 1)
-    dec.prefill(prompt)
-    dec.decode(8)  # captures the graph, compiles the kernels
+    linears = sum(l.module.weight.numel() * l.module.weight.element_size() for l in decoder_linears(model))
+    head = model.get_output_embeddings().weight
+    return (1.0 - achieved_sparsity) * linears + head.numel() * head.element_size()
+
+
+def copy_bandwidth(device: str = "cuda", gib: float = 2.0) -> float:
+    """Device-to-device copy rate in bytes/s (bytes read + written), median of 10 copies."""
+    n = int(gib * 2**30) // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     times = []
-    for _ in range(repeats):
-        dec.prefill(prompt)
-        torch.cuda.synchronize()
+    for _ in range(12):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dec.decode(gen)
+        dst.copy_(src)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    med = statistics.median(times)
-    tokens = dec.out[:, prompt.shape[1]: prompt.shape[1] + 9].tolist()
-    del dec
-    return {"gen": gen, "seconds": med, "tokens_per_s": gen / med, "all_seconds": times, "first_tokens": tokens}
+    del src, dst
+    return 2 * n * 4 / statistics.median(times[2:])
 
 
-def time_hf_generate(model, prompt, gen: int) -> dict:
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+def time_engine(model, prompt: list[int], gen: int, repeats: int) -> dict:
+    """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats` runs."""
+    from rsparse.runtime.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(model, max_seq_len=-(-(len(prompt) + gen) // 128) * 128)
+    first = engine.generate([prompt], gen)
+    warmup = time.perf_counter() - t0
+    runs = [engine.generate([prompt], gen) for _ in range(repeats)]
+    speeds = [r.decode_tokens_per_s for r in runs]
+    med = statistics.median(speeds)
+    del engine
+    return {"tokens_per_s": med, "ms_per_token": 1e3 / med, "all_tokens_per_s": speeds,
+            "prefill_ms": 1e3 * statistics.median(r.prefill_seconds for r in runs), "warmup_s": warmup,
+            "compile_capture_s": first.warmup_seconds, "first_tokens": runs[0].tokens[0][:8]}
+
+
+def time_hf_generate(model, prompt: list[int], gen: int) -> dict:
+    ids = torch.tensor([prompt], device="cuda")
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
+    out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
     torch.cuda.synchronize()
     sec = time.perf_counter() - t0
-    return {"gen": gen, "seconds": sec, "tokens_per_s": gen / sec, "first_tokens": out[:, prompt.shape[1]:][:, :8].tolist()}
+    return {"tokens_per_s": gen / sec, "ms_per_token": 1e3 * sec / gen, "first_tokens": out[0, len(prompt):][:8].tolist()}
+
+
+def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps=None) -> dict:
+    return {"row": label, "method": method, "sparsity": sparsity, **timing, "achieved_sparsity": achieved,
+            "bytes_per_token": nbytes, "bound_tokens_per_s": bandwidth / nbytes,
+            "speedup": timing["tokens_per_s"] / dense_tps if dense_tps else None}
+
+
+def bench_random(name: str, args, bandwidth: float) -> list[dict]:
+    from rsparse.layer import rsparse_layers
+
+    model = build_model(name, getattr(torch, args.dtype), args.layers)
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(3)).tolist()
+    rows = []
+    if args.hf_tokens:
+        hf = time_hf_generate(model, prompt, args.hf_tokens)
+        rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
+    dense = time_engine(model, prompt, args.gen, args.repeats)
+    rows.append(_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"]))
+    print(f"{name} engine dense: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)", flush=True)
+    scores = calibration_scores(model)
+    for ratio, method in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")):
+        for s in args.sparsities:
+            make_rsparse(model, s, ratio, scores)
+            achieved = measure_sparsity(model, prompt)
+            t = time_engine(model, prompt, args.gen, args.repeats)
+            rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
+                             weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
+            print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
+                  f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+    assert rsparse_layers(model)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_model(path: str, args, bandwidth: float) -> list[dict]:
+    """A real model or rsparse checkpoint: the engine on its dense layers, then as saved (a
+    checkpoint) or sparsified by sparsify_ at each --sparsities (sparse-only and R-Sparse)."""
+    from rsparse.calibrate import restore_, sparsify_
+    from rsparse.checkpoint import load_any
+    from rsparse.config import RSparseConfig
+    from rsparse.data import load_windows
+    from rsparse.layer import rsparse_layers
+
+    model, tokenizer = load_any(path, device="cuda", dtype=args.dtype)
+    text = "The history of the city begins with a small settlement on the river. " * 64
+    prompt = tokenizer(text).input_ids[: args.prompt] if tokenizer is not None else list(range(args.prompt))
+    saved = None
+    if rsparse_layers(model):  # a checkpoint: time it as saved, then its dense layers
+        achieved = measure_sparsity(model, prompt)
+        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats))
+        restore_(model)
+    dense = time_engine(model, prompt, args.gen, args.repeats)
+    rows = [_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"])]
+    if saved is not None:
+        achieved, t = saved
+        rows.append(_row("engine checkpoint", "checkpoint", None, t, achieved, weight_bytes(model, achieved),
+                         bandwidth, dense["tokens_per_s"]))
+        return rows
+    calib = load_windows(tokenizer, "coqa", 512, 16, "calibration")
+    for ratio, method in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")):
+        for s in args.sparsities:
+            restore_(model)
+            sparsify_(model, RSparseConfig(sparsity=s, ratio=ratio), calib)
+            achieved = measure_sparsity(model, prompt)
+            t = time_engine(model, prompt, args.gen, args.repeats)
+            rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
+                             weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = [f"device: {results['device']}, {results['settings']['dtype']}, batch 1, prompt {results['settings']['prompt']}, "
+             f"{results['settings']['gen']} new tokens, copy bandwidth {results['copy_bandwidth'] / 1e12:.2f} TB/s",
+             "", "| model | row | tok/s | ms/token | speed-up | achieved sparsity % | bound tok/s | warm-up s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        warm = f"{r['warmup_s']:.0f}" if "warmup_s" in r else "-"
+        lines.append(f"| {r['model']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {sp} | "
+                     f"{100 * r['achieved_sparsity']:.1f} | {r['bound_tokens_per_s']:.0f} | {warm} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="rsparse bench decode", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="llama2-7b,llama3-8b")
-    p.add_argument("--prompts", default="512,2048", help="prompt lengths")
-    p.add_argument("--gens", default="128,512,2048", help="generated tokens (with the longest prompt; 128 with the others)")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--ratio", type=float, default=0.9)
+    p.add_argument("--models", default="llama2-7b,llama3-8b", help=f"random-weight shapes: {','.join(MODELS)}")
+    p.add_argument("--model", default=None, help="a real model or rsparse checkpoint instead of random shapes")
+    p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    p.add_argument("--ratio", type=float, default=0.9, help="rho of the R-Sparse rows")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    p.add_argument("--gen", type=int, default=128, help="new tokens")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--hf-tokens", type=int, default=32, help="tokens for the HF eager generate reference (0: skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-tokens", type=int, default=16, help="tokens for the transformers eager row (0: skip)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick checks)")
-    p.add_argument("--out", default="out/bench")
+    p.add_argument("--out", default="out/bench-decode")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
-    dtype = getattr(torch, args.dtype)
-    prompts = [int(x) for x in args.prompts.split(",")]
-    gens = [int(x) for x in args.gens.split(",")]
+    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     from rsparse.report import versions
 
-    results = {"device": torch.cuda.get_device_name(), "versions": versions(), "settings": vars(args), "runs": []}
-    for name in args.models.split(","):
-        model = build_model(name, dtype, args.layers)
-        plan = [(pl, g) for pl in prompts for g in (gens if pl == max(prompts) else [min(gens)])]
-        prompt_ids = {pl: torch.randint(0, model.config.vocab_size, (1, pl), device="cuda",
-                                        generator=torch.Generator(device="cuda").manual_seed(pl)) for pl in prompts}
-        dense = {(pl, g): time_decode(model, prompt_ids[pl], g, args.repeats) for pl, g in plan}
-        hf = time_hf_generate(model, prompt_ids[min(prompts)], args.hf_tokens) if args.hf_tokens else None
-        make_rsparse(model, args.sparsity, args.ratio)
-        achieved = measure_kept(model, prompt_ids[min(prompts)])
-        sparse = {(pl, g): time_decode(model, prompt_ids[pl], g, args.repeats) for pl, g in plan}
-        for pl, g in plan:
-            results["runs"].append({
-                "model": name, "prompt": pl, "gen": g, "dense": dense[(pl, g)], "rsparse": sparse[(pl, g)],
-                "speedup": sparse[(pl, g)]["tokens_per_s"] / dense[(pl, g)]["tokens_per_s"],
-                "achieved_sparsity": achieved, "hf_eager_dense": hf if pl == min(prompts) else None})
-        del model
-        torch.cuda.empty_cache()
+    bandwidth = copy_bandwidth()
+    results = {"device": torch.cuda.get_device_name(), "versions": versions(), "settings": vars(args),
+               "copy_bandwidth": bandwidth, "rows": []}
+    targets = [args.model] if args.model else args.models.split(",")
+    for name in targets:
+        rows = bench_model(name, args, bandwidth) if args.model else bench_random(name, args, bandwidth)
+        results["rows"] += [{"model": name, **r} for r in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_bench.json").write_text(json.dumps(results, indent=2))
-    print(f"\ndevice: {results['device']}, {args.dtype}, batch 1, R-Sparse s={args.sparsity} rho={args.ratio}")
-    print("| model | prompt | gen | HF eager tok/s | dense graph tok/s | R-Sparse tok/s | speed-up | achieved sparsity |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["runs"]:
-        hf_s = f"{r['hf_eager_dense']['tokens_per_s']:.1f}" if r["hf_eager_dense"] else "-"
-        print(f"| {r['model']} | {r['prompt']} | {r['gen']} | {hf_s} | {r['dense']['tokens_per_s']:.1f} | "
-              f"{r['rsparse']['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {100 * r['achieved_sparsity']:.1f}% |")
+    (out / "decode_bench.md").write_text(table(results) + "\n")
+    print("\n" + table(results))
     return 0
 
 
