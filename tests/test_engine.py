@@ -150,7 +150,7 @@ def test_requests_that_do_not_fit_are_refused():
 
 def test_compiled_step_traces_through_the_kernel_op(windows):
     """fullgraph=True: RSparseLinear's kernel call is a torch.library op, no graph break."""
-    model = sparse_tiny(windows)
+    model = sparse_tiny(windows).to(DEVICE)
     for layer in rsparse_layers(model):
         layer.kernel = "always"  # the Triton kernel (interpreted on CPU) behind the op
     rows = prompts([11, 6])

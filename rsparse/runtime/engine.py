@@ -154,6 +154,8 @@ class Engine:
         backend = self.compile if isinstance(self.compile, str) else "inductor"
         self._forward_step, self._advance = self._decode_logits, self._advance_state
         if self.compile:
+            # each engine is a new `self` to dynamo's guards: allow many engines per process
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._forward_step = torch.compile(self._decode_logits, fullgraph=True, dynamic=False, backend=backend)
             self._advance = torch.compile(self._advance_state, fullgraph=True, dynamic=False, backend=backend)
 
