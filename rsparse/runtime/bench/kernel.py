@@ -72,28 +72,35 @@ SMOKE_SHAPES = [("smoke a", 64, (96,)), ("smoke b", 150, (40,)), ("smoke qkv", 6
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --tune candidates (16-bit). Batch 1: sparse-tile variants; then low-rank variants on the best.
+# (Measured once and dropped from the sweep, run 1 of docs/kernel-notes.md: LR_FUSED low-rank
+# tiles, 2-4x slower; PDL off, 1-3 us slower; FMA over whole masked tiles, 2x slower.)
 VARIANTS_M1 = {
+    "cmp512-128-8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4),
+    "cmp512-128-16": dict(COMPACT=True, BLOCK_N=512, CH=128, G=16, BLOCK_KR=64, num_warps=8),
+    "cmp512-256-8": dict(COMPACT=True, BLOCK_N=512, CH=256, G=8, BLOCK_KR=64, num_warps=4),
+    "cmp1024-128-8": dict(COMPACT=True, BLOCK_N=1024, CH=128, G=8, BLOCK_KR=32, num_warps=8),
+    "cmp256-128-16": dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
+    "cmp256-64-8": dict(COMPACT=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32, num_warps=4),
+    "cmp512-128-8-dyn2": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
+                              num_warps=4, num_stages=2),
+    "cmp256-128-16-dyn3": dict(COMPACT=True, DYN=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32,
+                               num_warps=4, num_stages=3),
     "cmpdot128": dict(COMPACT=True, M1_DOT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64,
                       num_warps=4),
-    "cmpdot256": dict(COMPACT=True, M1_DOT=True, BLOCK_N=256, CH=256, G=32, BLOCK_KR=32,
-                      num_warps=8),
-    "cmp512-128-8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=16, num_warps=4),
-    "cmp256-128-16": dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
     "plaindot128x64": dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
-    "plainfma256x32": dict(BLOCK_N=256, BLOCK_K=32, num_warps=4),
 }
-LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant
-    "z-kr32": dict(BLOCK_KR=32),
-    "z-kr64": dict(BLOCK_KR=64),
-    "fused-ks512-ng4": dict(LR_FUSED=True, LR_KS=512, LR_NG=4, BLOCK_R=64, BLOCK_NL=128),
-    "fused-ks256-ng8": dict(LR_FUSED=True, LR_KS=256, LR_NG=8, BLOCK_R=64, BLOCK_NL=128),
-    "fused-ks1024-ng16": dict(LR_FUSED=True, LR_KS=1024, LR_NG=16, BLOCK_R=32, BLOCK_NL=128),
-    "nopdl": dict(PDL=False),
+LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant (R-Sparse only)
+    "kr16": dict(BLOCK_KR=16),
+    "kr32": dict(BLOCK_KR=32),
+    "kr64": dict(BLOCK_KR=64),
+    "kr64-kp64": dict(BLOCK_KR=64, BLOCK_KP=64),
 }
 VARIANTS_MM = {
-    "cmpdot128": dict(COMPACT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4),
-    "cmpdot256": dict(COMPACT=True, BLOCK_N=256, CH=256, G=32, BLOCK_KR=32, num_warps=8),
     "plaindot128x64": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4),
+    "plaindot128x64x4": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=4, num_warps=4),
+    "plaindot256x64x2": dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=2, num_warps=8),
+    "plaindot128x128": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8),
+    "cmpdot128": dict(COMPACT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4),
     "cublas": dict(PATH="cublas"),
 }
 
@@ -145,17 +152,19 @@ class Timer:
 
 
 def copy_bandwidth(dev) -> float:
-    """Device-to-device copy rate in bytes/s (read + written), median of 10 graph replays."""
+    """Device-to-device copy rate in bytes/s (read + written): the faster of a memcpy and an
+    elementwise copy kernel, median of 10 graph replays each."""
     if dev.type != "cuda":
         return 1e12
-    n = 1 << 30  # 1 GiB each way
-    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    n = 1 << 29  # 1 GiB each way, as bf16
+    a = torch.randn(n, device=dev).to(torch.bfloat16)
     b = torch.empty_like(a)
-    a.random_(0, 255)
-    t, _ = Timer(4, 10, 2, True)([lambda: b.copy_(a)])
+    timer = Timer(4, 10, 2, True)
+    t_memcpy, _ = timer([lambda: b.copy_(a)])
+    t_kernel, _ = timer([lambda: torch.mul(a, 1, out=b)])
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n / (t * 1e-6)
+    return 2 * 2 * n / (min(t_memcpy, t_kernel) * 1e-6)
 
 
 def pdl_selftest(K, dev, log) -> bool:
@@ -385,14 +394,22 @@ def run_bench(args, K, timer, dev, records, log, bw):
                 torch.cuda.empty_cache()
 
 
-def run_tune(args, K, timer, dev, records, log):
-    """Variant sweep at s = 0.5 (first 16-bit dtype): batch 1 sparse-tile variants, then
-    low-rank/PDL variants on the best, then batch 2/4/8 paths. Prints a _CONFIG_TABLE."""
+def run_tune(args, K, timer, dev, records, log, out_dir):
+    """Variant sweep at s = 0.5 (first 16-bit dtype), per shape and group: batch 1 sparse-tile
+    variants, then low-rank variants on the best; batches 2/4/8: masked tiles vs cuBLAS path.
+    The best config per (class, in, out) for sparse-only and (class+"+lr") for R-Sparse go to
+    the returned table (printed, and written to OUT/tuned_table.json after every shape)."""
     dname = next((d for d in args.dtypes.split(",") if d != "fp32"), "bf16")
     dtype = DTYPES[dname]
     table = {}
     tune_batches = [int(b) for b in args.tune_batches.split(",") if b]
-    for label, in_f, outs in _select(args, groups=False):
+
+    def save():
+        (out_dir / "tuned_table.json").write_text(json.dumps(
+            [[list(k), v] for k, v in table.items()], indent=1))
+
+    for label, in_f, outs in _select(args):
+        fused = len(outs) > 1
         sets = LayerSets(in_f, outs, dtype, dev, args.min_set_mb * 2**20, args.calls, args.seed)
         out_f = sum(outs)
         for M in [1] + tune_batches:
@@ -401,64 +418,66 @@ def run_tune(args, K, timer, dev, records, log):
             t_dense = timer(fac.build("dense", False)[0])[0]
             cls = K._batch_class(M)
 
-            def measure(name, cfg):
+            def measure(name, cfg, ops=("sparse", "rsparse")):
                 out = {}
-                for op in ("sparse", "rsparse"):
+                for op in ops:
                     what = f"tune {name} {op} {out_f}x{in_f} M={M}"
                     try:
-                        t, _, e0, e1 = time_op(fac, timer, op, False, cfg, log, what, dtype,
+                        t, _, e0, e1 = time_op(fac, timer, op, fused, cfg, log, what, dtype,
                                                args.no_check)
                     except Exception as e:
                         log(f"    variant {name} {op} failed: {type(e).__name__}: {str(e)[:300]}")
-                        return None
+                        continue
                     if (e0 is not None and not e0 < _tol(dtype)) or (
                             e1 is not None and not e1 < _tol(dtype)):
-                        return None
+                        continue
                     out[op] = t
-                records.append(dict(kind="tune", shape=f"{out_f}x{in_f}", batch=M, dtype=dname,
-                                    variant=name, cfg=cfg, sparse_us=out["sparse"],
-                                    rsparse_us=out["rsparse"], dense_us=t_dense))
+                records.append(dict(kind="tune", label=label, shape=f"{out_f}x{in_f}", batch=M,
+                                    dtype=dname, variant=name, cfg=cfg, dense_us=t_dense,
+                                    **{f"{k}_us": v for k, v in out.items()}))
                 return out
 
             variants = VARIANTS_M1 if M == 1 else VARIANTS_MM
-            res = {}
+            res = {}  # name -> ({op: us}, cfg)
             for name, cfg in variants.items():
-                r = measure(name, cfg)
-                if r:
-                    res[name] = (r, cfg)
-            if not res:
-                continue
-            if M == 1:  # low-rank and PDL variants on top of the best sparse-tile variant
-                best_sp = min(res, key=lambda n: res[n][0]["sparse"] + res[n][0]["rsparse"])
+                res[name] = (measure(name, cfg), cfg)
+            sp = {n: r["sparse"] for n, (r, _) in res.items() if "sparse" in r}
+            if M == 1 and sp:  # low-rank tile variants on top of the best sparse variant
+                best_sp = min(sp, key=sp.get)
                 for lname, lcfg in LR_VARIANTS.items():
                     cfg = dict(res[best_sp][1], **lcfg)
-                    r = measure(f"{best_sp}+{lname}", cfg)
-                    if r:
-                        res[f"{best_sp}+{lname}"] = (r, cfg)
-            best = min(res, key=lambda n: res[n][0]["sparse"] + res[n][0]["rsparse"])
-            table[(cls, in_f, out_f)] = res[best][1]
-            log(f"tune {dname} M={M} {out_f}x{in_f}: dense {t_dense:.1f} | " + " ".join(
-                f"{n}={r['sparse']:.1f}/{r['rsparse']:.1f}" for n, (r, _) in res.items())
-                + "  (sparse/R-Sparse us)")
-            rb = res[best][0]
-            log(f"    best {best}: sparse {rb['sparse']:.1f}us ({t_dense / rb['sparse']:.2f}x) "
-                f"R-Sparse {rb['rsparse']:.1f}us ({t_dense / rb['rsparse']:.2f}x)")
-            if M == 1:  # fixed cost: nothing kept / everything kept, best variant
-                cfg = res[best][1]
+                    res[f"{best_sp}+{lname}"] = (measure(f"{best_sp}+{lname}", cfg,
+                                                         ("rsparse",)), cfg)
+            rs = {n: r["rsparse"] for n, (r, _) in res.items() if "rsparse" in r}
+            if not sp or not rs:
+                continue
+            best_s, best_r = min(sp, key=sp.get), min(rs, key=rs.get)
+            table[(cls, in_f, out_f)] = res[best_s][1]
+            if res[best_r][1] != res[best_s][1]:
+                table[(cls + "+lr", in_f, out_f)] = res[best_r][1]
+            save()
+            log(f"tune {dname} M={M} {label} {out_f}x{in_f}: cuBLAS {t_dense:.1f} | " + " ".join(
+                f"{n}={r.get('sparse', float('nan')):.1f}/{r.get('rsparse', float('nan')):.1f}"
+                for n, (r, _) in res.items()) + "  (sparse/R-Sparse us)")
+            log(f"    best sparse-only {best_s} {sp[best_s]:.1f}us ({t_dense / sp[best_s]:.2f}x), "
+                f"R-Sparse {best_r} {rs[best_r]:.1f}us ({t_dense / rs[best_r]:.2f}x)")
+            if M == 1 and not fused:  # fixed cost: nothing kept / everything kept
                 diag = {}
-                for thr_name, thr in (("keep_none", float("inf")), ("keep_all", float("-inf"))):
-                    for op in ("sparse", "rsparse"):
+                for op, best in (("sparse", best_s), ("rsparse", best_r)):
+                    cfg = res[best][1]
+                    for thr_name, thr in (("keep_none", float("inf")),
+                                          ("keep_all", float("-inf"))):
                         fns = []
                         for i in range(sets.n):
                             ps = [(p[0], thr) + tuple(p[2:]) for p in fac.parts(i, op)]
-                            fns.append(lambda ps=ps, x=xs[i]: [
+                            fns.append(lambda ps=ps, x=xs[i], cfg=cfg: [
                                 K.rsparse_decode_linear(x, *p, _config=cfg) for p in ps])
                         try:
                             diag[f"{op}_{thr_name}"] = timer(fns)[0]
                         except Exception as e:
                             log(f"    diag failed: {type(e).__name__}: {str(e)[:200]}")
-                records.append(dict(kind="diag", shape=f"{out_f}x{in_f}", batch=1, dtype=dname,
-                                    variant=best, cfg=cfg, dense_us=t_dense, **diag))
+                records.append(dict(kind="diag", label=label, shape=f"{out_f}x{in_f}", batch=1,
+                                    dtype=dname, dense_us=t_dense, **diag))
                 log("    diag " + " ".join(f"{k}={v:.1f}us" for k, v in diag.items()))
         del sets
         if dev.type == "cuda":
@@ -468,6 +487,10 @@ def run_tune(args, K, timer, dev, records, log):
         log(f"    {key!r}: {cfg!r},")
     log("}")
     return table
+
+
+def load_table(path):
+    return {tuple(k): v for k, v in json.loads(Path(path).read_text())}
 
 
 def _select(args, groups=True):
@@ -531,6 +554,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="variant sweep first (prints a table)")
     p.add_argument("--tune-batches", default="2,4,8", help="batches swept by --tune besides 1")
     p.add_argument("--no-bench", action="store_true", help="only --tune")
+    p.add_argument("--table-json", default="",
+                   help="use this tuned table (OUT/tuned_table.json of a --tune run)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
     args = p.parse_args(argv)
@@ -579,8 +604,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _term)
     try:
         meta["pdl"] = pdl_selftest(K, dev, log)
+        if args.table_json:
+            K._CONFIG_TABLE.update(load_table(args.table_json))
+            log(f"config table updated from {args.table_json}")
         if args.tune:
-            tuned = run_tune(args, K, timer, dev, records, log)
+            tuned = run_tune(args, K, timer, dev, records, log, out)
             meta["tuned"] = {str(k): v for k, v in tuned.items()}
             if tuned and not args.no_bench:  # the bench below uses the sweep's choices
                 K._CONFIG_TABLE.update(tuned)

@@ -2,14 +2,20 @@
 
 from .triton_rsparse import (
     MAX_BATCH_ROWS,
+    MAX_PARTS,
     rsparse_decode_linear,
+    rsparse_decode_linear_multi,
+    rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
     triton_available,
 )
 
 __all__ = [
     "MAX_BATCH_ROWS",
+    "MAX_PARTS",
     "rsparse_decode_linear",
+    "rsparse_decode_linear_multi",
+    "rsparse_decode_linear_multi_reference",
     "rsparse_decode_linear_reference",
     "triton_available",
 ]

@@ -395,10 +395,12 @@ if _HAS_TRITON:
     def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DOT_UPCAST: tl.constexpr):
+                             DYN: tl.constexpr, DOT_UPCAST: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
-        walks them G at a time: dropped rows cost neither traffic nor arithmetic."""
+        walks them G at a time: dropped rows cost neither traffic nor arithmetic.
+        DYN: a run-time loop over ceil(count / G) groups (software-pipelined by triton when
+        num_stages > 1) instead of CH / G unrolled groups each behind an `if`."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
@@ -421,9 +423,9 @@ if _HAS_TRITON:
         if M_PAD == 1:
             # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
             acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-            for g in tl.static_range(CH // G):
-                if g * G < cnt:
-                    r = g * G + tl.arange(0, G)
+            if DYN:
+                for g0 in range(0, cnt, G):
+                    r = g0 + tl.arange(0, G)
                     r_ok = r < cnt
                     rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
                     xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
@@ -431,6 +433,17 @@ if _HAS_TRITON:
                                 mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                 eviction_policy="evict_first")
                     acc2 += w.to(tl.float32) * xv[:, None]
+            else:
+                for g in tl.static_range(CH // G):
+                    if g * G < cnt:
+                        r = g * G + tl.arange(0, G)
+                        r_ok = r < cnt
+                        rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                        xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+                        w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                    mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+                                    eviction_policy="evict_first")
+                        acc2 += w.to(tl.float32) * xv[:, None]
             tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
         else:
             offs_m = tl.arange(0, M_PAD)
@@ -459,12 +472,13 @@ if _HAS_TRITON:
     def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
                      scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
-                     G: tl.constexpr, COMPACT: tl.constexpr, THR_IS_PTR: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                     G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
+                     THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr):
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
-                                 scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE,
+                                 scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
                                  DOT_UPCAST)
         else:
             _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
@@ -546,7 +560,7 @@ if _HAS_TRITON:
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
+                     DYN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
@@ -589,17 +603,17 @@ if _HAS_TRITON:
             if q < SE0:
                 _sparse_part(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT,
-                             TP0, HS0, DOT_UPCAST)
+                             DYN, TP0, HS0, DOT_UPCAST)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_part(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, TP1, HS1, DOT_UPCAST)
+                                 COMPACT, DYN, TP1, HS1, DOT_UPCAST)
             else:
                 if NUM_PARTS > 2:
                     _sparse_part(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, TP2, HS2, DOT_UPCAST)
+                                 COMPACT, DYN, TP2, HS2, DOT_UPCAST)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,
@@ -674,38 +688,43 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
-_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, M1_DOT=False, PDL=True, PATH="triton")
+_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, M1_DOT=False, PDL=True,
+                      PATH="triton")
 
-_CMP_DOT = dict(COMPACT=True, M1_DOT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4)
-_CMP_DOT_MM = dict(COMPACT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4)
-_CUBLAS = dict(PATH="cublas")
-# Per-shape choices for 16-bit dtypes: (class, in, out) -> config (out = sum over the parts of a
-# multi call). Measured on the H200 (torch 2.11, triton 3.6; `rsparse bench kernel --tune`,
-# bf16, s = 0.5; docs/kernel-notes.md). Classes m2/m4/m8 are batch 2, 3-4, 5-8: there the
-# union of the rows' masks decides whether the sparse kernel still pays; "cublas" entries mark
-# the shapes where it measured slower than the dense GEMM.
+_CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
+_PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+# Per-shape choices for 16-bit dtypes: (class, in, out) -> config, where out is the sum over the
+# parts of a multi call and class is m1 / m2 / m4 / m8 (batch 1, 2, 3-4, 5-8: the union of the
+# rows' masks grows with the batch and decides whether the sparse kernel still pays), with a
+# "+lr" suffix for calls with a low-rank term when they measured best with another config.
+# PATH "cublas" marks shapes/batches where every sparse-kernel variant measured slower than
+# cuBLAS. Filled from `rsparse bench kernel --tune` on the H200 (torch 2.11, triton 3.6,
+# bf16, s = 0.5, rho = 0.9); docs/kernel-notes.md has the sweep.
 _CONFIG_TABLE: dict = {
-    ("m1", 4096, 4096): _CMP_DOT,
-    ("m1", 4096, 11008): _CMP_DOT,
-    ("m1", 11008, 4096): dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=16, num_warps=4),
-    ("m1", 4096, 14336): _CMP_DOT,
-    ("m1", 14336, 4096): _CMP_DOT,
-    ("m1", 4096, 1024): dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
+    ("m1", 4096, 4096): dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
+    ("m1+lr", 4096, 4096): _PLAIN_DOT,
+    ("m1", 4096, 11008): _CMP_FMA,
+    ("m1", 11008, 4096): _CMP_FMA,
+    ("m1", 4096, 14336): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m1", 14336, 4096): _CMP_FMA,
+    ("m1", 4096, 1024): _PLAIN_DOT,
 }
 
 
 def _default_16bit(cls: str, K: int, N: int) -> dict:
     """16-bit shapes not in the table: the variant that won at the nearest measured shapes."""
-    if K * N >= 8 * 2**20:  # large layers: compacted kept rows, tensor-core product
-        return _CMP_DOT if cls == "m1" else _CMP_DOT_MM
-    return dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4) if cls == "m1" else {}
+    if cls == "m1":
+        # large layers: compacted kept rows, FMA product; small ones: masked tiles, tl.dot
+        return _CMP_FMA if K * N >= 8 * 2**20 else _PLAIN_DOT
+    return {}  # batch: masked row tiles, tl.dot (the "mm" base config)
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v - 1).bit_length())
 
 
-def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict]) -> dict:
+def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict],
+                 has_lr: bool = False) -> dict:
     """Base config of the batch class, then the per-shape table (16-bit), or, if given, the
     override (`_config=`, used by tests and the benchmark's sweep) on top of the base."""
     cls = _batch_class(M)
@@ -716,7 +735,9 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict]) -> 
     if elt == 4 and M > 1:  # fp32 FMA dot: smaller K tiles, else register spills
         cfg.update(BLOCK_K=32)
     if elt == 2 and not override:  # an explicit override applies to the base config
-        entry = _CONFIG_TABLE.get((cls, K, N))
+        entry = _CONFIG_TABLE.get((cls + "+lr", K, N)) if has_lr else None
+        if entry is None:
+            entry = _CONFIG_TABLE.get((cls, K, N))
         cfg.update(entry if entry is not None else _default_16bit(cls, K, N))
     if override:
         unknown = set(override) - set(cfg)
@@ -959,7 +980,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     _main_kernel[(last(lr_end) + last(sp_end),)](
         x2, x2.stride(0), M, K, ws, zbuf, slots, *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
-        CH=CH, G=G, COMPACT=compact, BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
+        CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
@@ -1016,7 +1037,8 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    cfg = _pick_config(M, K, sum(p.N for p in parts), x.element_size(), _config)
+    cfg = _pick_config(M, K, sum(p.N for p in parts), x.element_size(), _config,
+                       has_lr=any(p.R for p in parts))
     run_parts, run_ys = [parts[i] for i in live], [ys[i] for i in live]
     if cfg["PATH"] == "cublas":
         _run_cublas(x2, run_parts, run_ys)
