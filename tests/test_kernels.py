@@ -102,6 +102,7 @@ MODES = {
     "compact": dict(SMALL, COMPACT=True, CH=32, G=8),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
     "dot": dict(SMALL, M1_DOT=True),
+    "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
 }
 
 
@@ -305,6 +306,7 @@ VARIANTS = {
     "compact": dict(SMALL, COMPACT=True, CH=32, G=16),
     "compact_g8_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
+    "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
     "cublas": dict(PATH="cublas"),
@@ -375,7 +377,7 @@ def _check_parts(ys, x, parts, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", ["qkv", "gate_up"])
-@pytest.mark.parametrize("variant", ["compact", "plain_dot", "cublas"])
+@pytest.mark.parametrize("variant", ["compact_regidx", "plain_dot", "cublas"])
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (3, torch.float16),
                                      (8, torch.float32)])
 def test_multi_matches_fp64(kind, variant, M, dtype):

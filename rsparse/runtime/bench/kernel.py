@@ -73,34 +73,35 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --tune candidates (16-bit). Batch 1: sparse-tile variants; then low-rank variants on the best.
 # (Measured once and dropped from the sweep, run 1 of docs/kernel-notes.md: LR_FUSED low-rank
-# tiles, 2-4x slower; PDL off, 1-3 us slower; FMA over whole masked tiles, 2x slower.)
+# tiles, 2-4x slower; PDL off, 1-3 us slower; FMA over whole masked tiles, 2x slower; the
+# compacted tl.dot walk at batch 1 and 2-8, slower than compact FMA / masked tiles.)
 VARIANTS_M1 = {
     "cmp512-128-8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4),
     "cmp512-128-16": dict(COMPACT=True, BLOCK_N=512, CH=128, G=16, BLOCK_KR=64, num_warps=8),
-    "cmp512-256-8": dict(COMPACT=True, BLOCK_N=512, CH=256, G=8, BLOCK_KR=64, num_warps=4),
-    "cmp1024-128-8": dict(COMPACT=True, BLOCK_N=1024, CH=128, G=8, BLOCK_KR=32, num_warps=8),
     "cmp256-128-16": dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
     "cmp256-64-8": dict(COMPACT=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32, num_warps=4),
+    "cmp512-128-8-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
+                             num_warps=4),
+    "cmp512-128-16-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=512, CH=128, G=16,
+                              BLOCK_KR=64, num_warps=8),
+    "cmp256-128-16-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=256, CH=128, G=16,
+                              BLOCK_KR=32, num_warps=4),
+    "cmp256-64-8-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32,
+                            num_warps=4),
     "cmp512-128-8-dyn2": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
                               num_warps=4, num_stages=2),
-    "cmp256-128-16-dyn3": dict(COMPACT=True, DYN=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32,
-                               num_warps=4, num_stages=3),
-    "cmpdot128": dict(COMPACT=True, M1_DOT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64,
-                      num_warps=4),
     "plaindot128x64": dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
 }
 LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant (R-Sparse only)
     "kr16": dict(BLOCK_KR=16),
     "kr32": dict(BLOCK_KR=32),
     "kr64": dict(BLOCK_KR=64),
-    "kr64-kp64": dict(BLOCK_KR=64, BLOCK_KP=64),
 }
 VARIANTS_MM = {
     "plaindot128x64": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4),
     "plaindot128x64x4": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=4, num_warps=4),
     "plaindot256x64x2": dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=2, num_warps=8),
     "plaindot128x128": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8),
-    "cmpdot128": dict(COMPACT=True, BLOCK_N=128, CH=128, G=32, BLOCK_KR=64, num_warps=4),
     "cublas": dict(PATH="cublas"),
 }
 
@@ -412,7 +413,7 @@ def run_tune(args, K, timer, dev, records, log, out_dir):
         fused = len(outs) > 1
         sets = LayerSets(in_f, outs, dtype, dev, args.min_set_mb * 2**20, args.calls, args.seed)
         out_f = sum(outs)
-        for M in [1] + tune_batches:
+        for M in [1] + ([] if fused else tune_batches):  # groups: batch 1 only (time)
             xs = sets.inputs(M)
             fac = OpFactory(K, sets, xs, args.s, args.rho)
             t_dense = timer(fac.build("dense", False)[0])[0]
@@ -465,8 +466,7 @@ def run_tune(args, K, timer, dev, records, log, out_dir):
                 diag = {}
                 for op, best in (("sparse", best_s), ("rsparse", best_r)):
                     cfg = res[best][1]
-                    for thr_name, thr in (("keep_none", float("inf")),
-                                          ("keep_all", float("-inf"))):
+                    for thr_name, thr in (("keep_none", float("inf")),):
                         fns = []
                         for i in range(sets.n):
                             ps = [(p[0], thr) + tuple(p[2:]) for p in fac.parts(i, op)]

@@ -392,15 +392,27 @@ if _HAS_TRITON:
                           mask=(offs_m < M)[:, None] & n_ok[None, :], sem="relaxed")
 
     @triton.jit
+    def _group_select(g0, pos_k, offs_c, xc, cnt, G: tl.constexpr):
+        """Channels (and x values) of kept ranks g0 .. g0+G-1 of a chunk, from registers."""
+        ranks = g0 + tl.arange(0, G)
+        sel = pos_k[None, :] == ranks[:, None]  # (G, CH), at most one match per row
+        rows = tl.sum(tl.where(sel, offs_c[None, :], 0), axis=1)
+        xg = tl.sum(tl.where(sel, xc[None, :], 0.0), axis=1)
+        return rows, xg, ranks < cnt
+
+    @triton.jit
     def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DYN: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                             DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
         DYN: a run-time loop over ceil(count / G) groups (software-pipelined by triton when
-        num_stages > 1) instead of CH / G unrolled groups each behind an `if`."""
+        num_stages > 1) instead of CH / G unrolled groups each behind an `if`.
+        REGIDX (batch 1): no slot; each group's row indices and x values are selected from the
+        registers holding the chunk (a (G, CH) match against the cumsum), and the loop keeps
+        the next group's weight tile in flight while it multiplies the current one."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
@@ -415,28 +427,35 @@ if _HAS_TRITON:
                                          HAS_SCALE)
             kany = tl.max(keepcm.to(tl.int32), axis=0)  # union over the batch rows
         pos = tl.cumsum(kany, 0) - 1
-        tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
         cnt = tl.sum(kany, 0)
-        # the slot is written and read back by different threads of this program: a CTA barrier
-        # orders global stores before loads within the CTA (same SM, same L1)
-        tl.debug_barrier()
-        if M_PAD == 1:
-            # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
+        if REGIDX and M_PAD == 1:
+            # rank j of the group <-> the channel whose cumsum position is g0 + j
+            pos_k = tl.where(kany > 0, pos, -1)
             acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-            if DYN:
-                for g0 in range(0, cnt, G):
-                    r = g0 + tl.arange(0, G)
-                    r_ok = r < cnt
-                    rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
-                    xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-                                eviction_policy="evict_first")
-                    acc2 += w.to(tl.float32) * xv[:, None]
-            else:
-                for g in tl.static_range(CH // G):
-                    if g * G < cnt:
-                        r = g * G + tl.arange(0, G)
+            rows, xg, r_ok = _group_select(0, pos_k, offs_c, xc, cnt, G)
+            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            for g0 in range(G, cnt + G, G):
+                rows_n, xg_n, r_ok_n = _group_select(g0, pos_k, offs_c, xc, cnt, G)
+                w_n = tl.load(w_ptr + rows_n[:, None] * stride_wk + offs_n[None, :],
+                              mask=r_ok_n[:, None] & n_ok[None, :], other=0.0,
+                              eviction_policy="evict_first")
+                acc2 += w.to(tl.float32) * xg[:, None]
+                w = w_n
+                xg = xg_n
+            tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
+        else:
+            tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
+            # the slot is written and read back by different threads of this program: a CTA
+            # barrier orders global stores before loads within the CTA (same SM, same L1)
+            tl.debug_barrier()
+            if M_PAD == 1:
+                # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
+                acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
+                if DYN:
+                    for g0 in range(0, cnt, G):
+                        r = g0 + tl.arange(0, G)
                         r_ok = r < cnt
                         rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
                         xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
@@ -444,42 +463,53 @@ if _HAS_TRITON:
                                     mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                     eviction_policy="evict_first")
                         acc2 += w.to(tl.float32) * xv[:, None]
-            tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
-        else:
-            offs_m = tl.arange(0, M_PAD)
-            m_ok = offs_m < M
-            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-            for g in tl.static_range(CH // G):
-                if g * G < cnt:
-                    r = g * G + tl.arange(0, G)
-                    r_ok = r < cnt
-                    rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
-                    ok = m_ok[:, None] & r_ok[None, :]
-                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
-                                 other=0.0).to(tl.float32)
-                    score = tl.abs(xv)
-                    if HAS_SCALE:
-                        sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
-                        score = score * sc[None, :]
-                    keep = (score > thr) & ok  # per-row semantics inside the union
-                    acc = _macm(acc, tl.where(keep, xv, 0.0),
-                                w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                r_ok, n_ok, False, DOT_UPCAST)
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                          mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+                else:
+                    for g in tl.static_range(CH // G):
+                        if g * G < cnt:
+                            r = g * G + tl.arange(0, G)
+                            r_ok = r < cnt
+                            rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                            xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+                            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+                                        eviction_policy="evict_first")
+                            acc2 += w.to(tl.float32) * xv[:, None]
+                tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
+            else:
+                offs_m = tl.arange(0, M_PAD)
+                m_ok = offs_m < M
+                acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+                for g in tl.static_range(CH // G):
+                    if g * G < cnt:
+                        r = g * G + tl.arange(0, G)
+                        r_ok = r < cnt
+                        rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                        ok = m_ok[:, None] & r_ok[None, :]
+                        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
+                                     other=0.0).to(tl.float32)
+                        score = tl.abs(xv)
+                        if HAS_SCALE:
+                            sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
+                            score = score * sc[None, :]
+                        keep = (score > thr) & ok  # per-row semantics inside the union
+                        acc = _macm(acc, tl.where(keep, xv, 0.0),
+                                    w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                    r_ok, n_ok, False, DOT_UPCAST)
+                tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                              mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     @triton.jit
     def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
                      scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
-                     THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                      DOT_UPCAST: tl.constexpr):
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                                  scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
-                                 DOT_UPCAST)
+                                 REGIDX, DOT_UPCAST)
         else:
             _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
                                ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
@@ -560,7 +590,8 @@ if _HAS_TRITON:
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
-                     DYN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
+                     DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
@@ -603,17 +634,17 @@ if _HAS_TRITON:
             if q < SE0:
                 _sparse_part(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT,
-                             DYN, TP0, HS0, DOT_UPCAST)
+                             DYN, REGIDX, TP0, HS0, DOT_UPCAST)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_part(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, DYN, TP1, HS1, DOT_UPCAST)
+                                 COMPACT, DYN, REGIDX, TP1, HS1, DOT_UPCAST)
             else:
                 if NUM_PARTS > 2:
                     _sparse_part(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, DYN, TP2, HS2, DOT_UPCAST)
+                                 COMPACT, DYN, REGIDX, TP2, HS2, DOT_UPCAST)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,
@@ -688,8 +719,8 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
-_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, M1_DOT=False, PDL=True,
-                      PATH="triton")
+_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
+                      PDL=True, PATH="triton")
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
@@ -980,7 +1011,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     _main_kernel[(last(lr_end) + last(sp_end),)](
         x2, x2.stride(0), M, K, ws, zbuf, slots, *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
-        CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
+        CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
+        REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
