@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="sparsify a model and compare perplexity and achieved sparsity")
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
-    bench = sub.add_parser("bench", help="GPU benchmarks: `kernel` (one layer) or `decode` (tokens/s); --help for each")
-    bench.add_argument("what", choices=["kernel", "decode"])
+    bench = sub.add_parser("bench", help="benchmarks: `kernel` (one layer), `decode` (tokens/s), `agreement` "
+                                         "(engine vs transformers tokens on a real model); --help for each")
+    bench.add_argument("what", choices=["kernel", "decode", "agreement"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
     from rsparse import analyze, checkpoint, compare_recipes, generate, search, sweep
