@@ -193,6 +193,20 @@ class RSparseLinear(nn.Linear):
         """Kept-channel mask m for inputs x (..., in)."""
         return (x.abs().float() * self.score_scale) > self.threshold
 
+    def runs_kernel(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) is one call of the fused kernel op (a sparse step, kernel allowed
+        and able to run here, statistics off): then decoders may fuse it with its siblings."""
+        one_token = x.dim() == 1 or x.shape[-2] == 1
+        sparse = self.method != "dense" and (self.tokens == "all" or self.tokens == "decode" and one_token)
+        allowed = self.kernel == "always" or (self.kernel == "auto" and x.is_cuda
+                                              and x.numel() // self.in_features <= MAX_BATCH_ROWS)
+        return sparse and allowed and not self.track_stats and kernel_runs_on(x.device)
+
+    def kernel_args(self) -> tuple:
+        """(w_t, threshold, score_scale, lr_down, lr_up, bias): this layer as the kernel op takes it."""
+        return (self.weight.t(), self.threshold, self.score_scale, self.lr_down if self.rank else None,
+                self.lr_up if self.rank else None, self.bias)
+
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         keep = None
         if self.track_stats:  # for measurement, never inside a CUDA graph; summed on device (no sync)
@@ -201,9 +215,7 @@ class RSparseLinear(nn.Linear):
             self.stat_kept = self.stat_kept + keep.sum()
         if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= MAX_BATCH_ROWS):
             if kernel_runs_on(x.device):  # a torch.library op: torch.compile traces through it
-                return ops.decode_linear(x, self.weight.t(), self.threshold, self.score_scale,
-                                         self.lr_down if self.rank else None,
-                                         self.lr_up if self.rank else None, self.bias)
+                return ops.decode_linear(x, *self.kernel_args())
             if self.kernel == "always":
                 raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
         keep = self.mask(x) if keep is None else keep

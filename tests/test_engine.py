@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from rsparse import RSparseConfig, rsparse_layers, sparsify_
 from rsparse.data import calibration_windows
+from rsparse.runtime import ops
 from rsparse.runtime.engine import Engine, EngineError, Sampling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,20 +149,25 @@ def test_requests_that_do_not_fit_are_refused():
         Engine(model, batch_size=9)
 
 
-def test_compiled_step_traces_through_the_kernel_op(windows):
+def test_compiled_step_traces_through_the_kernel_op(windows, monkeypatch):
     """fullgraph=True: RSparseLinear's kernel call is a torch.library op, no graph break."""
     model = sparse_tiny(windows).to(DEVICE)
     for layer in rsparse_layers(model):
         layer.kernel = "always"  # the Triton kernel (interpreted on CPU) behind the op
     rows = prompts([11, 6])
-    expected = hf_greedy(model, rows, 6)
+    expected = hf_greedy(model, rows, 4)  # transformers runs each layer on its own (no fusion)
     torch._dynamo.reset()
-    got = Engine(model, batch_size=2, max_seq_len=24, compile="aot_eager").generate(rows, 6)
+    calls = []
+    real = ops.decode_linear_multi
+    monkeypatch.setattr(ops, "decode_linear_multi", lambda *a: calls.append(len(a[1])) or real(*a))
+    got = Engine(model, batch_size=2, max_seq_len=24, compile="aot_eager").generate(rows, 4)
     assert got.tokens == expected
+    assert calls.count(3) >= 2 and calls.count(2) >= 2  # q/k/v and gate/up of both blocks, fused
 
 
 def test_kernel_op_fake_and_schema():
     from rsparse.runtime import ops  # noqa: F401  (registers torch.ops.rsparse)
+    from rsparse.runtime.kernels import rsparse_decode_linear_reference
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 64, generator=g)
@@ -170,9 +176,15 @@ def test_kernel_op_fake_and_schema():
             torch.randn(8, 48, generator=g), torch.randn(48, generator=g))
     torch.library.opcheck(torch.ops.rsparse.decode_linear.default, args)
     torch.library.opcheck(torch.ops.rsparse.decode_linear.default, args[:4] + (None, None, None))
+    # q/k/v-like parts of different widths sharing x, one with factors and bias, one sparse-only
+    w2 = torch.randn(64, 16, generator=g)
+    multi = (x, [w_t, w2], [args[2], torch.tensor(0.3)], [args[3], None], [args[4], None], [args[5], None],
+             [args[6], None])
+    torch.library.opcheck(torch.ops.rsparse.decode_linear_multi.default, multi)
+    y1, y2 = torch.ops.rsparse.decode_linear_multi(*multi)
+    assert torch.allclose(y2, rsparse_decode_linear_reference(x, w2, 0.3), atol=1e-5)
     y = torch.ops.rsparse.decode_linear(*args)
-    from rsparse.runtime.kernels import rsparse_decode_linear_reference
-
+    assert torch.allclose(y1, y)
     assert torch.allclose(y, rsparse_decode_linear_reference(*args), atol=1e-5)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsparse.models import decoder_blocks, decoder_linears
+from rsparse.runtime.ops import sparse_projections
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
@@ -96,10 +97,11 @@ class Engine:
         them each step, so size it to the work (default: the model's context, capped at 2048).
     compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
         backend ("inductor" when True; tests trace with "aot_eager").
+    fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each.
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int | None = None,
-                 compile: bool | str | None = None, cuda_graph: bool | None = None):
+                 compile: bool | str | None = None, cuda_graph: bool | None = None, fuse: bool = True):
         cfg = model.config
         if not 1 <= batch_size <= MAX_BATCH:
             raise EngineError(f"batch_size must be 1-{MAX_BATCH}, got {batch_size}")
@@ -124,7 +126,7 @@ class Engine:
         self.window = int(window) if window else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.batch_size, self.max_seq_len, self.fuse = batch_size, max_seq_len, fuse
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -164,9 +166,9 @@ class Engine:
                    mask: torch.Tensor | None, write_at: torch.Tensor, prefill: bool) -> torch.Tensor:
         attn = self.attn[i]
         b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, -1, self.head_dim)
-        k = attn.k_proj(h).view(b, t, -1, self.head_dim)
-        v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = q.view(b, t, -1, self.head_dim), k.view(b, t, -1, self.head_dim)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -181,7 +183,14 @@ class Engine:
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp[i]
-        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        gate, up = self._project(h, (mlp.gate_proj, mlp.up_proj))
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _project(self, h: torch.Tensor, layers) -> list[torch.Tensor]:
+        """Projections that share the input h: one fused kernel call for sparse decode steps
+        (q/k/v, gate/up), else each layer on its own."""
+        fused = sparse_projections(h, layers) if self.fuse else None
+        return fused if fused is not None else [layer(h) for layer in layers]
 
     def _blocks(self, h, cos, sin, mask, write_at, prefill):
         for i, block in enumerate(self.blocks):

@@ -2,9 +2,11 @@
 through `RSparseLinear` without a graph break and Inductor fuses the elementwise glue around it.
 
     torch.ops.rsparse.decode_linear(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+    torch.ops.rsparse.decode_linear_multi(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases)
 
-is `rsparse.runtime.kernels.rsparse_decode_linear` (one R-Sparse or sparse-only layer, up to
-MAX_BATCH_ROWS rows). Each op is opaque to the compiler (`custom_op` with a fake implementation
+are `rsparse.runtime.kernels.rsparse_decode_linear` (one R-Sparse or sparse-only layer, up to
+MAX_BATCH_ROWS rows) and `rsparse_decode_linear_multi` (2-3 layers that share their input, such
+as q/k/v or gate/up, in one set of launches; one output per layer). Each op is opaque to the compiler (`custom_op` with a fake implementation
 that gives the output's shape and dtype); on a device where Triton cannot run (a CPU without
 TRITON_INTERPRET) it computes the torch reference, so the same traced graph runs everywhere.
 Dense layers need no op: they stay `F.linear`, which Inductor already understands.
@@ -19,7 +21,10 @@ import torch
 
 from rsparse.runtime.kernels import (
     MAX_BATCH_ROWS,
+    MAX_PARTS,
     rsparse_decode_linear,
+    rsparse_decode_linear_multi,
+    rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
     triton_available,
 )
@@ -47,3 +52,30 @@ def decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
 def _decode_linear_fake(x, w_t, threshold, score_scale, lr_down, lr_up, bias):
     torch._check(x.shape[-1] == w_t.shape[0], lambda: f"x has {x.shape[-1]} features, w_t expects {w_t.shape[0]}")
     return x.new_empty(*x.shape[:-1], w_t.shape[1])
+
+
+@torch.library.custom_op("rsparse::decode_linear_multi", mutates_args=())
+def decode_linear_multi(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: list[torch.Tensor],
+                        score_scales: list[Optional[torch.Tensor]], lr_downs: list[Optional[torch.Tensor]],
+                        lr_ups: list[Optional[torch.Tensor]], biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """decode_linear for each part i (w_ts[i], thresholds[i], ...) of layers sharing x."""
+    parts = list(zip(w_ts, thresholds, score_scales, lr_downs, lr_ups, biases))
+    if kernel_runs_on(x.device):
+        return list(rsparse_decode_linear_multi(x, parts))
+    return list(rsparse_decode_linear_multi_reference(x, parts))
+
+
+@decode_linear_multi.register_fake
+def _decode_linear_multi_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases):
+    torch._check(1 <= len(w_ts) <= MAX_PARTS, lambda: f"1-{MAX_PARTS} parts, got {len(w_ts)}")
+    return [x.new_empty(*x.shape[:-1], w_t.shape[1]) for w_t in w_ts]
+
+
+def sparse_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """The outputs of RSparseLinear layers that share the input x, from ONE fused kernel call
+    when every layer would run the kernel on x (see RSparseLinear.runs_kernel); else None and
+    the caller runs the layers one by one."""
+    if not 2 <= len(layers) <= MAX_PARTS or not all(getattr(l, "runs_kernel", None) and l.runs_kernel(x) for l in layers):
+        return None
+    args = [l.kernel_args() for l in layers]
+    return decode_linear_multi(x, *[list(a) for a in zip(*args)])
