@@ -723,22 +723,90 @@ _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_D
                       PDL=True, PATH="triton")
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
+_CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
+_CMP_REG = dict(_CMP_FMA, REGIDX=True)
 _PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+_MM_128 = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4)
+_MM_256X2 = dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=2, num_warps=8)
+_CUBLAS = dict(PATH="cublas")
 # Per-shape choices for 16-bit dtypes: (class, in, out) -> config, where out is the sum over the
 # parts of a multi call and class is m1 / m2 / m4 / m8 (batch 1, 2, 3-4, 5-8: the union of the
 # rows' masks grows with the batch and decides whether the sparse kernel still pays), with a
-# "+lr" suffix for calls with a low-rank term when they measured best with another config.
-# PATH "cublas" marks shapes/batches where every sparse-kernel variant measured slower than
-# cuBLAS. Filled from `rsparse bench kernel --tune` on the H200 (torch 2.11, triton 3.6,
-# bf16, s = 0.5, rho = 0.9); docs/kernel-notes.md has the sweep.
+# "+lr" suffix for calls with a low-rank term (R-Sparse) where those measured best with another
+# config. PATH "cublas" marks the shape/batch classes where every sparse-kernel variant measured
+# slower than the cuBLAS path (split x, then cuBLAS). Entries are the per-op winners of
+# `rsparse bench kernel --tune` on the H200, 2026-11-30 (torch 2.11, triton 3.6, bf16,
+# s = 0.5, rho = 0.9, i.i.d. Laplace inputs: union of kept rows 75% / 94% / 99.6% at batch
+# 2 / 4 / 8); docs/kernel-notes.md, run 2. Unlisted shapes use _default_16bit.
 _CONFIG_TABLE: dict = {
-    ("m1", 4096, 4096): dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
-    ("m1+lr", 4096, 4096): _PLAIN_DOT,
+    # Llama-2-7B q/k/v/o
+    ("m1", 4096, 4096): _CMP_REG,
+    ("m1+lr", 4096, 4096): dict(_CMP_REG, BLOCK_KR=32),
+    ("m2", 4096, 4096): _MM_256X2,
+    ("m2+lr", 4096, 4096): _MM_128,
+    ("m4", 4096, 4096): _CUBLAS,
+    ("m4+lr", 4096, 4096): _MM_128,
+    ("m8", 4096, 4096): _CUBLAS,
+    ("m8+lr", 4096, 4096): _MM_128,
+    # Llama-2-7B gate/up, down
     ("m1", 4096, 11008): _CMP_FMA,
+    ("m1+lr", 4096, 11008): _CMP_FMA_DYN,
+    ("m2", 4096, 11008): _CUBLAS,
+    ("m2+lr", 4096, 11008): _MM_128,
+    ("m4", 4096, 11008): _CUBLAS,
+    ("m4+lr", 4096, 11008): _MM_256X2,
+    ("m8", 4096, 11008): _CUBLAS,
+    ("m8+lr", 4096, 11008): _MM_256X2,
     ("m1", 11008, 4096): _CMP_FMA,
-    ("m1", 4096, 14336): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m1+lr", 11008, 4096): _CMP_FMA_DYN,
+    ("m2", 11008, 4096): _CUBLAS,
+    ("m2+lr", 11008, 4096): _MM_256X2,
+    ("m4", 11008, 4096): _CUBLAS,
+    ("m4+lr", 11008, 4096): _MM_256X2,
+    ("m8", 11008, 4096): _CUBLAS,
+    ("m8+lr", 11008, 4096): _MM_256X2,
+    # Llama-3-8B gate/up, down, k/v
+    ("m1", 4096, 14336): _CMP_FMA,
+    ("m1+lr", 4096, 14336): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m2", 4096, 14336): _CUBLAS,
+    ("m2+lr", 4096, 14336): _MM_256X2,
+    ("m4", 4096, 14336): _CUBLAS,
+    ("m4+lr", 4096, 14336): _MM_256X2,
+    ("m8", 4096, 14336): _CUBLAS,
+    ("m8+lr", 4096, 14336): _MM_256X2,
     ("m1", 14336, 4096): _CMP_FMA,
+    ("m1+lr", 14336, 4096): _CMP_FMA_DYN,
+    ("m2", 14336, 4096): _CUBLAS,
+    ("m2+lr", 14336, 4096): _MM_256X2,
+    ("m4", 14336, 4096): _CUBLAS,
+    ("m4+lr", 14336, 4096): _MM_256X2,
+    ("m8", 14336, 4096): _CUBLAS,
+    ("m8+lr", 14336, 4096): _MM_256X2,
     ("m1", 4096, 1024): _PLAIN_DOT,
+    ("m1+lr", 4096, 1024): dict(_PLAIN_DOT, BLOCK_KR=64),
+    ("m2", 4096, 1024): _MM_128,
+    ("m4", 4096, 1024): _MM_128,
+    ("m8", 4096, 1024): _MM_128,
+    # fused groups (rsparse_decode_linear_multi): Llama-2 q/k/v 3 x 4096, gate+up 2 x 11008;
+    # Llama-3 q/k/v 4096 + 2 x 1024, gate+up 2 x 14336. Batch 1 from the sweep; at batch 2-8
+    # the q/k/v groups measured best on the default masked-tile kernel (R-Sparse and
+    # sparse-only), and so did the gate+up groups with R-Sparse; sparse-only gate+up groups take
+    # the cuBLAS path, as their parts do (the fused kernel measured 0.7x of cuBLAS there, the
+    # separate cuBLAS-path calls 0.92-0.96x; the fused cuBLAS path saves one split launch).
+    ("m1", 4096, 12288): _CMP_FMA,
+    ("m1+lr", 4096, 12288): _CMP_FMA_DYN,
+    ("m1", 4096, 22016): _CMP_FMA,
+    ("m1+lr", 4096, 22016): _CMP_FMA_DYN,
+    ("m2", 4096, 22016): _CUBLAS,
+    ("m4", 4096, 22016): _CUBLAS,
+    ("m8", 4096, 22016): _CUBLAS,
+    ("m1", 4096, 6144): _CMP_FMA,
+    ("m1+lr", 4096, 6144): _CMP_FMA_DYN,
+    ("m1", 4096, 28672): _CMP_FMA,
+    ("m1+lr", 4096, 28672): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m2", 4096, 28672): _CUBLAS,
+    ("m4", 4096, 28672): _CUBLAS,
+    ("m8", 4096, 28672): _CUBLAS,
 }
 
 
