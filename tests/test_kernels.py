@@ -107,8 +107,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,dtype", [(1, torch.float32), (3, torch.bfloat16)])
 def test_modes(mode, M, dtype):
     cfg = dict(MODES[mode])
     if M > 1 and cfg.get("G", 16) < 16:
