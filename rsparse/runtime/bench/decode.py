@@ -9,7 +9,7 @@ Shapes: Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (
 speed depends on shapes and on the kept fraction, not on trained values. Sparse layers are built
 as sparsify_ builds them (true-shape budgets at each sparsity, uniform `--ratio` for R-Sparse,
 rho 1 for sparse-only; thresholds calibrated on the model's own activations over random-token
-windows, so decoding keeps the target fraction), except that the rank-r factors are random
+windows and refined once on the sparsified model, so decoding keeps the target fraction), except that the rank-r factors are random
 matrices of the right shape instead of SVDs of random weights (same bytes, no float64 SVDs).
 
 Rows per model: transformers' eager `generate` (the loop a user has, a few tokens), the engine
@@ -59,12 +59,36 @@ def build_model(name: str, dtype: torch.dtype, layers: int | None = None, device
     return model.eval()
 
 
+def _random_windows(model, calib_tokens: int = 256) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, calib_tokens), generator=torch.Generator().manual_seed(1))
+
+
 def calibration_scores(model, calib_tokens: int = 256) -> dict:
     """Input rows of every decoder projection on random-token windows (for thresholds)."""
     from rsparse.calibrate import collect_activations
 
-    windows = torch.randint(0, model.config.vocab_size, (2, calib_tokens), generator=torch.Generator().manual_seed(1))
-    return collect_activations(model, windows, max_rows_per_layer=2 * calib_tokens).rows
+    return collect_activations(model, _random_windows(model, calib_tokens), max_rows_per_layer=2 * calib_tokens).rows
+
+
+@torch.no_grad()
+def _refine(model, calib_tokens: int = 256) -> None:
+    """Thresholds re-set on the inputs that reach each layer once the layers before it are
+    sparse (dense first half, sparse second half, as in decoding), as sparsify_ refines them."""
+    from rsparse.calibrate import calibrate_threshold, sample_module_inputs
+    from rsparse.layer import rsparse_layers
+
+    layers = {l.name: l for l in rsparse_layers(model)}
+    for layer in layers.values():
+        layer.tokens = "second_half"
+    try:
+        rows = sample_module_inputs(model, layers, _random_windows(model, calib_tokens), 2 * calib_tokens, seed=1,
+                                    second_half=True)
+    finally:
+        for layer in layers.values():
+            layer.tokens = "decode"
+    for name, layer in layers.items():
+        if layer.method != "lowrank":
+            layer.threshold.fill_(calibrate_threshold(rows[name].abs() * layer.score_scale.cpu(), layer.keep_fraction))
 
 
 @torch.no_grad()
@@ -95,6 +119,7 @@ def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None)
         layer.tokens = "decode"
         if layer is not m:
             replace_module(model, lin.name, layer)
+    _refine(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"sparsity": sparsity, "ratio": ratio}
