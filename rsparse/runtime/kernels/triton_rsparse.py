@@ -24,8 +24,10 @@ the GPU so each one is resident before its predecessor ends:
    and add ``z @ lr_up[chunk, tile]``. Each sparse tile (column tile n, chunk kc of CH input
    channels) computes its chunk's keep mask itself, writes the compacted list of kept channels
    to its own scratch slot (cumsum + scatter), barriers, and walks only the kept rows of
-   ``w_t``, G at a time (COMPACT), or loads whole row tiles predicated on the mask (plain).
-   Partial sums go to an fp32 workspace with relaxed atomic adds.
+   ``w_t``, G at a time (COMPACT; REGIDX selects each group's rows from registers instead of
+   the slot), or loads whole row tiles predicated on the mask (plain, "TEAL-style").
+   Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
+   that need no z pass; measured slower, kept as an option.)
 3. ``_epilogue_kernel``: waits (``gdc_wait``) for the main kernel, y = cast(ws + bias) in x's
    dtype, and zeroes ws and z for the next call.
 
@@ -40,10 +42,11 @@ kernel waited for everything before it before it let the main kernel start), and
 
 Batch (M > 1, at most 8 rows): every row has its own mask (exact per-row semantics); a row of
 ``w_t`` is read if ANY batch row keeps the channel (union) and rows that do not keep it add
-exactly 0. Where the union makes the sparse kernel lose to cuBLAS (measured per shape, see
-``_CONFIG_TABLE``), the call runs the "cublas" path: one Triton launch splits x into
-x*m and x*(1-m) per part, then cuBLAS products (same function, 16-bit rounding of the partial
-products instead of one fp32 accumulator).
+exactly 0. Where the union makes the sparse kernel lose to cuBLAS (measured per shape and
+batch class on the H200, see ``_CONFIG_TABLE``), the call runs the "cublas" path: one Triton
+launch splits x into x*m and x*(1-m) per part, then cuBLAS products (same function; the sparse
+and low-rank products are each rounded to x's dtype, instead of one fp32 accumulator).
+Measurements, designs tried and their outcomes: docs/kernel-notes.md.
 
 Constraints: ``w_t``, ``lr_down``, ``lr_up`` row-contiguous (``stride(-1) == 1``), same dtype as
 ``x`` (fp16, bf16 or fp32); ``score_scale`` fp32 (other dtypes are converted per call); the
@@ -1082,7 +1085,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
-        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw)
+        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
     eargs, e_end, ec = [], [], 0
     for p in parts:
