@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _load_kernels():
-    """The kernel module, without needing the rest of the package to import."""
-    if __package__:
+def _load_kernels(fresh: bool = False):
+    """The kernel module, without needing the rest of the package to import. fresh: load a new
+    copy from the file (triton picks interpreter vs compiled when the module is executed, so the
+    CPU smoke mode needs a copy loaded after TRITON_INTERPRET is set)."""
+    if __package__ and not fresh:
         try:
             from ..kernels import triton_rsparse  # type: ignore
 
@@ -564,9 +566,15 @@ def main(argv=None):
         args.tune_batches = ""
 
     if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            if "triton" in sys.modules:  # triton fixed compiled mode when it was imported
+                print("--smoke needs TRITON_INTERPRET=1 before triton is imported: run "
+                      "`TRITON_INTERPRET=1 rsparse bench kernel --smoke ...` or "
+                      "`python rsparse/runtime/bench/kernel.py --smoke ...`", file=sys.stderr)
+                return 2
+            os.environ["TRITON_INTERPRET"] = "1"
         args.calls, args.replays, args.min_set_mb = 2, 1, 0.0
-    K = _load_kernels()
+    K = _load_kernels(fresh=args.smoke)
     if not K.triton_available():
         print("triton / CUDA not available", file=sys.stderr)
         return 2
