@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsparse.models import decoder_blocks, decoder_linears
-from rsparse.runtime.ops import sparse_projections
+from rsparse.layer import RSparseLinear
+from rsparse.runtime.ops import MAX_PARTS, fused_projections
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
@@ -189,8 +190,10 @@ class Engine:
     def _project(self, h: torch.Tensor, layers) -> list[torch.Tensor]:
         """Projections that share the input h: one fused kernel call for sparse decode steps
         (q/k/v, gate/up), else each layer on its own."""
-        fused = sparse_projections(h, layers) if self.fuse else None
-        return fused if fused is not None else [layer(h) for layer in layers]
+        fusable = self.fuse and 2 <= len(layers) <= MAX_PARTS
+        for layer in layers:  # a plain loop: dynamo traces it without a graph break
+            fusable = fusable and isinstance(layer, RSparseLinear) and layer.runs_kernel(h)
+        return fused_projections(h, layers) if fusable else [layer(h) for layer in layers]
 
     def _blocks(self, h, cos, sin, mask, write_at, prefill):
         for i, block in enumerate(self.blocks):

@@ -71,11 +71,9 @@ def _decode_linear_multi_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_up
     return [x.new_empty(*x.shape[:-1], w_t.shape[1]) for w_t in w_ts]
 
 
-def sparse_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """The outputs of RSparseLinear layers that share the input x, from ONE fused kernel call
-    when every layer would run the kernel on x (see RSparseLinear.runs_kernel); else None and
-    the caller runs the layers one by one."""
-    if not 2 <= len(layers) <= MAX_PARTS or not all(getattr(l, "runs_kernel", None) and l.runs_kernel(x) for l in layers):
-        return None
-    args = [l.kernel_args() for l in layers]
+def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """The outputs of RSparseLinear layers that share the input x (q/k/v, gate/up) from ONE
+    fused kernel call; the caller checks that each layer would run the kernel on x
+    (RSparseLinear.runs_kernel)."""
+    args = [layer.kernel_args() for layer in layers]
     return decode_linear_multi(x, *[list(a) for a in zip(*args)])

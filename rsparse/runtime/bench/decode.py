@@ -306,12 +306,12 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "versions": versions(), "settings": vars(args),
                "copy_bandwidth": bandwidth, "rows": []}
     targets = [args.model] if args.model else args.models.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in targets:
         rows = bench_model(name, args, bandwidth) if args.model else bench_random(name, args, bandwidth)
         results["rows"] += [{"model": name, **r} for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_bench.json").write_text(json.dumps(results, indent=2))
+        (out / "decode_bench.json").write_text(json.dumps(results, indent=2))  # after each model
     (out / "decode_bench.md").write_text(table(results) + "\n")
     print("\n" + table(results))
     return 0
