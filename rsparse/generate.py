@@ -288,7 +288,7 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
     start = [{"role": "system", "content": args.system}] if args.system and template else []
     history = list(start)
     limit = getattr(model.config, "max_position_embeddings", None)
-    engine = make_engine(model, tokenizer, args, 4096) if args.engine == "rsparse" else None
+    engine = make_engine(model, tokenizer, args, 2048) if args.engine == "rsparse" else None
     if engine is not None:
         limit = engine.max_seq_len
     torch.manual_seed(args.seed)
