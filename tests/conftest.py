@@ -78,7 +78,7 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def windows(tokenizer):
-    from rsparse.data import tokenize_corpus
+    from rsparse.core.data import tokenize_corpus
 
     stream = tokenize_corpus(tokenizer, [TEXT])
     return stream
@@ -96,6 +96,6 @@ def one_thread():
 @pytest.fixture()
 def data(windows):
     """(calibration windows, held-out perplexity windows) of 64 tokens from the tiny corpus."""
-    from rsparse.data import calibration_windows, perplexity_windows
+    from rsparse.core.data import calibration_windows, perplexity_windows
 
     return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)

@@ -10,12 +10,12 @@ import torch
 
 from conftest import tiny_model
 from rsparse import collect_activations, decoder_linears, evaluate_perplexity
-from rsparse.analyze import (PhaseHooks, analyze_bias_rank, analyze_contributions, analyze_kept, analyze_multiphase,
+from rsparse.analysis.measures import (PhaseHooks, analyze_bias_rank, analyze_contributions, analyze_kept, analyze_multiphase,
                              bias_matrices, contribution_matrix, mass_fractions, multiphase, phase_levels,
                              phase_site_values, pick_blocks, register, sort_contributions, spectrum_stats,
                              two_phase_thresholds)
-from rsparse.calibrate import weight_svd
-from rsparse.data import calibration_windows, perplexity_windows
+from rsparse.core.calibrate import weight_svd
+from rsparse.core.data import calibration_windows, perplexity_windows
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from rsparse import RSparseConfig, restore_, rsparse_layers, sparsify_
-from rsparse.baselines import (BaselineMLP, UnreachableSparsityError, apply_baseline_, apply_cats_, apply_griffin_,
+from rsparse.methods.baselines import (BaselineMLP, UnreachableSparsityError, apply_baseline_, apply_cats_, apply_griffin_,
                                apply_relu_, baseline_layers, linear_bytes, measured_baseline_sparsity, mlp_modules,
                                mlp_sparsity_for, model_sparsity_for, reset_baseline_stats, restore_baselines_,
                                set_baseline_token_mode, skippable_share)

@@ -1,4 +1,4 @@
-"""rsparse.checkpoint: save / load round trips (bit-identical logits), errors, atomic saves, CLI compress."""
+"""rsparse.io.checkpoint: save / load round trips (bit-identical logits), errors, atomic saves, CLI compress."""
 
 import json
 import shutil
@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_config, tiny_model
 from rsparse import RSparseConfig, rsparse_layers, set_token_mode, sparsify_
 from rsparse import checkpoint as ckpt
-from rsparse.checkpoint import CheckpointError, CheckpointFileMissing, load, load_any, save
-from rsparse.data import calibration_windows
+from rsparse.io.checkpoint import CheckpointError, CheckpointFileMissing, load, load_any, save
+from rsparse.core.data import calibration_windows
 
 
 def sparsify(model, windows, **kw):

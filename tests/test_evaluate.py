@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from rsparse.evaluate import (EvaluationError, apply_method, datasets_offline, evaluate_tasks, hub_status, load_xsum,
+from rsparse.eval.harness import (EvaluationError, apply_method, datasets_offline, evaluate_tasks, hub_status, load_xsum,
                               perplexity, resolve_tasks, restore_all)
-from rsparse.tasks import OFFLINE_TASKS, PAPER_TASKS, write_offline_tasks
+from rsparse.eval.tasks import OFFLINE_TASKS, PAPER_TASKS, write_offline_tasks
 
 import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: a missing harness fails here, never skips)
 
@@ -83,7 +83,7 @@ def test_protocol_mode_scores_batched_and_measures_sparsity(model, tokenizer, da
 def test_batched_scoring_equals_one_sequence_at_a_time(model, tokenizer, data, method, tokens):
     # lm-eval right-pads a batch; the halves (and GRIFFIN's per-sequence selection) must be those
     # of each real sequence, so the log-likelihoods match batch size 1.
-    from rsparse.evaluate import _row_length_hflm, declared_row_lengths, token_mode
+    from rsparse.eval.harness import _row_length_hflm, declared_row_lengths, token_mode
 
     cal, _ = data
     apply_method(model, method, 0.4, calibration=cal, tokens=tokens)
@@ -156,7 +156,7 @@ def test_bad_input_gives_clear_errors(model, tokenizer, data):
 
 
 def test_hub_extras_are_skipped_quickly_offline(tokenizer):
-    from rsparse.evaluate import perplexity_windows as ppl_windows
+    from rsparse.eval.harness import perplexity_windows as ppl_windows
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
     t0 = time.time()
@@ -230,7 +230,7 @@ def test_cli_unreachable_baseline_target(tmp_path, tokenizer, tiny_model_dir):
 
 
 def test_results_markdown_has_the_papers_table1_layout():
-    from rsparse.sweep import table1_markdown
+    from rsparse.cli.eval import table1_markdown
 
     def row(method, label, s, acc):
         return {"method": method, "label": label, "target_sparsity": s, "average": acc,
@@ -257,7 +257,7 @@ def test_unknown_hub_only_task_offline_is_a_clear_error(model, tokenizer):
 def test_xsum_rouge_generation_path_on_given_documents(model, tokenizer):
     # The hub is unreachable here; the generation + Rouge-L path runs on documents given directly.
     from conftest import TEXT
-    from rsparse.evaluate import xsum_rouge
+    from rsparse.eval.harness import xsum_rouge
 
     docs = [{"document": TEXT[:400], "summary": "The fox jumps over the dog."},
             {"document": TEXT[400:900], "summary": "Rivers flow to the sea."}]

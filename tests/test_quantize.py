@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from rsparse.calibrate import restore_, sparsify_
-from rsparse.config import RSparseConfig
-from rsparse.models import decoder_linears
-from rsparse.quantize import QuantConfig, quantize_tensor, quantize_weights_
+from rsparse.core.calibrate import restore_, sparsify_
+from rsparse.core.config import RSparseConfig
+from rsparse.core.models import decoder_linears
+from rsparse.methods.quantize import QuantConfig, quantize_tensor, quantize_weights_
 
 
 def test_groups_of_each_row_take_at_most_2_to_the_bits_values_and_a_short_last_group():

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-import rsparse.search as search_mod
+import rsparse.search.evolution as search_mod
 from conftest import tiny_model
 from rsparse import RSparseConfig, sparsify_
-from rsparse.budget import layer_budget, model_read_fraction
-from rsparse.data import calibration_windows
-from rsparse.search import SearchConfig, recipe_from_search, search
+from rsparse.core.budget import layer_budget, model_read_fraction
+from rsparse.core.data import calibration_windows
+from rsparse.search.evolution import SearchConfig, recipe_from_search, search
 
 CFG = dict(sparsity=0.5, population=4, generations=2, group_size=7, seed=3)
 
@@ -114,7 +114,7 @@ def test_every_group_starts_diverse(cal, monkeypatch):
 
 
 def test_selection_prefers_distinct_individuals():
-    from rsparse.search import _select
+    from rsparse.search.evolution import _select
 
     pool = np.array([[1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [1.0, 0.9]])
     pop, fit = _select(pool, np.array([1.0, 1.0, 2.0, 3.0]), 3)
@@ -122,7 +122,7 @@ def test_selection_prefers_distinct_individuals():
 
 
 def test_uniform_grid_scores_each_rho_with_the_search_objective(cal):
-    from rsparse.calibrate import collect_activations, restore_
+    from rsparse.core.calibrate import collect_activations, restore_
 
     model = tiny_model()
     acts = collect_activations(model, cal)
@@ -189,9 +189,9 @@ def test_cli_compare_recipes_rejects_bad_input():
 def test_objective_scores_what_the_evaluation_scores(cal, tokens):
     """The search's fitness of one window is that window's perplexity under the evaluation
     protocol (dense first half, only second-half predictions scored, for "second_half")."""
-    from rsparse.calibrate import collect_activations
-    from rsparse.perplexity import evaluate_perplexity
-    from rsparse.search import _Candidates, _fitness
+    from rsparse.core.calibrate import collect_activations
+    from rsparse.eval.perplexity import evaluate_perplexity
+    from rsparse.search.evolution import _Candidates, _fitness
 
     model = tiny_model()
     cands = _Candidates(model, 0.5, collect_activations(model, cal), tokens=tokens)
@@ -207,9 +207,9 @@ def test_objective_scores_what_the_evaluation_scores(cal, tokens):
 def test_candidates_score_the_model_sparsify_builds(cal, factors):
     """A candidate applied in place is the model sparsify_ builds from the same recipe (same
     thresholds, same factors, no refinement): the objective scores the model the user gets."""
-    from rsparse.calibrate import collect_activations
-    from rsparse.perplexity import evaluate_perplexity
-    from rsparse.search import _Candidates
+    from rsparse.core.calibrate import collect_activations
+    from rsparse.eval.perplexity import evaluate_perplexity
+    from rsparse.search.evolution import _Candidates
 
     model = tiny_model()
     acts = collect_activations(model, cal)

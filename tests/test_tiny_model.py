@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from rsparse import (RecipeError, RSparseConfig, UnsupportedModelError, collect_activations, decoder_linears,
                      evaluate_perplexity, restore_, rsparse_layers, sparsify_)
-from rsparse.data import calibration_windows, perplexity_windows, tokenize_corpus
+from rsparse.core.data import calibration_windows, perplexity_windows, tokenize_corpus
 
 
 
@@ -211,7 +211,7 @@ def test_write_json_is_atomic_and_readable_by_others(tmp_path):
     import os
     import stat
 
-    from rsparse.report import write_json
+    from rsparse.io.results import write_json
 
     path = tmp_path / "sub" / "results.json"
     write_json(path, {"a": 1, "nan": float("nan")})

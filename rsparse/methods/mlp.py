@@ -1,11 +1,12 @@
-"""The paper's training-free baselines (CATS, GRIFFIN, ReLUfication) as in-place MLP transforms.
+"""The MLP wrapper of the paper's training-free baselines (CATS, GRIFFIN, ReLUfication), their
+budgets and their measured sparsity; rsparse.methods.baselines applies them.
 
-Each transform wraps the gated MLP of every decoder block (the module holding gate_proj,
-up_proj, down_proj, found by structure as in rsparse.models) in a `BaselineMLP`. The wrapper
+Each baseline wraps the gated MLP of every decoder block (the module holding gate_proj,
+up_proj, down_proj, found by structure as in rsparse.core.models) in a `BaselineMLP`. The wrapper
 registers the same three projection modules under the same names, so parameter names, the
-state dict and `decoder_linears` are unchanged; `restore_baselines_` puts the original MLP
+state dict and `decoder_linears` are unchanged; `rsparse.restore_` puts the original MLP
 modules back (lossless: the weights are never touched). One method at a time: applying a
-baseline first undoes any R-Sparse layers and other baseline, and vice versa in rsparse.evaluate.
+baseline first undoes any R-Sparse layers and other baseline, and vice versa.
 
 Methods (the MLP is y = down(act(gate(x)) * up(x))):
 
@@ -24,7 +25,7 @@ Methods (the MLP is y = down(act(gate(x)) * up(x))):
            ReLU(gate(x)) is reported as what CATS-style skipping could save.
 
 Model-level sparsity = skipped bytes / weight bytes of all 7 linear layers of every block
-(the budget of rsparse.budget). CATS can reach at most (up+down)/all and GRIFFIN
+(the budget of rsparse.core.budget). CATS can reach at most (up+down)/all and GRIFFIN
 (gate+up+down)/all of it (about 44.5% and 66.8% on Llama-2-7B); `mlp_sparsity_for` solves for
 the MLP sparsity of a model-level target and raises UnreachableSparsityError beyond that.
 
@@ -36,7 +37,7 @@ Token modes as for RSparseLinear (`tokens`):
                  from the first half of each sequence (the simulated prompt).
   "all"          every token sparse; GRIFFIN selects from the whole sequence itself.
   "none"         dense.
-In a right-padded batch whose row lengths the evaluator declares (rsparse.layer.scored_lengths),
+In a right-padded batch whose row lengths the evaluator declares (rsparse.core.layer.scored_lengths),
 the halves and GRIFFIN's selection are those of each real row.
 """
 
@@ -48,19 +49,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsparse.budget import check_sparsity
-from rsparse.layer import TOKEN_MODES, gather_rows, padded_positions, scatter_rows_
-from rsparse.models import MLP_PROJ, UnsupportedModelError, _find_child_with, decoder_blocks, decoder_linears, replace_module
+from rsparse.core.budget import check_sparsity
+from rsparse.core.layer import gather_rows, padded_positions, scatter_rows_
+from rsparse.core.models import MLP_PROJ, _find_child_with, decoder_blocks, decoder_linears
+from rsparse.core.sparse_modules import SparseModule
+from rsparse.errors import BadInputError, UnreachableSparsityError, UnsupportedModelError
 
 BASELINES = ("cats", "griffin", "relu")
 # Projections whose bytes each method can skip.
 SKIPPED_PROJ = {"cats": ("up_proj", "down_proj"), "griffin": ("gate_proj", "up_proj", "down_proj"),
                 "relu": ("up_proj", "down_proj")}
 LABELS = {"cats": "CATS", "griffin": "GRIFFIN", "relu": "ReLUfication"}
-
-
-class UnreachableSparsityError(ValueError):
-    """A model-level sparsity that an MLP-only method cannot reach on this model."""
 
 
 # -- budgets ------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def linear_bytes(model: nn.Module) -> dict[str, int]:
 def skippable_share(model: nn.Module, method: str) -> float:
     """Largest model-level sparsity the method could reach (all of its MLP projections skipped)."""
     if method not in SKIPPED_PROJ:
-        raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINES}")
+        raise BadInputError(f"unknown baseline {method!r}; expected one of {BASELINES}")
     b = linear_bytes(model)
     return sum(b[k] for k in SKIPPED_PROJ[method]) / b["total"]
 
@@ -92,7 +91,7 @@ def mlp_sparsity_for(model: nn.Module, method: str, target: float) -> float:
     """The MLP sparsity that gives a model-level target; UnreachableSparsityError if it is >= 1."""
     target = check_sparsity(target, "target sparsity")
     if method == "relu":
-        raise ValueError("ReLUfication has no sparsity target (it only swaps the activation)")
+        raise BadInputError("ReLUfication has no sparsity target (it only swaps the activation)")
     share = skippable_share(model, method)
     s = target / share
     if s >= 1.0:
@@ -106,14 +105,14 @@ def mlp_sparsity_for(model: nn.Module, method: str, target: float) -> float:
 
 # -- the wrapper --------------------------------------------------------------------------------
 
-class BaselineMLP(nn.Module):
+class BaselineMLP(SparseModule, nn.Module):
     """Wraps a gated MLP; see the module docstring. Keeps the original module for the dense
-    path (bit-identical outputs) and for `restore_baselines_`."""
+    path (bit-identical outputs) and to put back (`dense_module`, rsparse.restore_)."""
 
     def __init__(self, mlp: nn.Module, method: str, name: str = ""):
         super().__init__()
         if method not in BASELINES:
-            raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINES}")
+            raise BadInputError(f"unknown baseline {method!r}; expected one of {BASELINES}")
         act = getattr(mlp, "act_fn", None)
         if act is None or not callable(act):
             raise UnsupportedModelError(f"{name or type(mlp).__name__}: the MLP has no act_fn; the baselines need "
@@ -143,6 +142,16 @@ class BaselineMLP(nn.Module):
     def reset_stats(self) -> None:
         self.stat_tokens = 0  # sparsified tokens seen
         self.stat_kept = 0  # neurons kept (CATS, GRIFFIN) or non-zero (ReLU), summed over those tokens
+
+    def forget_prompt(self) -> None:
+        self._selected = None
+
+    def dense_module(self) -> nn.Module:
+        """The original MLP, holding the projections (any swapped in while wrapped)."""
+        for proj in MLP_PROJ:
+            setattr(self._orig, proj, getattr(self, proj))
+        self._selected = None
+        return self._orig
 
     def extra_repr(self) -> str:
         extra = {"cats": f", threshold={self.threshold:.4g}", "griffin": f", keep={self.keep}", "relu": ""}[self.method]
@@ -235,7 +244,7 @@ class BaselineMLP(nn.Module):
         return mask.unsqueeze(-2)
 
 
-# -- finding, applying, restoring ----------------------------------------------------------------
+# -- finding ------------------------------------------------------------------------------------
 
 def mlp_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module path, gated MLP module) of every decoder block (a BaselineMLP if one is applied)."""
@@ -248,172 +257,10 @@ def baseline_layers(model: nn.Module) -> list[BaselineMLP]:
     return [m for m in model.modules() if isinstance(m, BaselineMLP)]
 
 
-def restore_baselines_(model: nn.Module) -> nn.Module:
-    """Put the original MLP modules back (lossless; weights were never modified)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    for layer in baseline_layers(model):
-        orig = layer.original
-        for proj in MLP_PROJ:  # keep any projection swapped in while wrapped
-            setattr(orig, proj, getattr(layer, proj))
-        layer._selected = None
-        replace_module(model, names[id(layer)], orig)
-    return model
-
-
-def set_baseline_token_mode(model: nn.Module, tokens: str) -> None:
-    if tokens not in TOKEN_MODES:
-        raise ValueError(f"unknown token mode {tokens!r}; expected one of {TOKEN_MODES}")
-    for layer in baseline_layers(model):
-        layer.tokens = tokens
-        layer._selected = None
-
-
-def _wrap(model: nn.Module, method: str, tokens: str) -> list[BaselineMLP]:
-    if tokens not in TOKEN_MODES:
-        raise ValueError(f"unknown token mode {tokens!r}; expected one of {TOKEN_MODES}")
-    from rsparse.calibrate import restore_
-
-    restore_(model)
-    restore_baselines_(model)
-    wrappers = []
-    for name, mlp in mlp_modules(model):
-        w = BaselineMLP(mlp, method, name)
-        w.tokens = tokens
-        wrappers.append(w)
-    for w in wrappers:  # replace only once every MLP has been checked
-        replace_module(model, w.name, w)
-    return wrappers
-
-
-def _target(model, method, sparsity, mlp_sparsity) -> tuple[float, float]:
-    if (sparsity is None) == (mlp_sparsity is None):
-        raise ValueError(f"{method}: give exactly one of sparsity (model-level) or mlp_sparsity")
-    if sparsity is not None:
-        s = mlp_sparsity_for(model, method, sparsity)
-    else:
-        s = check_sparsity(mlp_sparsity, f"{method} MLP sparsity")
-    return s, model_sparsity_for(model, method, s)
-
-
-def _report(method, wrappers, mlp_sparsity, model_sparsity, **extra) -> dict:
-    return {"method": method, "mlp_sparsity": mlp_sparsity, "target_sparsity": model_sparsity, **extra,
-            "layers": [{"name": w.name, "mlp_sparsity": w.mlp_sparsity, "threshold": w.threshold,
-                        "keep": w.keep} for w in wrappers]}
-
-
-@torch.no_grad()
-def apply_griffin_(model: nn.Module, sparsity: float | None = None, *, mlp_sparsity: float | None = None,
-                   tokens: str = "decode") -> dict:
-    """GRIFFIN at a model-level `sparsity` (or an MLP-level `mlp_sparsity`), in place."""
-    s, model_s = _target(model, "griffin", sparsity, mlp_sparsity)
-    wrappers = _wrap(model, "griffin", tokens)
-    for w in wrappers:
-        w.keep = max(0, min(w.intermediate_size, round((1.0 - s) * w.intermediate_size)))
-        w.mlp_sparsity = 1.0 - w.keep / w.intermediate_size
-    exact = sum(w.mlp_sparsity * _skippable_bytes(w) for w in wrappers) / linear_bytes(model)["total"]
-    return _report("griffin", wrappers, s, model_s, exact_sparsity=exact)
-
-
-@torch.no_grad()
-def apply_relu_(model: nn.Module, tokens: str = "decode") -> dict:
-    """ReLUfication without training: SiLU (or the model's act) replaced by ReLU in every MLP."""
-    wrappers = _wrap(model, "relu", tokens)
-    return _report("relu", wrappers, 0.0, 0.0)
-
-
-def _mlp_inputs(calibration, name: str) -> torch.Tensor:
-    rows = calibration.rows.get(f"{name}.gate_proj")
-    if rows is None:
-        raise ValueError(f"calibration activations do not cover {name}.gate_proj (collected on another model?)")
-    return rows
-
-
-@torch.no_grad()
-def apply_cats_(model: nn.Module, sparsity: float | None = None, *, mlp_sparsity: float | None = None,
-                calibration=None, threshold: float | None = None, tokens: str = "decode",
-                refine: bool = True, max_rows_per_layer: int = 2048, seed: int = 0) -> dict:
-    """CATS at a model-level `sparsity` (or an MLP-level `mlp_sparsity`), in place.
-
-    calibration: a (n, seq_len) LongTensor of token windows or rsparse CalibrationActivations
-    (the MLP inputs are the gate_proj rows). Per layer, threshold = the MLP-sparsity quantile of
-    |act(gate(x))| on the dense model's calibration tokens; with `refine` (and windows), one more
-    pass re-sets the thresholds on the inputs that reach each MLP once the MLPs before it are
-    sparse (as rsparse's own calibration does), so the achieved sparsity meets the target.
-    `threshold` instead sets one fixed threshold for every layer (0.0 = skip only exact zeros).
-    """
-    from rsparse.calibrate import (CalibrationActivations, calibrate_threshold, collect_activations,
-                                   sample_module_inputs)
-
-    if threshold is not None:
-        if sparsity is not None or mlp_sparsity is not None:
-            raise ValueError("cats: give a threshold or a sparsity target, not both")
-        wrappers = _wrap(model, "cats", tokens)
-        for w in wrappers:
-            w.threshold = float(threshold)
-        return _report("cats", wrappers, math.nan, math.nan, threshold=float(threshold))
-
-    s, model_s = _target(model, "cats", sparsity, mlp_sparsity)
-    if calibration is None:
-        raise ValueError("cats needs calibration data (token windows or CalibrationActivations)")
-    if not isinstance(calibration, CalibrationActivations):
-        from rsparse.calibrate import restore_
-        restore_(model)
-        restore_baselines_(model)
-        calibration = collect_activations(model, calibration, max_rows_per_layer, seed)
-    wrappers = _wrap(model, "cats", tokens)
-    for w in wrappers:
-        rows = _mlp_inputs(calibration, w.name)
-        w.threshold = _cats_threshold(w, rows, s, calibrate_threshold)
-        w.mlp_sparsity = s
-    if refine and s > 0 and calibration.windows is not None:
-        mode = "all" if tokens == "all" else "second_half"
-        saved = [w.tokens for w in wrappers]
-        for w in wrappers:
-            w.tokens = mode
-        try:
-            rows = sample_module_inputs(model, {w.name: w for w in wrappers}, calibration.windows,
-                                        max_rows_per_layer, seed + 1, second_half=mode == "second_half")
-        finally:
-            for w, t in zip(wrappers, saved):
-                w.tokens = t
-        for w in wrappers:
-            w.threshold = _cats_threshold(w, rows[w.name], s, calibrate_threshold)
-    return _report("cats", wrappers, s, model_s)
-
-
-def _cats_threshold(w: BaselineMLP, rows: torch.Tensor, s: float, calibrate_threshold) -> float:
-    dev = w.gate_proj.weight.device
-    out = []
-    for chunk in rows.split(1024):
-        out.append(w.act_fn(w.gate_proj(chunk.to(dev, w.gate_proj.weight.dtype))).abs().float().cpu())
-    return calibrate_threshold(torch.cat(out), 1.0 - s)
-
-
-@torch.no_grad()
-def apply_baseline_(model: nn.Module, method: str, sparsity: float | None = None, **kwargs) -> dict:
-    """Dispatch to apply_cats_ / apply_griffin_ / apply_relu_."""
-    if method == "cats":
-        return apply_cats_(model, sparsity, **kwargs)
-    if method == "griffin":
-        kwargs.pop("calibration", None)
-        for k in ("refine", "max_rows_per_layer", "seed", "threshold"):
-            kwargs.pop(k, None)
-        return apply_griffin_(model, sparsity, **kwargs)
-    if method == "relu":
-        return apply_relu_(model, tokens=kwargs.get("tokens", "decode"))
-    raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINES}")
-
-
 # -- measured sparsity --------------------------------------------------------------------------
 
 def _skippable_bytes(w: BaselineMLP) -> int:
     return sum(getattr(w, p).weight.numel() * getattr(w, p).weight.element_size() for p in SKIPPED_PROJ[w.method])
-
-
-def reset_baseline_stats(model: nn.Module, track: bool = True) -> None:
-    for w in baseline_layers(model):
-        w.track_stats = track
-        w.reset_stats()
 
 
 def measured_baseline_sparsity(model: nn.Module) -> dict:

@@ -15,20 +15,16 @@ A checkpoint is a directory (see docs/checkpoint-format.md):
 failed save leaves whatever was there before. `load` checks everything (files, format version,
 hashes, safetensors header, layer list against the model config, tensor names and shapes)
 before loading any tensor, and gives the same logits bit for bit as the saved model on the
-same device and dtype. `load_any` loads a checkpoint or anything rsparse.models.load_model
+same device and dtype. `load_any` loads a checkpoint or anything rsparse.core.models.load_model
 accepts.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -37,29 +33,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsparse.layer import METHODS, TOKEN_MODES, RSparseLinear
-
-FORMAT_NAME = "rsparse-checkpoint"
-FORMAT_VERSION = 1  # the newest format this rsparse reads and the one it writes
-MANIFEST = "rsparse.json"
-WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-LAYER_TENSORS = ("weight", "lr_down", "lr_up", "threshold", "score_scale")
+from rsparse.core.layer import RSparseLinear
+from rsparse.errors import CheckpointError
+from rsparse.io.manifest import (FORMAT_NAME, FORMAT_VERSION, GENERATION_CONFIG, HF_CONFIG, MANIFEST, WEIGHTS, _check_files,
+                                 _dtype_name, _expected_layer_shapes, _json_safe, _sha256, is_checkpoint, read_manifest)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or loaded (the message says why and what to do)."""
-
-
-class CheckpointFileMissing(CheckpointError, FileNotFoundError):
-    """A file of the checkpoint (or the directory itself) does not exist."""
-
-
-# -- helpers ------------------------------------------------------------------------------
 def _dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -67,47 +49,6 @@ def _dtype(dtype) -> torch.dtype | None:
         return _DTYPES[str(dtype).removeprefix("torch.")]
     except KeyError:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_safe(value):
-    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _json_safe(value.item())
-    return str(value)
-
-
-def is_checkpoint(path) -> bool:
-    """True if `path` is a directory holding an rsparse checkpoint manifest (rsparse.json)."""
-    try:
-        return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
-    except (TypeError, OSError):
-        return False
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -206,15 +147,15 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
     """
     from safetensors.torch import save_file
 
-    from rsparse.config import RSparseConfig, load_recipe
-    from rsparse.report import versions
+    from rsparse.core.config import RSparseConfig, load_recipe
+    from rsparse.io.results import versions
 
     target = _check_target(Path(directory), overwrite)
     if getattr(model, "config", None) is None:
         raise CheckpointError("model has no Hugging Face config; save expects a transformers causal LM")
     if getattr(model.config, "quantization_config", None) is not None:
         raise CheckpointError("model config has a quantization_config; rsparse checkpoints store plain float weights "
-                              "(load the model with rsparse.models.load_model, which dequantises GGUF files)")
+                              "(load the model with rsparse.core.models.load_model, which dequantises GGUF files)")
     layers = _layer_entries(model)
     tensors, tied = _state_tensors(model)
 
@@ -278,82 +219,6 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
 
 
 # -- load ---------------------------------------------------------------------------------
-def read_manifest(directory) -> dict:
-    """The parsed and checked rsparse.json of a checkpoint directory (no tensors read)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointFileMissing(f"checkpoint directory not found: {directory}")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise CheckpointFileMissing(f"{directory} is not an rsparse checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not an rsparse checkpoint manifest (expected \"format\": \"{FORMAT_NAME}\")")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{path}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        written = (manifest.get("versions") or {}).get("rsparse", "?")
-        raise CheckpointError(f"{directory} has checkpoint format version {version} (written by rsparse {written}); "
-                              f"this rsparse reads versions up to {FORMAT_VERSION}: upgrade rsparse to load it")
-    for key, kind in (("layers", list), ("files", dict), ("tied", dict), ("model", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise CheckpointError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-    if WEIGHTS not in manifest["files"]:
-        raise CheckpointError(f"{path}: 'files' does not list {WEIGHTS}")
-    for i, l in enumerate(manifest["layers"]):
-        ok = (isinstance(l, dict) and isinstance(l.get("name"), str) and l.get("method") in METHODS
-              and l.get("tokens") in TOKEN_MODES and isinstance(l.get("rank"), int) and l["rank"] >= 0
-              and isinstance(l.get("shape"), list) and len(l["shape"]) == 2
-              and all(isinstance(s, int) and s > 0 for s in l["shape"]))
-        if not ok:
-            raise CheckpointError(f"{path}: layer entry {i} is malformed: {l!r}")
-    names = [l["name"] for l in manifest["layers"]]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"{path}: a layer is listed twice")
-    return manifest
-
-
-def _check_files(directory: Path, manifest: dict, verify: bool) -> dict[str, dict[str, list[int]]]:
-    """Existence, size, sha256 and safetensors header of every file; returns {file: {tensor: shape}}."""
-    from safetensors import SafetensorError, safe_open
-
-    needed = [HF_CONFIG] + [f for f in manifest.get("other_files", []) if f != HF_CONFIG]
-    for name in needed + list(manifest["files"]):
-        if not (directory / name).is_file():
-            raise CheckpointFileMissing(f"checkpoint {directory} is incomplete: {name} is missing")
-    shapes = {}
-    for name, info in manifest["files"].items():
-        path = directory / name
-        size = path.stat().st_size
-        if isinstance(info.get("bytes"), int) and size != info["bytes"]:
-            raise CheckpointError(f"{path} has {size} bytes, the manifest recorded {info['bytes']}: the file is "
-                                  "truncated or was modified; save the checkpoint again")
-        if verify:
-            digest = _sha256(path)
-            if digest != info.get("sha256"):
-                raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST} (file {digest[:12]}..., "
-                                      f"manifest {str(info.get('sha256'))[:12]}...): it is corrupted or was modified; "
-                                      "save the checkpoint again")
-        try:
-            with safe_open(str(path), "pt") as f:
-                shapes[name] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupted") from None
-    return shapes
-
-
-def _expected_layer_shapes(entry: dict) -> dict[str, list[int]]:
-    out_f, in_f = entry["shape"]
-    r = entry["rank"]
-    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
-              "score_scale": [in_f]}
-    if entry.get("bias"):
-        shapes["bias"] = [out_f]
-    return shapes
 
 
 def _empty_rsparse(linear: nn.Linear, entry: dict, dtype: torch.dtype) -> RSparseLinear:
@@ -400,7 +265,7 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from rsparse.models import replace_module
+    from rsparse.core.models import replace_module
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -483,77 +348,10 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
 
 
 def load_any(name_or_dir=None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """A checkpoint directory (has rsparse.json) via `load`, anything else via rsparse.models.load_model
+    """A checkpoint directory (has rsparse.json) via `load`, anything else via rsparse.core.models.load_model
     (None: the embedded model; a .gguf file, a Hugging Face directory or hub id)."""
     if is_checkpoint(name_or_dir):
         return load(name_or_dir, device=device, dtype=dtype)
-    from rsparse.models import load_model
+    from rsparse.core.models import load_model
 
     return load_model(name_or_dir, dtype=_dtype(dtype) or torch.float32, device=device)
-
-
-# -- CLI: rsparse compress ------------------------------------------------------------------
-def _add_compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="hub id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target model-level sparsity in [0, 1)")
-    p.add_argument("--ratio", type=float, default=0.95, help="uniform rho: sparse share of each layer's budget")
-    p.add_argument("--recipe", default=None, help="per-layer recipe JSON (overrides --ratio)")
-    p.add_argument("--method", default="rsparse", choices=list(METHODS), help="sparse = rho 1, lowrank = rho 0")
-    p.add_argument("--calib-corpus", default="coqa", help="coqa (default, offline), boolq, sciq, wikitext2, c4 or a text file")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a non-empty non-checkpoint directory")
-
-
-def cmd_compress(args: argparse.Namespace) -> int:
-    from rsparse.budget import check_ratio, check_sparsity
-    from rsparse.calibrate import sparsify_
-    from rsparse.config import RSparseConfig, load_recipe
-    from rsparse.data import load_windows
-    from rsparse.models import DEFAULT_MODEL_NAME, load_model
-
-    try:  # everything cheap first, the target directory included
-        check_sparsity(args.sparsity)
-        check_ratio(args.ratio)
-        recipe = load_recipe(args.recipe) if args.recipe else None
-        if args.seq_len < 2 or args.calib_samples < 1:
-            raise ValueError("--seq-len must be >= 2 and --calib-samples >= 1")
-        _check_target(Path(args.out), args.overwrite)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-
-    start = time.time()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    name = args.model or DEFAULT_MODEL_NAME
-    config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, recipe=args.recipe if recipe else None,
-                           method=args.method, tokens="decode", calibration_samples=args.calib_samples,
-                           seq_len=args.seq_len, seed=args.seed)
-    calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
-    print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
-          file=sys.stderr)
-    report = sparsify_(model, config, calib)
-    try:
-        out = save(model, tokenizer, args.out, report=report, config=config, overwrite=args.overwrite, source=name)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    dense = sum(r["shape"][0] * r["shape"][1] for r in report)
-    read = sum(r["read_fraction"] * r["shape"][0] * r["shape"][1] for r in report) / dense
-    methods = sorted({r["method"] for r in report})
-    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"saved {out}: {len(report)} layers ({', '.join(methods)}), target sparsity {100 * args.sparsity:.0f}%, "
-          f"reads {100 * read:.1f}% of the decoder projection weights per decode step; "
-          f"{size / 1e6:.1f} MB in {time.time() - start:.0f} s")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `rsparse compress` to the subparsers of the rsparse command."""
-    p = subparsers.add_parser("compress", help="sparsify a model (calibrated, decode tokens sparse) and save a checkpoint")
-    _add_compress_args(p)
-    p.set_defaults(func=cmd_compress)

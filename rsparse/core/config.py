@@ -1,4 +1,12 @@
-"""RSparseConfig and per-layer recipes.
+"""The method configs (one dataclass per method; their defaults are the defaults everywhere,
+the command line's included) and per-layer recipes.
+
+    RSparseConfig   R-Sparse, and with `method` its sparse-only, low-rank-only and dense variants
+    CatsConfig      CATS (threshold on the MLP activation)
+    GriffinConfig   GRIFFIN (neurons chosen per sequence at prefill)
+    ReluConfig      ReLUfication without training
+
+rsparse.sparsify_(model, config, calibration) dispatches on the config's type.
 
 A recipe is a JSON file a user can read and edit:
 
@@ -16,15 +24,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rsparse.budget import LayerBudget, check_ratio, check_sparsity, layer_budget
-from rsparse.layer import METHODS, TOKEN_MODES
+from rsparse.core.budget import LayerBudget, check_ratio, check_sparsity, layer_budget
+from rsparse.core.layer import LAYER_METHODS
+from rsparse.core.sparse_modules import check_tokens
+from rsparse.errors import BadInputError, RecipeError
 
 SCORES = ("auto", "abs", "weighted")
 FACTORS = ("svd", "whitened")
-
-
-class RecipeError(ValueError):
-    """A recipe that does not fit the model it is applied to."""
 
 
 @dataclass
@@ -50,17 +56,14 @@ class RSparseConfig:
     def validate(self) -> "RSparseConfig":
         check_sparsity(self.sparsity)
         check_ratio(self.ratio)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.method not in LAYER_METHODS:
+            raise BadInputError(f"unknown method {self.method!r}; expected one of {LAYER_METHODS}")
         if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; expected one of {SCORES}")
+            raise BadInputError(f"unknown score {self.score!r}; expected one of {SCORES}")
         if self.factors not in FACTORS:
-            raise ValueError(f"unknown factors {self.factors!r}; expected one of {FACTORS}")
-        if self.tokens not in TOKEN_MODES:
-            raise ValueError(f"unknown token mode {self.tokens!r}; expected one of {TOKEN_MODES}")
-        for name in ("calibration_samples", "seq_len", "max_rows_per_layer"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            raise BadInputError(f"unknown factors {self.factors!r}; expected one of {FACTORS}")
+        check_tokens(self.tokens)
+        _positive(self, "calibration_samples", "seq_len", "max_rows_per_layer")
         return self
 
     def to_dict(self) -> dict:
@@ -68,6 +71,78 @@ class RSparseConfig:
         if isinstance(self.recipe, dict):
             d["recipe"] = "<inline>"
         return d
+
+
+def _positive(config, *names: str) -> None:
+    for name in names:
+        if int(getattr(config, name)) < 1:
+            raise BadInputError(f"{name} must be positive, got {getattr(config, name)}")
+
+
+def _mlp_target(config) -> None:
+    if config.mlp_sparsity is not None:
+        check_sparsity(config.mlp_sparsity, "MLP sparsity")
+    elif config.sparsity is not None:
+        check_sparsity(config.sparsity)
+    else:
+        raise BadInputError(f"{type(config).__name__}: give a sparsity (model-level) or an mlp_sparsity")
+    check_tokens(config.tokens)
+
+
+@dataclass
+class CatsConfig:
+    """CATS: an MLP neuron is skipped where |act(gate(x))| is at most a per-layer threshold,
+    calibrated for a target sparsity (model-level `sparsity`, or MLP-level `mlp_sparsity`, which
+    wins when given); `threshold` instead sets one fixed threshold for every layer."""
+
+    sparsity: float | None = 0.5
+    mlp_sparsity: float | None = None
+    threshold: float | None = None
+    tokens: str = "decode"
+    refine: bool = True  # re-set thresholds on the inputs of the sparsified model, as RSparseConfig
+    max_rows_per_layer: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "CatsConfig":
+        if self.threshold is None:
+            _mlp_target(self)
+        check_tokens(self.tokens)
+        _positive(self, "max_rows_per_layer")
+        return self
+
+
+@dataclass
+class GriffinConfig:
+    """GRIFFIN: per sequence, the top (1 - MLP sparsity) of the MLP neurons by their activation
+    norm over the prompt are kept for the whole generation."""
+
+    sparsity: float | None = 0.5  # model-level target; or mlp_sparsity (wins when given)
+    mlp_sparsity: float | None = None
+    tokens: str = "decode"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "GriffinConfig":
+        _mlp_target(self)
+        return self
+
+
+@dataclass
+class ReluConfig:
+    """ReLUfication without training: the MLP activation replaced by ReLU (no weight skipped)."""
+
+    tokens: str = "decode"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "ReluConfig":
+        check_tokens(self.tokens)
+        return self
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:
@@ -124,10 +199,3 @@ def layer_budgets(config: RSparseConfig, linears) -> list[LayerBudget]:
             raise RecipeError(str(err)) from None
         budgets.append(layer_budget(o, i, s, rho))
     return budgets
-
-
-def recipe_from_report(report: list[dict], sparsity: float, **extra) -> dict:
-    """A recipe file's content from a sparsify_ report (every field a user needs to read it)."""
-    keys = ("name", "shape", "rho", "sparsity", "keep", "rank", "threshold")
-    return {"sparsity": sparsity, **extra, "layers": [{k: r[k] for k in keys} for r in report]}
-

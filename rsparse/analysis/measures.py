@@ -1,7 +1,7 @@
 """`rsparse analyze`: the paper's motivating measurements (sections 3.2-3.3) on a model.
 
 Four analyses, all from one pass of calibration text through the dense model
-(rsparse.calibrate.collect_activations: sampled input rows of every decoder projection):
+(rsparse.core.calibrate.collect_activations: sampled input rows of every decoder projection):
 
 1. Contribution heatmaps (Figures 1 and 3). For a layer y = x W^T with the thin SVD
    W = U diag(s) V^T, channel j reaches output direction U[:, i] with weight x_j s_i V[j, i]:
@@ -41,10 +41,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rsparse.calibrate import (CalibrationActivations, calibrate_threshold, collect_activations, restore_,
+from rsparse.core.calibrate import (CalibrationActivations, calibrate_threshold, collect_activations, restore_,
                                sparsify_, weight_svd)
-from rsparse.layer import rsparse_layers
-from rsparse.models import PROJ_TYPES, DecoderLinear, decoder_linears
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.models import PROJ_TYPES, DecoderLinear, decoder_linears
 
 PARTS = ("heatmap", "bias", "phase", "kept")
 PHASE_SITES = ("down_input", "act")
@@ -341,7 +341,7 @@ class PhaseHooks:
 def analyze_multiphase(model: nn.Module, activations: CalibrationActivations, windows: torch.Tensor,
                        sparsities: list[float], sites=("down_input",), variants=("1", "2", "2mean")) -> dict:
     """Perplexity (all positions) of the dense model with the multi-phase function at each site."""
-    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.eval.perplexity import evaluate_perplexity
 
     restore_(model)
     dense = evaluate_perplexity(model, windows, tokens="all", desc="perplexity (dense)")
@@ -376,7 +376,7 @@ def _summary(v: torch.Tensor) -> dict:
 def kept_fractions(model: nn.Module, windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
     """Per-token kept-channel fraction of every RSparseLinear of a sparsified model on `windows`
     (every token sparsified), and the perplexity result of the same pass."""
-    from rsparse.perplexity import evaluate_perplexity
+    from rsparse.eval.perplexity import evaluate_perplexity
 
     store: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -395,7 +395,7 @@ def kept_fractions(model: nn.Module, windows: torch.Tensor) -> tuple[dict[str, t
 
 def analyze_kept(model: nn.Module, activations: CalibrationActivations, windows: torch.Tensor,
                  sparsity: float, ratio: float, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
-    from rsparse.config import RSparseConfig
+    from rsparse.core.config import RSparseConfig
 
     config = RSparseConfig(sparsity=sparsity, ratio=ratio, tokens="all", seed=seed,
                            max_rows_per_layer=max(int(r.shape[0]) for r in activations.rows.values()))
@@ -639,7 +639,7 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
-    from rsparse.budget import check_ratio, check_sparsity
+    from rsparse.core.budget import check_ratio, check_sparsity
 
     parts = _names(args.parts, PARTS, "part(s)")
     sites = _names(args.phase_sites, PHASE_SITES, "phase site(s)")
@@ -665,9 +665,9 @@ def cmd_analyze(args) -> int:
 
 
 def _analyze(args, parts: list[str], sites: list[str], variants: list[str], sparsities: list[float]) -> int:
-    from rsparse.data import load_windows
-    from rsparse.models import DEFAULT_MODEL_NAME, load_model
-    from rsparse.report import versions, write_json
+    from rsparse.core.data import load_windows
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.io.results import versions, write_json
 
     start = time.time()
     torch.manual_seed(args.seed)

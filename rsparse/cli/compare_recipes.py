@@ -4,8 +4,8 @@
 
 At each model-level sparsity:
   1. uniform: the same rho for every layer, chosen by grid search on the search's own objective
-     (calibration perplexity, rsparse.search.uniform_grid);
-  2. searched: the evolutionary search (rsparse.search.search), its initial population centred on
+     (calibration perplexity, rsparse.search.evolution.uniform_grid);
+  2. searched: the evolutionary search (rsparse.search.evolution.search), its initial population centred on
      the best uniform rho, so it starts from the uniform optimum and can only improve on it on
      the calibration data (elitist);
   3. both, and sparse-only (rho = 1) as the reference, sparsified by the standard calibration
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from rsparse.search import add_search_args, check_batch_size
+from rsparse.search.evolution import add_search_args, check_batch_size
 
 DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 
@@ -62,16 +62,16 @@ def _floats(text: str, what: str, check) -> list[float]:
 
 
 def cmd_compare_recipes(args: argparse.Namespace) -> int:
-    from rsparse.budget import check_ratio, check_sparsity
-    from rsparse.calibrate import collect_activations, restore_, sparsify_
-    from rsparse.config import RSparseConfig
-    from rsparse.data import load_windows
-    from rsparse.evaluate import evaluate_tasks, resolve_tasks
-    from rsparse.models import DEFAULT_MODEL_NAME, load_model
-    from rsparse.perplexity import evaluate_perplexity
-    from rsparse.report import versions, write_json
-    from rsparse.search import SearchConfig, plot_recipe, recipe_from_search, search, uniform_grid
-    from rsparse.tasks import PAPER_TASKS
+    from rsparse.core.budget import check_ratio, check_sparsity
+    from rsparse.core.calibrate import collect_activations, restore_, sparsify_
+    from rsparse.core.config import RSparseConfig
+    from rsparse.core.data import load_windows
+    from rsparse.eval.harness import evaluate_tasks, resolve_tasks
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.eval.perplexity import evaluate_perplexity
+    from rsparse.io.results import versions, write_json
+    from rsparse.search.evolution import SearchConfig, plot_recipe, recipe_from_search, search, uniform_grid
+    from rsparse.eval.tasks import PAPER_TASKS
 
     # Validate everything cheap before loading anything.
     sparsities = _floats(args.sparsities, "sparsities", check_sparsity)
@@ -175,7 +175,7 @@ def _fmt(v, scale: float = 1.0, digits: int = 2) -> str:
 
 def results_markdown(results: dict) -> str:
     """One row per (sparsity, recipe): calibration fitness, held-out perplexity, task accuracies, average."""
-    from rsparse.tasks import TASK_LABELS
+    from rsparse.eval.tasks import TASK_LABELS
 
     tasks = results["tasks"]
     head = ["sparsity %", "recipe", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]

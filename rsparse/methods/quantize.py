@@ -1,6 +1,6 @@
 """4-bit group-wise weight quantization under R-Sparse (the paper's Table 2), with HQQ.
 
-    from rsparse.quantize import QuantConfig, quantize_weights_
+    from rsparse.methods.quantize import QuantConfig, quantize_weights_
     q = quantize_weights_(model, QuantConfig(bits=4, group_size=128))  # the 7 projections of every block
     rsparse.sparsify_(model, RSparseConfig(sparsity=0.5), windows)      # R-Sparse on the INT4 weights
     q.restore()                                                          # the original weights back
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rsparse.models import decoder_linears
+from rsparse.core.models import decoder_linears
+from rsparse.errors import BadInputError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -41,9 +42,9 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+            raise BadInputError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if int(self.group_size) != self.group_size or self.group_size < 8 or self.group_size % 8:
-            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size!r}")
+            raise BadInputError(f"group_size must be a positive multiple of 8, got {self.group_size!r}")
 
     @property
     def label(self) -> str:

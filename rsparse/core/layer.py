@@ -14,13 +14,10 @@ lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode ste
 Triton kernel of rsparse.runtime.kernels; everywhere else a torch reference path computes the same
 function with masked dense math.
 
-Which tokens are sparsified is a per-layer setting (`tokens`):
-  "decode"       only forward calls with one token per sequence (generation steps); prefill dense.
-  "second_half"  the paper's simulation for scoring whole sequences: positions >= T//2 sparse.
-                 In a right-padded batch (lm-eval's), the evaluator declares each row's real
-                 length L with `scored_lengths`, and the sparse positions are L//2 <= t < L.
-  "all"          every token.
-  "none"         every token dense (the layer behaves exactly as the original nn.Linear).
+Which tokens are sparsified is a per-layer setting (`tokens`, rsparse.core.sparse_modules):
+decode steps only, the second half of each sequence, all or none. In a right-padded batch
+(lm-eval's), the evaluator declares each row's real length L with `scored_lengths`, and the
+"second_half" positions are L//2 <= t < L.
 """
 
 from __future__ import annotations
@@ -33,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("dense", "sparse", "lowrank", "rsparse")
-TOKEN_MODES = ("decode", "second_half", "all", "none")
+from rsparse.core.sparse_modules import TOKEN_MODES, SparseModule  # noqa: F401 (TOKEN_MODES re-exported)
+from rsparse.errors import BadInputError
+
+# What one layer does at a sparse token (RSparseConfig.method picks them for every layer).
+LAYER_METHODS = ("dense", "sparse", "lowrank", "rsparse")
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def scatter_rows_(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> t
     return y
 
 
-class RSparseLinear(nn.Linear):
+class RSparseLinear(SparseModule, nn.Linear):
     """Drop-in replacement of nn.Linear; see the module docstring for the math."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = False,
@@ -139,8 +139,8 @@ class RSparseLinear(nn.Linear):
     def configure(self, method: str, threshold: float, keep_fraction: float,
                   score_scale: torch.Tensor | None = None, lr_down: torch.Tensor | None = None,
                   lr_up: torch.Tensor | None = None) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if method not in LAYER_METHODS:
+            raise BadInputError(f"unknown method {method!r}; expected one of {LAYER_METHODS}")
         dev, dt = self.weight.device, self.weight.dtype
         self.method = method
         self.keep_fraction = float(keep_fraction)
@@ -164,6 +164,9 @@ class RSparseLinear(nn.Linear):
     def reset_stats(self) -> None:
         self.stat_tokens = 0  # sparsified tokens seen
         self.stat_kept = 0  # kept channels summed over those tokens (int or 0-dim tensor: read with float())
+
+    def dense_module(self) -> nn.Linear:
+        return self.to_linear()
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,11 +216,3 @@ class RSparseLinear(nn.Linear):
 
 def rsparse_layers(model: nn.Module) -> list[RSparseLinear]:
     return [m for m in model.modules() if isinstance(m, RSparseLinear)]
-
-
-def set_token_mode(model: nn.Module, tokens: str) -> None:
-    """Choose which tokens every R-Sparse layer of the model sparsifies (see module docstring)."""
-    if tokens not in TOKEN_MODES:
-        raise ValueError(f"unknown token mode {tokens!r}; expected one of {TOKEN_MODES}")
-    for layer in rsparse_layers(model):
-        layer.tokens = tokens
