@@ -4,7 +4,7 @@
 
 At each model-level sparsity:
   1. uniform: the same rho for every layer, chosen by grid search on the search's own objective
-     (calibration perplexity, rsparse.search.evolution.uniform_grid);
+     (calibration perplexity, rsparse.search.objective.uniform_grid);
   2. searched: the evolutionary search (rsparse.search.evolution.search), its initial population centred on
      the best uniform rho, so it starts from the uniform optimum and can only improve on it on
      the calibration data (elitist);
@@ -23,7 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from rsparse.search.evolution import add_search_args, check_batch_size
+from rsparse.cli import common
+from rsparse.cli.search import add_search_args, check_batch_size
+from rsparse.core.budget import check_ratio, check_sparsity
+from rsparse.eval.perplexity import SCORED_MODES
+from rsparse.search.evolution import SearchConfig
 
 DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 
@@ -31,68 +35,58 @@ DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare-recipes", help="uniform (grid-searched) vs searched per-layer ratios at several "
                                                       "sparsities, on held-out perplexity and zero-shot tasks (Table 4)")
-    p.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: embedded SmolLM2)")
+    common.add_model(p)
     p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7", help="model-level target sparsities")
     p.add_argument("--grid", default=DEFAULT_GRID, help="uniform rho values tried at each sparsity")
     add_search_args(p)
-    p.add_argument("--init-spread", type=float, default=0.05,
+    p.add_argument("--init-spread", type=float, default=SearchConfig.init_spread,
                    help="standard deviation of the search's initial population around the best uniform rho")
     p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")
     p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (padding-aware)")
-    p.add_argument("--tokens", default="second_half", choices=["second_half", "all"],
+    p.add_argument("--tokens", default=SearchConfig.tokens, choices=list(SCORED_MODES),
                    help="sparse positions in the search objective and every evaluation (second_half: the paper's protocol)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_device(p)
     p.add_argument("--out", default="out/recipes")
     p.set_defaults(func=cmd_compare_recipes)
 
 
 def _floats(text: str, what: str, check) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-        for v in values:
-            check(v, what)
-    except ValueError as e:
-        raise SystemExit(f"error: {what}: {e}") from None
-    if not values:
-        raise SystemExit(f"error: no {what} given")
+    values = common.parse_floats(text, what, check)
+    common.require(bool(values), f"no {what} given")
     return values
 
 
 def cmd_compare_recipes(args: argparse.Namespace) -> int:
-    from rsparse.core.budget import check_ratio, check_sparsity
-    from rsparse.core.calibrate import collect_activations, restore_, sparsify_
+    from rsparse.core.calibrate import collect_activations
     from rsparse.core.config import RSparseConfig
     from rsparse.core.data import load_windows
-    from rsparse.eval.harness import evaluate_tasks, resolve_tasks
     from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.eval.harness import evaluate_tasks, resolve_tasks
     from rsparse.eval.perplexity import evaluate_perplexity
-    from rsparse.io.results import versions, write_json
-    from rsparse.search.evolution import SearchConfig, plot_recipe, recipe_from_search, search, uniform_grid
     from rsparse.eval.tasks import PAPER_TASKS
+    from rsparse.io.results import versions, write_json
+    from rsparse.io.tables import plot_recipe, recipes_markdown
+    from rsparse.methods import restore_, sparsify_
+    from rsparse.search.evolution import recipe_from_search, search
+    from rsparse.search.objective import uniform_grid
 
     # Validate everything cheap before loading anything.
     sparsities = _floats(args.sparsities, "sparsities", check_sparsity)
     grid = _floats(args.grid, "grid", check_ratio)
     tasks = [] if (args.tasks or "").strip().lower() == "none" else (args.tasks or ",".join(PAPER_TASKS))
-    try:
-        specs = resolve_tasks(tasks) if tasks else []
-        for s in sparsities:
-            checked = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
-                                   group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
-                                   init_spread=args.init_spread, share=args.share, tokens=args.tokens,
-                                   factors=args.factors, rho_step=args.rho_step).validate()
-        check_batch_size(args.search_batch_size)
-        steps = checked.steps
-        off = [g for g in grid if abs(g * steps - round(g * steps)) > 1e-6]
-        if off:  # the search starts from the best uniform rho: it must be one of its grid values
-            raise ValueError(f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
+    specs = resolve_tasks(tasks) if tasks else []
+    for s in sparsities:
+        checked = SearchConfig(sparsity=s, population=args.population, generations=args.generations,
+                               group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                               init_spread=args.init_spread, share=args.share, tokens=args.tokens,
+                               factors=args.factors, rho_step=args.rho_step).validate()
+    check_batch_size(args.search_batch_size)
+    steps = checked.steps
+    off = [g for g in grid if abs(g * steps - round(g * steps)) > 1e-6]
+    # the search starts from the best uniform rho: it must be one of its grid values
+    common.require(not off, f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")
+    common.require(args.limit is None or args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +102,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
                "perplexity": {"corpus": args.ppl_corpus, "windows": args.ppl_windows, "seq_len": args.ppl_seq_len,
                               "tokens": args.tokens},
                "tasks": [s.name for s in specs], "limit": args.limit, "grid": grid,
-               "settings": {k: v for k, v in vars(args).items() if k != "func"}, "sparsities": []}
+               "settings": common.settings(args), "sparsities": []}
 
     for s in sparsities:
         tag = f"s{round(100 * s):02d}"
@@ -162,36 +156,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
 
     results["wall_seconds"] = time.time() - start
     write_json(out / "results.json", results)
-    md = results_markdown(results)
+    md = recipes_markdown(results)
     (out / "results.md").write_text(md, encoding="utf-8")
     print(md)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and the recipes ({time.time() - start:.0f} s)")
     return 0
-
-
-def _fmt(v, scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if v is None else f"{scale * v:.{digits}f}"
-
-
-def results_markdown(results: dict) -> str:
-    """One row per (sparsity, recipe): calibration fitness, held-out perplexity, task accuracies, average."""
-    from rsparse.eval.tasks import TASK_LABELS
-
-    tasks = results["tasks"]
-    head = ["sparsity %", "recipe", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]
-    head += ["Average"] if tasks else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for block in results["sparsities"]:
-        for r in block["rows"]:
-            cells = [f"{100 * r['target_sparsity']:.0f}", r["recipe"], _fmt(r.get("calibration_fitness"), digits=3),
-                     _fmt(r.get("ppl"), digits=3)]
-            cells += [_fmt(r.get("tasks", {}).get(t, {}).get("acc"), 100.0) for t in tasks]
-            cells += [_fmt(r.get("average"), 100.0)] if tasks else []
-            lines.append("| " + " | ".join(cells) + " |")
-    notes = (f"\nCalibration: {results['calibration']['corpus']}, {results['calibration']['windows']} windows of "
-             f"{results['calibration']['seq_len']} tokens (the search objective, {results['perplexity']['tokens']} sparse). Held-out "
-             f"perplexity: {results['perplexity']['corpus']}, {results['perplexity']['windows']} windows of "
-             f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: "
-             + ("not run" if not tasks else "lm-eval, " + (f"first {results['limit']} examples per task"
-                                                            if results.get("limit") else "full validation sets")) + ".")
-    return "\n".join(lines) + "\n" + notes + "\n"

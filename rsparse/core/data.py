@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rsparse.core.models import _package_dir
-from rsparse.errors import BadInputError, MissingDataError
+from rsparse.errors import BadInputError
 
 OFFLINE_CORPORA = ("coqa", "boolq", "sciq")
 HUB_CORPORA = ("wikitext2", "c4")

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from rsparse.eval.tasks import TASK_LABELS
-from rsparse.methods.mlp import LABELS as BASELINE_LABELS
+from rsparse.methods.mlp import BASELINES, LABELS as BASELINE_LABELS
 
 METHOD_LABELS = {"dense": "Dense", "sparse": "Sparse", "lowrank": "Low-Rank", "rsparse": "R-Sparse", **BASELINE_LABELS}
 
@@ -170,3 +170,55 @@ def write_reports(results: dict, out: Path, plot: bool) -> list[Path]:
     print(md)
     print(f"\nwrote {', '.join(map(str, written))}")
     return written
+
+
+def _num(v, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def recipes_markdown(results: dict) -> str:
+    """One row per (sparsity, recipe): calibration fitness, held-out perplexity, task accuracies, average."""
+    tasks = results["tasks"]
+    head = ["sparsity %", "recipe", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]
+    head += ["Average"] if tasks else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for block in results["sparsities"]:
+        for r in block["rows"]:
+            cells = [f"{100 * r['target_sparsity']:.0f}", r["recipe"], _num(r.get("calibration_fitness"), digits=3),
+                     _num(r.get("ppl"), digits=3)]
+            cells += [_num(r.get("tasks", {}).get(t, {}).get("acc"), 100.0) for t in tasks]
+            cells += [_num(r.get("average"), 100.0)] if tasks else []
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = (f"\nCalibration: {results['calibration']['corpus']}, {results['calibration']['windows']} windows of "
+             f"{results['calibration']['seq_len']} tokens (the search objective, {results['perplexity']['tokens']} sparse). Held-out "
+             f"perplexity: {results['perplexity']['corpus']}, {results['perplexity']['windows']} windows of "
+             f"{results['perplexity']['seq_len']} ({results['perplexity']['tokens']}). Tasks: "
+             + ("not run" if not tasks else "lm-eval, " + (f"first {results['limit']} examples per task"
+                                                            if results.get("limit") else "full validation sets")) + ".")
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
+def plot_recipe(recipe: dict, path: str | Path) -> None:
+    """rho per layer, one line per projection type, against the block index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_type: dict[str, list[tuple[int, float]]] = {}
+    for entry in recipe["layers"]:
+        parts = entry["name"].split(".")
+        block = next(int(p) for p in parts if p.isdigit())
+        by_type.setdefault(parts[-1], []).append((block, entry["rho"]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for kind, points in by_type.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", markersize=3, label=kind)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("rho (sparse share of the layer budget)")
+    ax.set_title(f"searched recipe at {100 * recipe['sparsity']:.0f}% model-level sparsity")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from rsparse.core.calibrate import CalibrationActivations, calibrate_threshold, 
 from rsparse.core.models import replace_module
 from rsparse.core.sparse_modules import check_tokens, restore_, token_mode
 from rsparse.errors import BadInputError
-from rsparse.methods.mlp import (BASELINES, BaselineMLP, _skippable_bytes, linear_bytes, mlp_modules, mlp_sparsity_for,
+from rsparse.methods.mlp import (BaselineMLP, _skippable_bytes, linear_bytes, mlp_modules, mlp_sparsity_for,
                                  model_sparsity_for)
 
 
