@@ -11,6 +11,19 @@ if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+TIERS = ("cli", "real_model", "kernel")
+# The runtime's tests (owned by rsparse/runtime) carry the kernel tier by their file.
+KERNEL_FILES = ("test_kernels.py", "test_decode.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in KERNEL_FILES:
+            item.add_marker(pytest.mark.kernel)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A stitch in time saves nine. "
         "Rivers flow to the sea, and clouds carry the water back to the mountains. ") * 40
 
@@ -99,3 +112,20 @@ def data(windows):
     from rsparse.core.data import calibration_windows, perplexity_windows
 
     return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)
+
+
+def cli_error(capsys, argv: list[str], match: str) -> str:
+    """Run the `rsparse` command, expect the one-line error of an expected failure (exit status 2)
+    whose message matches `match`; returns the message."""
+    import re
+
+    from rsparse.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit status {code}, stderr: {err}"
+    assert err and err[-1].startswith("error: "), err
+    assert re.search(match, err[-1]), f"{match!r} not in {err[-1]!r}"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]

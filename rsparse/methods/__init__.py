@@ -41,12 +41,14 @@ def sparsify_(model: nn.Module, config, calibration=None):
         config.validate()
         if config.threshold is not None:
             return baselines.apply_cats_(model, threshold=config.threshold, tokens=config.tokens)
-        return baselines.apply_cats_(model, *_target(config), calibration=calibration, tokens=config.tokens,
+        sparsity, mlp_sparsity = _target(config)
+        return baselines.apply_cats_(model, sparsity, mlp_sparsity=mlp_sparsity, calibration=calibration, tokens=config.tokens,
                                      refine=config.refine, max_rows_per_layer=config.max_rows_per_layer,
                                      seed=config.seed)
     if isinstance(config, GriffinConfig):
         config.validate()
-        return baselines.apply_griffin_(model, *_target(config), tokens=config.tokens)
+        sparsity, mlp_sparsity = _target(config)
+        return baselines.apply_griffin_(model, sparsity, mlp_sparsity=mlp_sparsity, tokens=config.tokens)
     if isinstance(config, ReluConfig):
         config.validate()
         return baselines.apply_relu_(model, tokens=config.tokens)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rsparse.search.evolution as search_mod
-from conftest import tiny_model
+from conftest import cli_error, tiny_model
 from rsparse import RSparseConfig, sparsify_
 from rsparse.core.budget import layer_budget, model_read_fraction
 from rsparse.core.data import calibration_windows
@@ -93,22 +93,21 @@ def test_bad_search_settings(bad):
         SearchConfig(**dict(CFG, **bad)).validate()
 
 
-def test_every_group_starts_diverse(cal, monkeypatch):
-    """Each group's genes differ across the population when the group starts (else DE stalls)."""
-    starts = []
-    real = search_mod.tqdm
+def test_every_group_starts_diverse(cal, tmp_path, monkeypatch):
+    """Each group's genes differ across the population when the group starts (else DE stalls):
+    read from the checkpoint the search writes once the group's start population is scored."""
+    real_save, starts = search_mod._save, []
 
-    def spy(iterable=None, *args, desc="", **kwargs):
-        if desc.startswith("group"):
-            pop = np.array(list(iterable))
-            starts.append(pop)
-            iterable = pop
-        return real(iterable, *args, desc=desc, **kwargs)
+    def save_and_read(path, state, rng):
+        real_save(path, state, rng)
+        written = json.loads((tmp_path / "s.json").read_text())
+        if written.get("group_started") and written["generation"] == 0:
+            starts.append((written["group"], np.array(written["population"])))
 
-    monkeypatch.setattr(search_mod, "tqdm", spy)
-    search(tiny_model(), cal, SearchConfig(**CFG), log=lambda m: None)
-    assert len(starts) == 2
-    for g, pop in enumerate(starts):
+    monkeypatch.setattr(search_mod, "_save", save_and_read)
+    search(tiny_model(), cal, SearchConfig(**CFG), checkpoint=tmp_path / "s.json", log=lambda m: None)
+    assert [g for g, _ in starts] == [0, 1]
+    for g, pop in starts:
         genes = slice(7 * g, 7 * g + 7)
         assert len({row[genes].tobytes() for row in pop}) > 1
 
@@ -122,11 +121,12 @@ def test_selection_prefers_distinct_individuals():
 
 
 def test_uniform_grid_scores_each_rho_with_the_search_objective(cal):
-    from rsparse.core.calibrate import collect_activations, restore_
+    from rsparse import collect_activations, restore_
+    from rsparse.search.objective import uniform_grid
 
     model = tiny_model()
     acts = collect_activations(model, cal)
-    grid = search_mod.uniform_grid(model, cal, 0.5, [0.6, 0.9, 1.0], acts)
+    grid = uniform_grid(model, cal, 0.5, [0.6, 0.9, 1.0], acts)
     assert [g["rho"] for g in grid] == [0.6, 0.9, 1.0] and len({g["fitness"] for g in grid}) == 3
     restore_(model)
     # the search scores a uniform individual exactly like the grid does
@@ -134,6 +134,7 @@ def test_uniform_grid_scores_each_rho_with_the_search_objective(cal):
     assert state["history"] and state["best"]["fitness"] <= min(g["fitness"] for g in grid if g["rho"] in (0.9, 1.0)) + 1e-9
 
 
+@pytest.mark.cli
 def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_dir):
     from rsparse.cli import main
 
@@ -172,17 +173,14 @@ def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_d
     assert json.loads((run_out / "results.json").read_text())["rows"][0]["method"] == "rsparse"
 
 
-def test_cli_compare_recipes_rejects_bad_input():
+@pytest.mark.cli
+def test_cli_compare_recipes_rejects_bad_input(capsys):
     from rsparse.cli import main
 
-    with pytest.raises(SystemExit, match="sparsities"):
-        main(["compare-recipes", "--sparsities", "0.5,1.5"])
-    with pytest.raises(SystemExit, match="grid"):
-        main(["compare-recipes", "--grid", "0.5,2"])
-    with pytest.raises(SystemExit, match="rho-step"):  # 0.95 is not on the searched grid
-        main(["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"])
-    with pytest.raises(SystemExit, match="search-batch-size"):
-        main(["compare-recipes", "--search-batch-size", "0"])
+    cli_error(capsys, ["compare-recipes", "--sparsities", "0.5,1.5"], "sparsities")
+    cli_error(capsys, ["compare-recipes", "--grid", "0.5,2"], "grid")
+    cli_error(capsys, ["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"], "rho-step")
+    cli_error(capsys, ["compare-recipes", "--search-batch-size", "0"], "search-batch-size")
 
 
 @pytest.mark.parametrize("tokens", ["second_half", "all"])
@@ -191,10 +189,10 @@ def test_objective_scores_what_the_evaluation_scores(cal, tokens):
     protocol (dense first half, only second-half predictions scored, for "second_half")."""
     from rsparse.core.calibrate import collect_activations
     from rsparse.eval.perplexity import evaluate_perplexity
-    from rsparse.search.evolution import _Candidates, _fitness
+    from rsparse.search.objective import Candidates, _fitness
 
     model = tiny_model()
-    cands = _Candidates(model, 0.5, collect_activations(model, cal), tokens=tokens)
+    cands = Candidates(model, 0.5, collect_activations(model, cal), tokens=tokens)
     cands.apply(np.linspace(0.3, 1.0, len(cands.layers)))
     window = cal[:1]
     expected = evaluate_perplexity(model, window, tokens=tokens)["ppl"]
@@ -209,11 +207,11 @@ def test_candidates_score_the_model_sparsify_builds(cal, factors):
     thresholds, same factors, no refinement): the objective scores the model the user gets."""
     from rsparse.core.calibrate import collect_activations
     from rsparse.eval.perplexity import evaluate_perplexity
-    from rsparse.search.evolution import _Candidates
+    from rsparse.search.objective import Candidates
 
     model = tiny_model()
     acts = collect_activations(model, cal)
-    cands = _Candidates(model, 0.5, acts, factors=factors, steps=20)
+    cands = Candidates(model, 0.5, acts, factors=factors, steps=20)
     rhos = np.round(np.linspace(0.3, 1.0, len(cands.layers)) * 20) / 20
     cands.apply(rhos)
     got = evaluate_perplexity(model, cal, tokens="second_half")["ppl"]

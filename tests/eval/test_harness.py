@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from rsparse.eval.harness import (EvaluationError, apply_method, datasets_offline, evaluate_tasks, hub_status, load_xsum,
-                              perplexity, resolve_tasks, restore_all)
+from rsparse import evaluate_perplexity, restore_, sparsify_
+from rsparse.errors import EvaluationError, RsparseError
+from rsparse.eval.harness import evaluate_tasks, resolve_tasks
+from rsparse.eval.hub import datasets_offline, hub_status
 from rsparse.eval.tasks import OFFLINE_TASKS, PAPER_TASKS, write_offline_tasks
+from rsparse.eval.xsum import load_xsum
+from rsparse.methods import method_config
 
 import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: a missing harness fails here, never skips)
 
@@ -23,12 +27,20 @@ import lm_eval  # noqa: E402,F401  (installed by scripts/setup.sh: a missing har
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _parser():
-    from rsparse import sweep
+def apply(model, method, sparsity=None, calibration=None, tokens="second_half") -> dict:
+    """One method's state, as `rsparse eval` sets it: its config by name, then sparsify_."""
+    config = method_config(method, sparsity, tokens=tokens)
+    if config is None:
+        restore_(model)
+        return {"target_sparsity": 0.0}
+    report = sparsify_(model, config, calibration)
+    return {"target_sparsity": sparsity} if isinstance(report, list) else report
 
-    parser = argparse.ArgumentParser(prog="rsparse")
-    sweep.register(parser.add_subparsers(dest="command", required=True))
-    return parser
+
+def _parser():
+    from rsparse.cli import build_parser
+
+    return build_parser()
 
 
 def test_every_offline_task_config_builds_and_loads(tmp_path):
@@ -68,14 +80,14 @@ def test_evaluate_tasks_scores_a_few_examples(model, tokenizer):
 @pytest.mark.parametrize("method,target", [("rsparse", 0.5), ("cats", 0.3), ("griffin", 0.4)])
 def test_protocol_mode_scores_batched_and_measures_sparsity(model, tokenizer, data, method, target):
     cal, _ = data
-    info = apply_method(model, method, target, calibration=cal, tokens="second_half")
+    info = apply(model, method, target, calibration=cal, tokens="second_half")
     assert info["target_sparsity"] == pytest.approx(target)
     res = evaluate_tasks(model, tokenizer, ["arc_easy"], limit=2, batch_size=8, tokens="second_half")
     assert res["batch_size"] == 8
     assert abs(res["achieved_sparsity"] - target) < 0.08  # tiny model, 2 questions: loose
     if method != "rsparse":
         assert res["module_sparsity"] > 0
-    restore_all(model)
+    restore_(model)
 
 
 @pytest.mark.parametrize("method,tokens", [("rsparse", "second_half"), ("cats", "second_half"),
@@ -83,10 +95,11 @@ def test_protocol_mode_scores_batched_and_measures_sparsity(model, tokenizer, da
 def test_batched_scoring_equals_one_sequence_at_a_time(model, tokenizer, data, method, tokens):
     # lm-eval right-pads a batch; the halves (and GRIFFIN's per-sequence selection) must be those
     # of each real sequence, so the log-likelihoods match batch size 1.
-    from rsparse.eval.harness import _row_length_hflm, declared_row_lengths, token_mode
+    from rsparse import token_mode
+    from rsparse.eval.harness import _row_length_hflm, declared_row_lengths
 
     cal, _ = data
-    apply_method(model, method, 0.4, calibration=cal, tokens=tokens)
+    apply(model, method, 0.4, calibration=cal, tokens=tokens)
     texts = [("Rivers flow to the sea,", " and clouds carry the water back"), ("A stitch", " in time saves nine."),
              ("The quick brown fox jumps over the lazy dog. The quick", " brown fox"),
              ("Clouds", " carry the water back to the mountains. Rivers flow")]
@@ -98,7 +111,7 @@ def test_batched_scoring_equals_one_sequence_at_a_time(model, tokenizer, data, m
             assert len({len(r[1]) + len(r[2]) for r in reqs}) == len(reqs)  # all lengths differ: padding
             scores[bs] = [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
     assert scores[8] == pytest.approx(scores[1], abs=1e-4)
-    restore_all(model)
+    restore_(model)
     with declared_row_lengths():
         dense = [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
     assert max(abs(a - b) for a, b in zip(dense, scores[1])) > 1e-3  # the method did change the scores
@@ -110,7 +123,7 @@ def test_sparse_scoring_equals_manual_second_half_loglikelihood(model, tokenizer
     from lm_eval.models.huggingface import HFLM
 
     cal, _ = data
-    apply_method(model, "rsparse", 0.5, calibration=cal, tokens="second_half")
+    apply(model, "rsparse", 0.5, calibration=cal, tokens="second_half")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
     ctx, cont = "Rivers flow to the sea, and clouds", " carry the water back"
     ctx_ids, cont_ids = lm.tok_encode(ctx), tokenizer(cont, add_special_tokens=False)["input_ids"]
@@ -120,29 +133,29 @@ def test_sparse_scoring_equals_manual_second_half_loglikelihood(model, tokenizer
         logp = model(seq[:, :-1]).logits.log_softmax(-1)[0, -len(cont_ids):]
     manual = logp.gather(-1, torch.tensor(cont_ids)[:, None]).sum()
     assert ll == pytest.approx(float(manual), abs=1e-4)
-    restore_all(model)
+    restore_(model)
     [(dense_ll, _)] = lm._loglikelihood_tokens([((ctx, cont), ctx_ids, cont_ids)], disable_tqdm=True)
     assert abs(dense_ll - ll) > 1e-3  # the sparse second half did change the score
 
 
 def test_perplexity_for_baselines_uses_the_same_protocol(model, data):
     cal, ev = data
-    dense = perplexity(model, ev, tokens="second_half")
-    apply_method(model, "griffin", 0.4, tokens="second_half")
-    sparse = perplexity(model, ev, tokens="second_half")
+    dense = evaluate_perplexity(model, ev, tokens="second_half")
+    apply(model, "griffin", 0.4, tokens="second_half")
+    sparse = evaluate_perplexity(model, ev, tokens="second_half")
     assert dense["scored_tokens"] == sparse["scored_tokens"] == ev.shape[0] * 31
     assert sparse["achieved_sparsity"] == pytest.approx(0.40178, abs=1e-3) and sparse["ppl"] != dense["ppl"]
-    restore_all(model)
+    restore_(model)
 
 
 def test_bad_input_gives_clear_errors(model, tokenizer, data):
     cal, _ = data
     with pytest.raises(ValueError, match="unknown method 'magic'"):
-        apply_method(model, "magic", 0.5)
+        apply(model, "magic", 0.5)
     with pytest.raises(ValueError, match="sparsity must be in"):
-        apply_method(model, "rsparse", 1.2, calibration=cal)
+        apply(model, "rsparse", 1.2, calibration=cal)
     with pytest.raises(ValueError, match="choose a target below"):
-        apply_method(model, "cats", 0.6, calibration=cal)
+        apply(model, "cats", 0.6, calibration=cal)
     with pytest.raises(ValueError, match="tokens must be one of"):
         evaluate_tasks(model, tokenizer, ["piqa"], tokens="decode")
     with pytest.raises(ValueError, match="limit must be a positive integer"):
@@ -156,7 +169,7 @@ def test_bad_input_gives_clear_errors(model, tokenizer, data):
 
 
 def test_hub_extras_are_skipped_quickly_offline(tokenizer):
-    from rsparse.eval.harness import perplexity_windows as ppl_windows
+    from rsparse.eval.hub import perplexity_windows_or_skip as ppl_windows
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
     t0 = time.time()
@@ -183,6 +196,7 @@ def test_datasets_offline_restores_the_flags():
         datasets.config.HF_HUB_OFFLINE = before[1]
 
 
+@pytest.mark.cli
 def test_cli_eval_table_and_sweep_plot(tmp_path, tokenizer, text_file, tiny_model_dir):
     model_dir = tiny_model_dir
     out = tmp_path / "out"
@@ -215,22 +229,24 @@ def test_cli_eval_table_and_sweep_plot(tmp_path, tokenizer, text_file, tiny_mode
     (["--limit", "0"], "--limit must be >= 1"),
     (["--tasks", "piqa,not_a_task_xyz"], "unknown task"),
 ])
+@pytest.mark.cli
 def test_cli_rejects_bad_input_before_loading(argv, message):
     args = _parser().parse_args(["eval", "--model", "/nonexistent/model", *argv])
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(RsparseError, match=message):
         args.func(args)
 
 
+@pytest.mark.cli
 def test_cli_unreachable_baseline_target(tmp_path, tokenizer, tiny_model_dir):
     model_dir = tiny_model_dir
     args = _parser().parse_args(["eval", "--model", str(model_dir), "--methods", "dense,cats", "--sparsities", "0.5,0.6",
                                  "--mlp-sparsities", "none", "--tasks", "piqa", "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="CATS sparsifies only the MLP.*choose a target below 47.6%"):
+    with pytest.raises(RsparseError, match="CATS sparsifies only the MLP.*choose a target below 47.6%"):
         args.func(args)
 
 
 def test_results_markdown_has_the_papers_table1_layout():
-    from rsparse.cli.eval import table1_markdown
+    from rsparse.io.tables import table1_markdown
 
     def row(method, label, s, acc):
         return {"method": method, "label": label, "target_sparsity": s, "average": acc,
@@ -257,12 +273,12 @@ def test_unknown_hub_only_task_offline_is_a_clear_error(model, tokenizer):
 def test_xsum_rouge_generation_path_on_given_documents(model, tokenizer):
     # The hub is unreachable here; the generation + Rouge-L path runs on documents given directly.
     from conftest import TEXT
-    from rsparse.eval.harness import xsum_rouge
+    from rsparse.eval.xsum import xsum_rouge
 
     docs = [{"document": TEXT[:400], "summary": "The fox jumps over the dog."},
             {"document": TEXT[400:900], "summary": "Rivers flow to the sea."}]
-    apply_method(model, "griffin", 0.4, tokens="decode")
+    apply(model, "griffin", 0.4, tokens="decode")
     res = xsum_rouge(model, tokenizer, docs, max_new_tokens=4)
     assert res["documents"] == 2 and 0.0 <= res["rougeL"] <= 1.0 and res["token_mode"] == "decode"
     assert res["generation_achieved_sparsity"] == pytest.approx(0.40178, abs=1e-3)  # decode steps only
-    restore_all(model)
+    restore_(model)

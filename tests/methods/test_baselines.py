@@ -8,22 +8,22 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from rsparse import RSparseConfig, restore_, rsparse_layers, sparsify_
-from rsparse.methods.baselines import (BaselineMLP, UnreachableSparsityError, apply_baseline_, apply_cats_, apply_griffin_,
-                               apply_relu_, baseline_layers, linear_bytes, measured_baseline_sparsity, mlp_modules,
-                               mlp_sparsity_for, model_sparsity_for, reset_baseline_stats, restore_baselines_,
-                               set_baseline_token_mode, skippable_share)
+from rsparse import CatsConfig, GriffinConfig, ReluConfig, RSparseConfig, restore_, sparsify_, token_mode
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.sparse_modules import set_token_mode
+from rsparse.errors import UnreachableSparsityError
+from rsparse.methods import method_config
+from rsparse.methods.mlp import (BaselineMLP, baseline_layers, linear_bytes, measured_baseline_sparsity, mlp_modules,
+                                 mlp_sparsity_for, model_sparsity_for, skippable_share)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _measure(model, ev, tokens="all"):
-    set_baseline_token_mode(model, tokens)
-    reset_baseline_stats(model)
-    with torch.no_grad():
+    with token_mode(model, tokens, track=True), torch.no_grad():
         model(ev)
-    return measured_baseline_sparsity(model)
+        return measured_baseline_sparsity(model)
 
 
 def _snapshot(model):
@@ -61,7 +61,7 @@ def test_tiny_model_budget_shares(model):
 @pytest.mark.parametrize("tokens", ["all", "second_half"])
 def test_cats_reaches_its_model_level_target(model, data, tokens):
     cal, ev = data
-    report = apply_cats_(model, 0.3, calibration=cal, tokens=tokens, max_rows_per_layer=512)
+    report = sparsify_(model, CatsConfig(sparsity=0.3, tokens=tokens, max_rows_per_layer=512), cal)
     assert report["target_sparsity"] == pytest.approx(0.3)
     assert report["mlp_sparsity"] == pytest.approx(0.3 / skippable_share(model, "cats"))
     m = _measure(model, ev, tokens)
@@ -71,18 +71,18 @@ def test_cats_reaches_its_model_level_target(model, data, tokens):
 
 def test_griffin_reaches_its_model_level_target(model, data):
     _, ev = data
-    report = apply_griffin_(model, 0.5, tokens="all")
+    report = sparsify_(model, GriffinConfig(sparsity=0.5, tokens="all"))
     assert report["exact_sparsity"] == pytest.approx(0.5, abs=0.72 / 160)  # keep rounds to whole neurons
     assert {w.keep for w in baseline_layers(model)} == {round((1 - 0.5 / (30720 / 43008)) * 160)}
     m = _measure(model, ev)
     assert m["achieved_sparsity"] == pytest.approx(report["exact_sparsity"])
     # by MLP sparsity instead: the methods' own setting
-    report = apply_griffin_(model, mlp_sparsity=0.5, tokens="all")
+    report = sparsify_(model, GriffinConfig(mlp_sparsity=0.5, tokens="all"))
     assert report["target_sparsity"] == pytest.approx(0.5 * 30720 / 43008)
 
 
 def test_griffin_prunes_gate_up_rows_and_down_columns_of_the_prompts_top_neurons(model):
-    apply_griffin_(model, mlp_sparsity=0.6, tokens="all")
+    sparsify_(model, GriffinConfig(mlp_sparsity=0.6, tokens="all"))
     w: BaselineMLP = baseline_layers(model)[0]
     torch.manual_seed(1)
     prompt, x = torch.randn(2, 7, 64), torch.randn(2, 3, 64)
@@ -100,28 +100,30 @@ def test_griffin_prunes_gate_up_rows_and_down_columns_of_the_prompts_top_neurons
 def test_unreachable_targets_and_bad_input_are_clear_errors(model, data):
     cal, _ = data
     with pytest.raises(UnreachableSparsityError, match="choose a target below 47.6%"):
-        apply_cats_(model, 0.5, calibration=cal)
+        sparsify_(model, CatsConfig(sparsity=0.5), cal)
     with pytest.raises(UnreachableSparsityError, match="GRIFFIN"):
-        apply_griffin_(model, 0.72)
+        sparsify_(model, GriffinConfig(sparsity=0.72))
     with pytest.raises(ValueError, match="sparsity must be in"):
-        apply_griffin_(model, 1.0)
+        GriffinConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="MLP sparsity must be in"):
-        apply_cats_(model, mlp_sparsity=-0.1, calibration=cal)
-    with pytest.raises(ValueError, match="exactly one"):
-        apply_griffin_(model, 0.3, mlp_sparsity=0.3)
+        CatsConfig(mlp_sparsity=-0.1)
+    with pytest.raises(ValueError, match="give a sparsity"):
+        GriffinConfig(sparsity=None)
     with pytest.raises(ValueError, match="calibration"):
-        apply_cats_(model, 0.3)
-    with pytest.raises(ValueError, match="unknown baseline"):
-        apply_baseline_(model, "magic", 0.3)
+        sparsify_(model, CatsConfig(sparsity=0.3))
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        method_config("magic", 0.3)
+    with pytest.raises(ValueError, match="takes an RSparseConfig, CatsConfig"):
+        sparsify_(model, {"method": "cats"})
     with pytest.raises(ValueError, match="unknown token mode"):
-        apply_relu_(model, tokens="every")
+        ReluConfig(tokens="every")
     assert baseline_layers(model) == []  # nothing was touched
 
 
 def test_cats_with_zero_threshold_equals_dense(model, data):
     _, ev = data
     dense = model(ev).logits
-    apply_cats_(model, threshold=0.0, tokens="all")
+    sparsify_(model, CatsConfig(threshold=0.0, tokens="all"))
     assert torch.equal(model(ev).logits, dense)
 
 
@@ -129,7 +131,7 @@ def test_relu_changes_only_the_activation(model, data):
     _, ev = data
     before = _snapshot(model)
     dense = model(ev).logits
-    apply_relu_(model, tokens="all")
+    sparsify_(model, ReluConfig(tokens="all"))
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     w = baseline_layers(model)[1]
@@ -146,11 +148,11 @@ def test_relu_changes_only_the_activation(model, data):
 def test_second_half_protocol_keeps_the_first_half_dense(model, data, method):
     cal, ev = data
     dense = model(ev).logits
-    apply_baseline_(model, method, None if method == "relu" else 0.3, calibration=cal, tokens="second_half")
+    sparsify_(model, method_config(method, 0.3, tokens="second_half"), cal)
     logits = model(ev).logits
     assert torch.equal(logits[:, :32], dense[:, :32])
     assert not torch.allclose(logits[:, 32:], dense[:, 32:])
-    set_baseline_token_mode(model, "none")
+    set_token_mode(model, "none")
     assert torch.equal(model(ev).logits, dense)
 
 
@@ -160,10 +162,10 @@ def test_restore_is_lossless(model, data, method):
     before = _snapshot(model)
     mlps = [m for _, m in mlp_modules(model)]
     dense = model(ev).logits
-    apply_baseline_(model, method, None if method == "relu" else 0.4, calibration=cal, tokens="all")
+    sparsify_(model, method_config(method, 0.4, tokens="all"), cal)
     assert len(baseline_layers(model)) == 2
     assert not torch.allclose(model(ev).logits, dense)
-    restore_baselines_(model)
+    restore_(model)
     assert baseline_layers(model) == [] and [m for _, m in mlp_modules(model)] == mlps
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
@@ -176,27 +178,26 @@ def test_decode_mode_prefill_dense_generation_sparse(model, data):
     dense_prefill = model(prompt).logits
     dense_gen = model.generate(prompt, max_new_tokens=6, do_sample=False)
     for method in ("cats", "griffin"):
-        apply_baseline_(model, method, 0.45, calibration=cal, tokens="decode")
+        sparsify_(model, method_config(method, 0.45, tokens="decode"), cal)
         assert torch.equal(model(prompt).logits, dense_prefill)  # prefill stays dense
-        reset_baseline_stats(model)
-        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
-        assert out.shape == dense_gen.shape
-        w = baseline_layers(model)[0]
-        assert w.stat_tokens == 5  # the 5 single-token decode steps after the prefill were sparse
-        if method == "griffin":
-            assert w._selected.shape == (1, 1, 160) and int(w._selected.sum()) == w.keep
+        with token_mode(model, "decode", track=True):
+            out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+            assert out.shape == dense_gen.shape
+            w = baseline_layers(model)[0]
+            assert w.stat_tokens == 5  # the 5 single-token decode steps after the prefill were sparse
+            if method == "griffin":
+                assert w._selected.shape == (1, 1, 160) and int(w._selected.sum()) == w.keep
 
 
 def test_baselines_and_rsparse_layers_restore_from_any_mix(model, data):
     cal, ev = data
     dense = model(ev).logits
     sparsify_(model, RSparseConfig(sparsity=0.5, tokens="all"), cal)
-    apply_cats_(model, 0.3, calibration=cal, tokens="all")  # applying a baseline undoes R-Sparse first
+    sparsify_(model, CatsConfig(sparsity=0.3, tokens="all"), cal)  # applying a method undoes any other first
     assert rsparse_layers(model) == [] and len(baseline_layers(model)) == 2
-    sparsify_(model, RSparseConfig(sparsity=0.5, tokens="all"), cal)  # sparsify_ finds the wrapped projections
-    assert len(rsparse_layers(model)) == 14
+    sparsify_(model, RSparseConfig(sparsity=0.5, tokens="all"), cal)
+    assert len(rsparse_layers(model)) == 14 and baseline_layers(model) == []
     restore_(model)
-    restore_baselines_(model)
     assert torch.equal(model(ev).logits, dense)
 
 
@@ -205,9 +206,9 @@ def test_other_llama_family_architectures(data):
     for arch in ("mistral", "qwen2"):
         m = tiny_model(arch)
         dense = m(ev).logits
-        apply_cats_(m, 0.3, calibration=cal, tokens="all", max_rows_per_layer=256)
+        sparsify_(m, CatsConfig(sparsity=0.3, tokens="all", max_rows_per_layer=256), cal)
         with torch.no_grad():
             sparse = m(ev).logits
         assert math.isfinite(float(sparse.sum())) and not torch.allclose(sparse, dense)
-        restore_baselines_(m)
+        restore_(m)
         assert torch.equal(m(ev).logits, dense)

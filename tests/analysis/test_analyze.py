@@ -1,7 +1,6 @@
 """rsparse analyze on a tiny model: contribution heatmaps, bias-matrix rank, multi-phase ReLU,
 kept-channel distributions, and the CLI end to end."""
 
-import argparse
 import json
 import math
 
@@ -9,13 +8,17 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from rsparse import collect_activations, decoder_linears, evaluate_perplexity
-from rsparse.analysis.measures import (PhaseHooks, analyze_bias_rank, analyze_contributions, analyze_kept, analyze_multiphase,
-                             bias_matrices, contribution_matrix, mass_fractions, multiphase, phase_levels,
-                             phase_site_values, pick_blocks, register, sort_contributions, spectrum_stats,
-                             two_phase_thresholds)
-from rsparse.core.calibrate import weight_svd
+from rsparse import collect_activations, evaluate_perplexity
+from rsparse.analysis.kept import analyze_kept
+from rsparse.analysis.measures import (analyze_bias_rank, analyze_contributions, bias_matrices, contribution_matrix,
+                                       mass_fractions, pick_blocks, sort_contributions, spectrum_stats,
+                                       two_phase_thresholds)
+from rsparse.analysis.multiphase import PhaseHooks, analyze_multiphase, multiphase, phase_levels, phase_site_values
+from rsparse.cli import build_parser
 from rsparse.core.data import calibration_windows, perplexity_windows
+from rsparse.core.factors import weight_svd
+from rsparse.core.models import decoder_linears
+from rsparse.errors import RsparseError
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +157,10 @@ def test_kept_fractions_match_the_layer_statistics(setup):
     assert not [m for m in model.modules() if type(m).__name__ == "RSparseLinear"]  # restored
 
 
+@pytest.mark.cli
 def test_cli_writes_pngs_and_json(tmp_path, tokenizer, text_file, tiny_model_dir):
     model_dir = tiny_model_dir
-    parser = argparse.ArgumentParser(prog="rsparse")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "out"
     args = parser.parse_args(["analyze", "--model", str(model_dir), "--corpus", str(text_file), "--ppl-corpus",
                               str(text_file), "--samples", "4", "--seq-len", "32", "--ppl-windows", "2",
@@ -174,6 +177,6 @@ def test_cli_writes_pngs_and_json(tmp_path, tokenizer, text_file, tiny_model_dir
     assert set(res["multiphase"]["sites"]) == {"down_input", "act"}
     for bad in (["--phase-sparsities", "0.5,1.5"], ["--parts", "heatmap,nope"], ["--phase-sites", "gate"]):
         bad_args = parser.parse_args(["analyze", *bad, "--out", str(tmp_path / "bad")])
-        with pytest.raises(SystemExit):  # refused before any model is loaded
+        with pytest.raises(RsparseError):  # refused before any model is loaded
             bad_args.func(bad_args)
         assert not (tmp_path / "bad").exists()

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from rsparse.core.budget import layer_budget, model_read_fraction
-from rsparse.core.calibrate import calibrate_threshold, lowrank_factors
-from rsparse.core.layer import RSparseLinear, set_token_mode
+from rsparse.core.calibrate import calibrate_threshold
+from rsparse.core.factors import lowrank_factors
+from rsparse.core.layer import RSparseLinear
+from rsparse.core.sparse_modules import set_token_mode
 
 
 def make_layer(out=48, inp=40, rank=0, bias=False, seed=0):
@@ -162,7 +164,7 @@ def test_layer_kernel_path_matches_reference(rank):
 
 
 def test_whitened_factors_beat_plain_svd_on_their_inputs():
-    from rsparse.core.calibrate import whitened_factors
+    from rsparse.core.factors import whitened_factors
 
     torch.manual_seed(0)
     w = torch.randn(48, 40)

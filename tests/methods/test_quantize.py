@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
-from rsparse.core.calibrate import restore_, sparsify_
-from rsparse.core.config import RSparseConfig
+from conftest import cli_error, tiny_model
+from rsparse import RSparseConfig, restore_, sparsify_
 from rsparse.core.models import decoder_linears
 from rsparse.methods.quantize import QuantConfig, quantize_tensor, quantize_weights_
 
@@ -61,7 +60,8 @@ def test_bad_quant_config(kwargs, message):
         QuantConfig(**kwargs)
 
 
-def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_file, tiny_model_dir):
+@pytest.mark.cli
+def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_file, tiny_model_dir, capsys):
     from rsparse.cli import main
 
     model_dir = tiny_model_dir
@@ -87,30 +87,30 @@ def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_fil
     by_label = {r["label"]: r for r in res2["rows"]}
     assert set(by_label) == {"Dense", "R-Sparse 40%", "R-Sparse 50%"}
     assert by_label["R-Sparse 40%"]["seconds"] == {r["label"]: r for r in res["rows"]}["R-Sparse 40%"]["seconds"]
-    with pytest.raises(SystemExit, match="other settings"):
-        main(argv[:-2] + ["--out", str(out), "--resume", "--limit", "3"])
+    cli_error(capsys, argv[:-2] + ["--out", str(out), "--resume", "--limit", "3"], "other settings")
 
 
-def test_cli_eval_rejects_unknown_weight_format():
+@pytest.mark.cli
+def test_cli_eval_rejects_unknown_weight_format(capsys):
     from rsparse.cli import main
 
-    with pytest.raises(SystemExit, match="unknown weight format"):
-        main(["eval", "--weights", "fp,nf4"])
+    cli_error(capsys, ["eval", "--weights", "fp,nf4"], "unknown weight format")
 
 
-def test_cli_eval_resume_from_a_corrupt_results_file_is_a_clear_error(tmp_path):
+@pytest.mark.cli
+def test_cli_eval_resume_from_a_corrupt_results_file_is_a_clear_error(tmp_path, capsys):
     from rsparse.cli import main
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"rows": [', encoding="utf-8")  # a run killed mid-write elsewhere
-    with pytest.raises(SystemExit, match="--resume: cannot read"):
-        main(["eval", "--methods", "dense", "--tasks", "piqa", "--limit", "1", "--ppl-corpus", "none",
-              "--xsum-samples", "0", "--out", str(out), "--resume"])
+    cli_error(capsys, ["eval", "--methods", "dense", "--tasks", "piqa", "--limit", "1", "--ppl-corpus", "none",
+              "--xsum-samples", "0", "--out", str(out), "--resume"], "--resume: cannot read")
     assert (out / "results.json").read_text(encoding="utf-8") == '{"rows": ['  # left as it was
 
 
-def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, text_file, tiny_model_dir):
+@pytest.mark.cli
+def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, text_file, tiny_model_dir, capsys):
     """Rows evaluated in separate runs (one per GPU, say) and merged give the results and reports
     of the single run that evaluates them all; runs with other settings are refused."""
     from rsparse.cli import main
@@ -136,14 +136,10 @@ def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, te
     assert "| R-Sparse 30% |" in md and (tmp_path / "merged" / "sweep.png").stat().st_size > 10_000
 
     assert main(argv + ["--methods", "dense", "--ratio", "0.8", "--out", str(tmp_path / "d")]) == 0
-    with pytest.raises(SystemExit, match=r"d/results.json was made with other settings .*--ratio"):
-        main(["eval", "--merge", parts[0], str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "m2")])
-    with pytest.raises(SystemExit, match="not found"):
-        main(["eval", "--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "m3")])
+    cli_error(capsys, ["eval", "--merge", parts[0], str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "m2")], r"d/results.json was made with other settings .*--ratio")
+    cli_error(capsys, ["eval", "--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "m3")], "not found")
     (tmp_path / "other.json").write_text('{"results": {}}', encoding="utf-8")  # e.g. lm-eval's own output
-    with pytest.raises(SystemExit, match="other.json is not an rsparse eval results.json"):
-        main(["eval", "--merge", parts[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "m4")])
+    cli_error(capsys, ["eval", "--merge", parts[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "m4")], "other.json is not an rsparse eval results.json")
     (tmp_path / "cut.json").write_text('{"rows": [', encoding="utf-8")
-    with pytest.raises(SystemExit, match="cannot read .*cut.json as JSON"):
-        main(["eval", "--merge", str(tmp_path / "cut.json"), "--out", str(tmp_path / "m5")])
+    cli_error(capsys, ["eval", "--merge", str(tmp_path / "cut.json"), "--out", str(tmp_path / "m5")], "cannot read .*cut.json as JSON")
     assert not any((tmp_path / d).exists() for d in ("m2", "m3", "m4", "m5"))

@@ -7,6 +7,9 @@ import pytest
 from rsparse import RSparseConfig, evaluate_perplexity, load_model, load_windows, restore_, sparsify_
 
 
+pytestmark = pytest.mark.real_model
+
+
 @pytest.fixture(scope="module")
 def smollm():
     return load_model()

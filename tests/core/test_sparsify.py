@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
-from rsparse import (RecipeError, RSparseConfig, UnsupportedModelError, collect_activations, decoder_linears,
-                     evaluate_perplexity, restore_, rsparse_layers, sparsify_)
+from conftest import cli_error, tiny_model
+from rsparse import RSparseConfig, collect_activations, evaluate_perplexity, restore_, sparsify_
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.models import decoder_linears
+from rsparse.errors import RecipeError, UnsupportedModelError
 from rsparse.core.data import calibration_windows, perplexity_windows, tokenize_corpus
 
 
@@ -163,6 +165,7 @@ def test_bad_calibration_text(tokenizer, model):
         sparsify_(model, RSparseConfig(), torch.randn(2, 8))
 
 
+@pytest.mark.cli
 def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file, tiny_model_dir):
     from rsparse.cli import main
 
@@ -190,11 +193,11 @@ def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file, tiny_model_dir):
     (["--methods", "dense,foo"], "unknown method"),
     (["--recipe", "/nonexistent/recipe.json"], "recipe file not found"),
 ])
+@pytest.mark.cli
 def test_cli_rejects_bad_input_before_loading(args, message, capsys):
     from rsparse.cli import main
 
-    with pytest.raises(SystemExit, match=message):
-        main(["run", "--model", "/nonexistent/model", *args])
+    cli_error(capsys, ["run", "--model", "/nonexistent/model", *args], message)
 
 
 def test_whitened_factors_option(model, data):
