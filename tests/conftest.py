@@ -114,6 +114,12 @@ def data(windows):
     return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)
 
 
+def read_fraction(budgets) -> float:
+    """Model-level fraction of the decoder projections' weight elements read under the budgets."""
+    total = sum(b.dense_elements for b in budgets)
+    return sum(b.read_fraction() * b.dense_elements for b in budgets) / total
+
+
 def cli_error(capsys, argv: list[str], match: str) -> str:
     """Run the `rsparse` command, expect the one-line error of an expected failure (exit status 2)
     whose message matches `match`; returns the message."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rsparse.cli import common
 from rsparse.core.budget import check_sparsity
-from rsparse.errors import BadInputError
+from rsparse.errors import BadInputError, MissingDataError
 from rsparse.eval.perplexity import SCORED_MODES
 from rsparse.eval.tasks import PAPER_TASKS
 from rsparse.io.results import merge_results, previous_rows, read_previous
@@ -316,7 +316,7 @@ def weight_formats(text: str, group_size: int) -> dict:
     out = {}
     for t in [t.strip().lower() for t in (text or "").split(",") if t.strip()]:
         if t in out:
-            raise ValueError(f"weight format {t!r} given twice")
+            raise BadInputError(f"weight format {t!r} given twice")
         if t == "fp":
             out[t] = None
         elif t.startswith("int") and t[3:].isdigit():
@@ -324,11 +324,11 @@ def weight_formats(text: str, group_size: int) -> dict:
             try:
                 import hqq  # noqa: F401
             except ImportError:
-                raise ValueError(f"--weights {t} needs HQQ: pip install 'rsparse[quant]' (hqq==0.2.8.post1)") from None
+                raise MissingDataError(f"--weights {t} needs HQQ: pip install 'rsparse[quant]' (hqq==0.2.8.post1)") from None
         else:
-            raise ValueError(f"unknown weight format {t!r}; expected fp or int<bits> (int2, int3, int4, int8)")
+            raise BadInputError(f"unknown weight format {t!r}; expected fp or int<bits> (int2, int3, int4, int8)")
     if not out:
-        raise ValueError("no weight format given (--weights)")
+        raise BadInputError("no weight format given (--weights)")
     return out
 
 

@@ -65,12 +65,3 @@ def layer_budget(out_features: int, in_features: int, sparsity: float, rho: floa
     rank = math.floor((1.0 - s) * (1.0 - rho) * out_features * in_features / (out_features + in_features) + 1e-9)
     rank = max(0, min(rank, min(out_features, in_features)))
     return LayerBudget(out_features, in_features, s, rho, keep, rank)
-
-
-def model_read_fraction(budgets: list[LayerBudget], kept_fractions: list[float] | None = None) -> float:
-    """Model-level fraction of linear-layer weight bytes read (dense = 1)."""
-    total = sum(b.dense_elements for b in budgets)
-    if total == 0:
-        raise BadInputError("no layers to budget")
-    kept = kept_fractions or [None] * len(budgets)
-    return sum(b.read_fraction(k) * b.dense_elements for b, k in zip(budgets, kept)) / total

@@ -19,11 +19,11 @@ from torch import nn
 
 from rsparse.core.config import CatsConfig, GriffinConfig, ReluConfig, RSparseConfig
 from rsparse.core.sparse_modules import restore_
+from rsparse.core.layer import LAYER_METHODS as RSPARSE_METHODS  # RSparseConfig.method
 from rsparse.errors import BadInputError
+from rsparse.methods.mlp import BASELINES
 
-RSPARSE_METHODS = ("dense", "sparse", "lowrank", "rsparse")  # RSparseConfig.method
-BASELINES = ("cats", "griffin", "relu")
-METHODS = RSPARSE_METHODS + BASELINES  # every method name the command line takes
+METHODS = RSPARSE_METHODS + BASELINES  # every method name: RSparseConfig.method and the baselines
 
 __all__ = ["BASELINES", "METHODS", "RSPARSE_METHODS", "method_config", "restore_", "sparsify_"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from rsparse.core.budget import layer_budget, model_read_fraction
+from conftest import read_fraction
+from rsparse.core.budget import layer_budget
 from rsparse.core.calibrate import calibrate_threshold
 from rsparse.core.factors import lowrank_factors
 from rsparse.core.layer import RSparseLinear
@@ -111,7 +112,7 @@ def test_budget_gqa_differs_from_hidden_square():
     assert kv.rank == 36 and q.rank == 72
     # the reference code's hidden x hidden rank would read more than the whole k/v layer's budget
     assert (q.rank * (192 + 576)) / (192 * 576) + kv.keep_fraction > 0.5
-    assert model_read_fraction([kv, q]) <= 0.5
+    assert read_fraction([kv, q]) <= 0.5
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan")])

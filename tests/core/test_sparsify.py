@@ -195,8 +195,6 @@ def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file, tiny_model_dir):
 ])
 @pytest.mark.cli
 def test_cli_rejects_bad_input_before_loading(args, message, capsys):
-    from rsparse.cli import main
-
     cli_error(capsys, ["run", "--model", "/nonexistent/model", *args], message)
 
 

@@ -3,7 +3,6 @@
 Tiny random models and --limit 2-4: these check wiring and bookkeeping, not accuracy.
 """
 
-import argparse
 import json
 import math
 import os
@@ -12,7 +11,6 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_model
 from rsparse import evaluate_perplexity, restore_, sparsify_
 from rsparse.errors import EvaluationError, RsparseError
 from rsparse.eval.harness import evaluate_tasks, resolve_tasks

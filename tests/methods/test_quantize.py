@@ -92,15 +92,11 @@ def test_cli_eval_weight_formats_table2_and_resume(tmp_path, tokenizer, text_fil
 
 @pytest.mark.cli
 def test_cli_eval_rejects_unknown_weight_format(capsys):
-    from rsparse.cli import main
-
     cli_error(capsys, ["eval", "--weights", "fp,nf4"], "unknown weight format")
 
 
 @pytest.mark.cli
 def test_cli_eval_resume_from_a_corrupt_results_file_is_a_clear_error(tmp_path, capsys):
-    from rsparse.cli import main
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"rows": [', encoding="utf-8")  # a run killed mid-write elsewhere

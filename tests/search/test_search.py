@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import rsparse.search.evolution as search_mod
-from conftest import cli_error, tiny_model
+from conftest import cli_error, read_fraction, tiny_model
 from rsparse import RSparseConfig, sparsify_
-from rsparse.core.budget import layer_budget, model_read_fraction
+from rsparse.core.budget import layer_budget
 from rsparse.core.data import calibration_windows
 from rsparse.search.evolution import SearchConfig, recipe_from_search, search
 
@@ -33,7 +33,7 @@ def test_search_improves_on_its_start_and_keeps_the_budget(cal):
     assert rho.shape == (14,) and ((0 <= rho) & (rho <= 1)).all()
     recipe = recipe_from_search(state, 0.5)
     budgets = [layer_budget(*l["shape"], 0.5, l["rho"]) for l in recipe["layers"]]
-    assert model_read_fraction(budgets) <= 0.5 + 1e-9
+    assert read_fraction(budgets) <= 0.5 + 1e-9
     report = sparsify_(model, RSparseConfig(sparsity=0.5, recipe=recipe), cal)  # the recipe fits the model
     assert [r["rho"] for r in report] == [l["rho"] for l in recipe["layers"]]
 
@@ -175,8 +175,6 @@ def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_d
 
 @pytest.mark.cli
 def test_cli_compare_recipes_rejects_bad_input(capsys):
-    from rsparse.cli import main
-
     cli_error(capsys, ["compare-recipes", "--sparsities", "0.5,1.5"], "sparsities")
     cli_error(capsys, ["compare-recipes", "--grid", "0.5,2"], "grid")
     cli_error(capsys, ["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"], "rho-step")

