@@ -39,6 +39,7 @@ def cmd_analyze(args) -> int:
     common.require(args.seq_len >= 4 and min(args.samples, args.ppl_windows, args.bias_tokens, args.max_rows) >= 1,
                    "--seq-len must be >= 4 and --samples, --ppl-windows, --bias-tokens, --max-rows >= 1")
     common.require(args.threads >= 0, "--threads must be >= 0")
+    common.check_corpora(args.corpus, args.ppl_corpus)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -70,6 +70,13 @@ def parse_floats(text: str | None, what: str, check=None) -> list[float]:
     return values
 
 
+def check_corpora(*names: str) -> None:
+    from rsparse.core.data import check_corpus
+
+    for name in names:
+        check_corpus(name)
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BadInputError(message)

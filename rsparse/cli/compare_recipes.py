@@ -87,6 +87,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     # the search starts from the best uniform rho: it must be one of its grid values
     common.require(not off, f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")
     common.require(args.limit is None or args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
+    common.check_corpora(args.calib_corpus, args.ppl_corpus)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

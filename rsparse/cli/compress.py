@@ -39,6 +39,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.recipe:
         load_recipe(args.recipe)
     common.require(args.seq_len >= 2, "--seq-len must be >= 2")
+    common.check_corpora(args.calib_corpus)
     _check_target(Path(args.out), args.overwrite)
 
     start = time.time()

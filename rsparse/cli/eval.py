@@ -152,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     common.require(args.batch_size >= 1 and args.calib_samples >= 1 and args.seq_len >= 4 and args.ppl_windows >= 0
                    and args.xsum_samples >= 0, "--batch-size, --calib-samples must be >= 1, --seq-len >= 4, "
                    "--ppl-windows and --xsum-samples >= 0")
+    common.check_corpora(args.calib_corpus)
     formats = weight_formats(args.weights, args.group_size)
     check_ratio(args.ratio)
     recipe = load_recipe(args.recipe) if args.recipe else None

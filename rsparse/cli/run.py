@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     methods = common.parse_names(args.methods, LAYER_METHODS, "method")
     RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, factors=args.factors)  # checks the values
     recipe = load_recipe(args.recipe) if args.recipe else None
+    common.check_corpora(args.calib_corpus, args.ppl_corpus)
     common.require(args.seq_len >= 4 and args.calib_samples >= 1 and args.ppl_windows >= 1,
                    "--seq-len must be >= 4 and --calib-samples, --ppl-windows >= 1")
 

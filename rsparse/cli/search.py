@@ -80,6 +80,7 @@ def cmd_search(args) -> int:
                        factors=args.factors, rho_step=args.rho_step, seed=args.seed)
     cfg.validate()
     check_batch_size(args.search_batch_size)
+    common.check_corpora(args.calib_corpus, args.ppl_corpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -91,6 +91,13 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
     return tuple(docs)
 
 
+def check_corpus(name: str) -> str:
+    """The corpus name, if load_documents knows it (a named corpus or an existing text file)."""
+    if name in OFFLINE_CORPORA + HUB_CORPORA or Path(name).is_file():
+        return name
+    raise BadInputError(f"unknown corpus {name!r}: expected one of {OFFLINE_CORPORA + HUB_CORPORA} or a text file")
+
+
 def tokenize_corpus(tokenizer, docs) -> torch.Tensor:
     """All documents as one token stream (documents joined by blank lines)."""
     text = "\n\n".join(docs)
