@@ -12,6 +12,8 @@ from rsparse.core.layer import rsparse_layers
 from rsparse.io import checkpoint
 from rsparse.io.checkpoint import load
 
+pytestmark = pytest.mark.cli
+
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -48,7 +50,6 @@ def compressed(hf_dir, text_file, tmp_path_factory):
     return out
 
 
-@pytest.mark.cli
 def test_generate_from_a_checkpoint_streams_the_greedy_text(compressed, capsys):
     capsys.readouterr()
     prompt = "The quick brown fox"
@@ -65,7 +66,6 @@ def test_generate_from_a_checkpoint_streams_the_greedy_text(compressed, capsys):
     assert f"[{new.numel()} tokens in" in err
 
 
-@pytest.mark.cli
 def test_generate_sparsifies_on_the_fly_or_dense(hf_dir, text_file, capsys):
     base = ["generate", "--model", str(hf_dir), "--prompt", "A stitch in time", "--max-new-tokens", "4"]
     run_cli(base + ["--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32",
@@ -75,7 +75,6 @@ def test_generate_sparsifies_on_the_fly_or_dense(hf_dir, text_file, capsys):
     assert "(dense)" in capsys.readouterr().err
 
 
-@pytest.mark.cli
 def test_checkpoint_rejects_sparsification_flags(compressed, capsys):
     cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--sparsity", "0.3"], "already sparsified")
     cli_error(capsys, ["generate", "--model", "whatever", "--prompt", "x", "--dense", "--ratio", "0.5"], "exclude")
@@ -83,7 +82,6 @@ def test_checkpoint_rejects_sparsification_flags(compressed, capsys):
     assert "dense; loaded" in capsys.readouterr().err  # --dense restores a checkpoint's dense layers
 
 
-@pytest.mark.cli
 def test_chat_keeps_history_with_the_template_and_resets(compressed, tmp_path, monkeypatch, capsys):
     model, _ = load(compressed)
     tok = readable_tokenizer()
@@ -107,7 +105,6 @@ def test_chat_keeps_history_with_the_template_and_resets(compressed, tmp_path, m
     assert err.count(" tokens in ") == 3 and "(history cleared)" in err
 
 
-@pytest.mark.cli
 def test_chat_without_template_ends_at_end_of_input(compressed, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("The quick\nbrown fox\n"))
     assert run_cli(["chat", "--model", str(compressed), "--max-new-tokens", "3"]) == 0
@@ -119,7 +116,6 @@ def test_chat_without_template_ends_at_end_of_input(compressed, monkeypatch, cap
 
 
 @pytest.mark.real_model
-@pytest.mark.cli
 def test_embedded_model_answers(capsys):
     """The real embedded SmolLM2-135M-Instruct, dense, raw prompt (bounded: ~20 s to load)."""
     run_cli(["generate", "--prompt", "The capital of France is", "--dense", "--no-chat-template",

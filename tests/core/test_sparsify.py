@@ -6,14 +6,12 @@ import math
 import pytest
 import torch
 
-from conftest import cli_error, tiny_model
+from conftest import tiny_model
 from rsparse import RSparseConfig, collect_activations, evaluate_perplexity, restore_, sparsify_
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_linears
 from rsparse.errors import RecipeError, UnsupportedModelError
 from rsparse.core.data import calibration_windows, perplexity_windows, tokenize_corpus
-
-
 
 
 def test_finds_seven_projections_per_block_with_true_shapes(model):
@@ -163,39 +161,6 @@ def test_bad_calibration_text(tokenizer, model):
         perplexity_windows(stream, 512, 4)
     with pytest.raises(ValueError, match="LongTensor"):
         sparsify_(model, RSparseConfig(), torch.randn(2, 8))
-
-
-@pytest.mark.cli
-def test_cli_run_on_tiny_model(tmp_path, tokenizer, text_file, tiny_model_dir):
-    from rsparse.cli import main
-
-    model_dir = tiny_model_dir
-    out = tmp_path / "out"
-    code = main(["run", "--model", str(model_dir), "--methods", "dense,sparse,lowrank,rsparse",
-                 "--calib-corpus", str(text_file), "--ppl-corpus", str(text_file), "--seq-len", "64",
-                 "--calib-samples", "4", "--ppl-windows", "4", "--ratio", "0.8", "--out", str(out)])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["model"] == str(model_dir)
-    assert [r["method"] for r in results["rows"]] == ["dense", "sparse", "lowrank", "rsparse"]
-    for row in results["rows"]:
-        assert {"method", "target_sparsity", "achieved_sparsity", "ppl"} <= set(row)
-        assert math.isfinite(row["ppl"])
-    assert results["rows"][0]["achieved_sparsity"] == 0.0
-    assert all(abs(r["achieved_sparsity"] - 0.5) < 0.1 for r in results["rows"][1:])
-    assert "| rsparse |" in (out / "results.md").read_text()
-    assert len(json.loads((out / "layers_rsparse.json").read_text())) == 14
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--sparsity", "1.0"], "sparsity must be in"),
-    (["--ratio", "-1"], "ratio"),
-    (["--methods", "dense,foo"], "unknown method"),
-    (["--recipe", "/nonexistent/recipe.json"], "recipe file not found"),
-])
-@pytest.mark.cli
-def test_cli_rejects_bad_input_before_loading(args, message, capsys):
-    cli_error(capsys, ["run", "--model", "/nonexistent/model", *args], message)
 
 
 def test_whitened_factors_option(model, data):

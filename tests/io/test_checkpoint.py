@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error, tiny_config, tiny_model
+from conftest import tiny_config, tiny_model
 from rsparse import RSparseConfig, sparsify_
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.sparse_modules import set_token_mode
@@ -128,6 +128,8 @@ def test_load_any_falls_back_to_load_model(model, tokenizer, saved, tmp_path):
 
 
 # -- errors -----------------------------------------------------------------------------------
+
+
 def test_missing_files(saved, tmp_path):
     _, path = saved
     with pytest.raises(CheckpointFileMissing, match="not found"):
@@ -213,6 +215,8 @@ def test_newer_format_version(saved):
 
 
 # -- saving -------------------------------------------------------------------------------------
+
+
 def test_refuses_non_empty_non_checkpoint_directory(base, tokenizer, tmp_path):
     model = base[0]
     target = tmp_path / "mine"
@@ -242,31 +246,3 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, tokenizer, monkeypatch
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp dirs left
     load(path)
-
-
-# -- CLI -----------------------------------------------------------------------------------------
-def run_cli(argv):
-    """The real `rsparse` entry point, in process."""
-    from rsparse.cli import main
-
-    return main(argv)
-
-
-@pytest.mark.cli
-def test_cli_compress(model, tokenizer, text_file, tmp_path, capsys):
-    hf = tmp_path / "hf"
-    model.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
-    out = tmp_path / "ck"
-    argv = ["compress", "--model", str(hf), "--out", str(out), "--sparsity", "0.4", "--ratio", "0.9",
-            "--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32", "--seed", "1"]
-    assert run_cli(argv) == 0
-    assert f"saved {out}: 14 layers (rsparse), target sparsity 40%" in capsys.readouterr().out
-    manifest = json.loads((out / "rsparse.json").read_text())
-    assert manifest["rsparse_config"]["tokens"] == "decode" and manifest["rsparse_config"]["seed"] == 1
-    loaded, _ = load(out)
-    assert {l.tokens for l in rsparse_layers(loaded)} == {"decode"}
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "x").write_text("x")
-    cli_error(capsys, argv[:3] + ["--out", str(tmp_path / "busy")] + argv[5:], "overwrite")
-    cli_error(capsys, argv[:5] + ["--sparsity", "1.5"], "sparsity")
