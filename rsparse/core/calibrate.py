@@ -226,10 +226,12 @@ class LayerPlanner:
             self._full = down.to(self.weight.dtype), up.to(self.weight.dtype)
         return self._full[0][:, :rank], self._full[1][:rank]
 
-    def plan(self, budget: LayerBudget, dense: bool = False, thresholds: dict[bool, float] | None = None) -> LayerPlan:
+    def plan(self, budget: LayerBudget, dense: bool = False, thresholds: dict[bool, float] | None = None,
+             fit_factors: bool = True) -> LayerPlan:
         """The layer's plan under `budget` (dense=True: the dense plan whatever the budget).
         thresholds: {weighted: threshold} computed beforehand (threshold_table) instead of
-        calibrating one here."""
+        calibrating one here. fit_factors=False leaves lr_down / lr_up None, for a caller that
+        brings its own (e.g. random factors of the right rank in a speed benchmark)."""
         method = "dense" if dense else layer_method(budget)
         scale = self.score_scale(method)
         if method == "dense":
@@ -238,7 +240,7 @@ class LayerPlanner:
             threshold = thresholds[scale is not None]
         else:
             threshold = calibrate_threshold(self.scores(scale), budget.keep_fraction)
-        down, up = self.factors(budget.rank, scale, threshold)
+        down, up = self.factors(budget.rank, scale, threshold) if fit_factors else (None, None)
         return LayerPlan(method, budget.keep_fraction, threshold, scale, down, up)
 
 

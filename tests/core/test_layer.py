@@ -176,3 +176,29 @@ def test_whitened_factors_beat_plain_svd_on_their_inputs():
     assert err(data) < 0.9 * err(plain)
     full = whitened_factors(w, x, 40, damp=1e-6)  # full rank: exact
     torch.testing.assert_close((full[0] @ full[1]).t(), w.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_one_threshold_rule_for_one_or_many_keep_fractions():
+    scores = torch.rand(4, 250, generator=torch.Generator().manual_seed(0))
+    keeps = [0.0, 0.1, 0.37, 0.5, 0.999, 1.0]
+    assert calibrate_threshold(scores, keeps) == [calibrate_threshold(scores, k) for k in keeps]
+
+
+@pytest.mark.parametrize("factors", ["svd", "whitened"])
+def test_planner_plans_the_same_with_or_without_its_caches(factors):
+    from rsparse.core.calibrate import LayerPlanner
+
+    torch.manual_seed(0)
+    weight, rows = torch.randn(24, 40), torch.randn(300, 40)
+    plain = LayerPlanner(weight, rows, factors=factors)
+    cached = LayerPlanner(weight, rows, factors=factors, cache=True)
+    keeps = [(1 - 0.5) * (g / 10) for g in range(11)]  # layer_budget's keep fractions
+    table = cached.threshold_table(keeps)
+    for g in (10, 0, 6, 3):  # largest rank first or last: the cache serves every rank
+        budget = layer_budget(24, 40, 0.5, g / 10)
+        a = plain.plan(budget)
+        b = cached.plan(budget, thresholds={w: t[g] for w, t in table.items()})
+        assert (a.method, a.threshold, a.weighted) == (b.method, b.threshold, b.weighted)
+        if budget.rank:
+            torch.testing.assert_close(a.lr_down.to(b.lr_down.dtype), b.lr_down)
+            torch.testing.assert_close(a.lr_up.to(b.lr_up.dtype), b.lr_up)
