@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402,F401  (installed by scripts/setup.sh: a missing Triton fails here, never skips)
 
-_PATH = Path(__file__).resolve().parents[1] / "rsparse" / "kernels" / "triton_rsparse.py"
+_PATH = Path(__file__).resolve().parents[1] / "rsparse" / "runtime" / "kernels" / "triton_rsparse.py"
 _spec = importlib.util.spec_from_file_location("_rsparse_triton_under_test", _PATH)
 K = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(K)
