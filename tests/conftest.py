@@ -97,6 +97,19 @@ def windows(tokenizer):
     return stream
 
 
+@pytest.fixture(autouse=True)
+def _unit_tier_one_thread(request):
+    """Unit tests run tiny matmuls on one thread: fastest, and on a shared 2-core machine immune to
+    other processes (two threads waiting for a busy core run many times slower)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one thread is fastest and immune to other processes on a shared 2-core box."""
