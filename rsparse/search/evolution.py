@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from rsparse.core.budget import check_sparsity, layer_budget
 from rsparse.core.calibrate import CalibrationActivations, collect_activations
-from rsparse.core.config import FACTORS
+from rsparse.core.config import FACTORS, RSparseConfig
 from rsparse.core.models import decoder_linears
 from rsparse.errors import BadInputError
 from rsparse.io.results import write_json
@@ -49,7 +49,7 @@ class SearchConfig:
     group_size: int = 28  # layers per group
     mutation: float = 0.5  # F
     crossover: float = 0.5  # CR
-    init_ratio: float = 0.95  # centre of the initial population (see `initial_population`)
+    init_ratio: float = RSparseConfig.ratio  # centre of the initial population (see `initial_population`)
     init_spread: float = 0.05
     share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
     tokens: str = "second_half"  # sparse (and scored) positions of the objective: second_half | all
