@@ -217,13 +217,14 @@ class LayerPlanner:
                 w = self.weight
                 self._fitted[key] = down, up = down.to(w.device, w.dtype), up.to(w.device, w.dtype)
             return down, up
+        if self.cache and self._full is not None and self._full[0].shape[1] >= rank:
+            return self._full[0][:, :rank], self._full[1][:rank]
         if self.svd is None:
             self.svd = weight_svd(self.weight)
         if not self.cache:
             return lowrank_factors(self.weight, rank, self.svd)
-        if self._full is None or self._full[0].shape[1] < rank:
-            down, up = lowrank_factors(self.weight, rank, self.svd)
-            self._full = down.to(self.weight.dtype), up.to(self.weight.dtype)
+        down, up = lowrank_factors(self.weight, rank, self.svd)
+        self._full = down.to(self.weight.dtype), up.to(self.weight.dtype)
         return self._full[0][:, :rank], self._full[1][:rank]
 
     def plan(self, budget: LayerBudget, dense: bool = False, thresholds: dict[bool, float] | None = None,
