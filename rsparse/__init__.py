@@ -1,25 +1,26 @@
-"""rsparse: training-free rank-aware activation sparsity (R-Sparse, ICLR 2025) for LLM decoding."""
+"""rsparse: training-free rank-aware activation sparsity (R-Sparse, ICLR 2025) for LLM decoding.
 
-from rsparse.baselines import apply_cats_, apply_griffin_, apply_relu_, restore_baselines_
-from rsparse.budget import LayerBudget, layer_budget, model_read_fraction
-from rsparse.checkpoint import CheckpointError, load_any
-from rsparse.checkpoint import load as load_checkpoint
-from rsparse.checkpoint import save as save_checkpoint
-from rsparse.calibrate import CalibrationActivations, collect_activations, restore_, sparsify_
-from rsparse.config import RecipeError, RSparseConfig, load_recipe
-from rsparse.data import load_windows
-from rsparse.evaluate import apply_method, evaluate_tasks, restore_all
-from rsparse.layer import RSparseLinear, rsparse_layers, set_token_mode
-from rsparse.models import UnsupportedModelError, decoder_linears, load_model
-from rsparse.perplexity import evaluate_perplexity
+The public API (see README "Python API"); everything else lives in the subpackages:
+rsparse.core (budgets, the layer, configs, calibration, models, data), rsparse.methods,
+rsparse.eval, rsparse.search, rsparse.analysis, rsparse.io, rsparse.runtime and rsparse.cli.
+"""
+
+from rsparse.core.calibrate import collect_activations
+from rsparse.core.config import CatsConfig, GriffinConfig, ReluConfig, RSparseConfig
+from rsparse.core.data import load_windows
+from rsparse.core.models import load_model
+from rsparse.core.sparse_modules import token_mode
+from rsparse.errors import RsparseError
+from rsparse.eval.harness import evaluate_tasks
+from rsparse.eval.perplexity import evaluate_perplexity
+from rsparse.io.checkpoint import load as load_checkpoint
+from rsparse.io.checkpoint import save as save_checkpoint
+from rsparse.methods import restore_, sparsify_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply_cats_", "apply_griffin_", "apply_method", "apply_relu_", "evaluate_tasks", "restore_all",
-    "restore_baselines_",
-    "CalibrationActivations", "CheckpointError", "load_any", "load_checkpoint", "save_checkpoint", "LayerBudget", "RSparseConfig", "RSparseLinear", "RecipeError",
-    "UnsupportedModelError", "collect_activations", "decoder_linears", "evaluate_perplexity",
-    "layer_budget", "load_model", "load_recipe", "load_windows", "model_read_fraction", "restore_",
-    "rsparse_layers", "set_token_mode", "sparsify_",
+    "sparsify_", "restore_", "RSparseConfig", "CatsConfig", "GriffinConfig", "ReluConfig",
+    "load_model", "load_windows", "collect_activations", "evaluate_perplexity", "evaluate_tasks",
+    "token_mode", "save_checkpoint", "load_checkpoint", "RsparseError",
 ]

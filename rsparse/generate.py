@@ -1,7 +1,8 @@
-"""Text generation with sparsified models: `rsparse generate` and `rsparse chat`.
+"""Text generation with sparsified models: the library side of `rsparse generate` and `rsparse chat`
+(their flags are in rsparse.cli.generate).
 
-The model is an rsparse checkpoint (rsparse.checkpoint.save / `rsparse compress`), used as
-saved, or anything rsparse.models.load_model accepts, sparsified on the fly (calibration, which
+The model is an rsparse checkpoint (rsparse.io.checkpoint.save / `rsparse compress`), used as
+saved, or anything rsparse.core.models.load_model accepts, sparsified on the fly (calibration, which
 takes minutes on a CPU for a real model) unless --dense. Decoding is sparse: with the default
 token mode "decode" the prompt (prefill) runs dense and every generation step runs the R-Sparse
 layers. Tokens stream to stdout as they are generated; timings go to stderr.
@@ -19,84 +20,53 @@ import time
 
 import torch
 
-from rsparse.layer import rsparse_layers, set_token_mode
+from rsparse.core.config import RSparseConfig
+from rsparse.core.data import DataConfig
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.sparse_modules import set_token_mode
+from rsparse.errors import BadInputError
 
 # Sparsification flags that only apply when the model is not already a checkpoint; their
-# defaults (applied when unset) are those of `rsparse compress`.
-_SPARSIFY_DEFAULTS = {"sparsity": 0.5, "ratio": 0.95, "recipe": None, "calib_corpus": "coqa",
-                      "calib_samples": 16, "seq_len": 512}
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="rsparse checkpoint directory, or hub id / model directory / .gguf file "
-                        "(sparsified on the fly; default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling and calibration seed")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the text as is, even if the tokenizer has a chat template")
-    p.add_argument("--system", default=None, help="system message (with the chat template)")
-    p.add_argument("--tokens", default="decode", choices=["decode", "all"],
-                   help="decode (default): prefill dense, generation steps sparse; all: every token sparse")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the checkpoint's dtype, float32 otherwise")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--engine", default="auto", choices=["auto", "rsparse", "hf"],
-                   help="rsparse: the compiled static-cache engine; hf: transformers' generate; "
-                        "auto (default): rsparse on CUDA, hf elsewhere")
-    g = p.add_argument_group("on-the-fly sparsification (only for a model that is not a checkpoint)")
-    g.add_argument("--dense", action="store_true", help="no sparsification (a checkpoint: restore its dense layers)")
-    g.add_argument("--sparsity", type=float, default=None, help="target sparsity (default 0.5)")
-    g.add_argument("--ratio", type=float, default=None, help="uniform rho (default 0.95)")
-    g.add_argument("--recipe", default=None, help="per-layer recipe JSON")
-    g.add_argument("--calib-corpus", default=None, help="calibration corpus or text file (default coqa)")
-    g.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 16)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
+# defaults (applied when unset) are those of RSparseConfig and DataConfig, as for `rsparse compress`.
+_SPARSIFY_DEFAULTS = {"sparsity": RSparseConfig.sparsity, "ratio": RSparseConfig.ratio, "recipe": None,
+                      "calib_corpus": DataConfig.calibration_corpus,
+                      "calib_samples": RSparseConfig.calibration_samples, "seq_len": RSparseConfig.seq_len}
 
 
 def _validate(args: argparse.Namespace) -> None:
     if args.engine == "auto":
         args.engine = "rsparse" if str(args.device).startswith("cuda") else "hf"
     if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be at least 1")
+        raise BadInputError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise SystemExit("error: need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+        raise BadInputError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
 
 
 def prepare_model(args: argparse.Namespace):
     """Load (checkpoint or not), sparsify on the fly when asked; returns (model, tokenizer)."""
-    from rsparse.calibrate import restore_, sparsify_
-    from rsparse.checkpoint import CheckpointError, is_checkpoint, load_any
-    from rsparse.config import RSparseConfig
-    from rsparse.data import load_windows
-    from rsparse.models import DEFAULT_MODEL_NAME
+    from rsparse.io.checkpoint import is_checkpoint, load_any
+    from rsparse.methods import restore_, sparsify_
+    from rsparse.core.data import load_windows
+    from rsparse.core.models import DEFAULT_MODEL_NAME
 
     checkpoint = is_checkpoint(args.model)
     given = [k for k in _SPARSIFY_DEFAULTS if getattr(args, k, None) is not None]
     flags = ", ".join("--" + k.replace("_", "-") for k in given)
     if given and checkpoint:
-        raise SystemExit(f"error: {args.model} is an rsparse checkpoint, already sparsified; {flags} only apply to "
+        raise BadInputError(f"{args.model} is an rsparse checkpoint, already sparsified; {flags} only apply to "
                          "models that are not (use --dense to run it dense)")
     if given and args.dense:
-        raise SystemExit(f"error: --dense and {flags} exclude each other")
+        raise BadInputError(f"--dense and {flags} exclude each other")
     opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in _SPARSIFY_DEFAULTS.items()}
     config = None
     if not checkpoint and not args.dense:
-        try:  # validate before loading anything
-            config = RSparseConfig(sparsity=opts["sparsity"], ratio=opts["ratio"], recipe=opts["recipe"],
-                                   tokens=args.tokens, calibration_samples=opts["calib_samples"],
-                                   seq_len=opts["seq_len"], seed=args.seed)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        # validate before loading anything
+        config = RSparseConfig(sparsity=opts["sparsity"], ratio=opts["ratio"], recipe=opts["recipe"],
+                               tokens=args.tokens, calibration_samples=opts["calib_samples"],
+                               seq_len=opts["seq_len"], seed=args.seed)
 
     start = time.time()
-    try:
-        model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)
     name = args.model or DEFAULT_MODEL_NAME
     if checkpoint:
         if args.dense:
@@ -116,7 +86,7 @@ def prepare_model(args: argparse.Namespace):
     else:
         print(f"model: {name} (dense)", file=sys.stderr)
     if tokenizer is None:
-        raise SystemExit(f"error: {name} has no tokenizer")
+        raise BadInputError(f"{name} has no tokenizer")
     return model, tokenizer
 
 
@@ -254,13 +224,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.engine == "rsparse":
         # cache sized to the request (attention reads every slot), in steps of 256 to reuse compiled code
-        from rsparse.runtime.engine import EngineError
-
-        try:
-            engine = make_engine(model, tokenizer, args, -(-(ids.shape[1] + args.max_new_tokens) // 256) * 256)
-            _, stats = engine_generate(engine, tokenizer, ids, args)
-        except EngineError as e:
-            raise SystemExit(f"error: {e}") from None
+        engine = make_engine(model, tokenizer, args, -(-(ids.shape[1] + args.max_new_tokens) // 256) * 256)
+        _, stats = engine_generate(engine, tokenizer, ids, args)
     else:
         _, stats = stream_generate(model, tokenizer, ids, args)
     _print_stats(stats)
@@ -323,14 +288,3 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
         history.append({"role": "assistant", "content": reply})
         _print_stats(stats)
     return 0
-
-
-def register(subparsers) -> None:
-    """Add `rsparse generate` and `rsparse chat` to the subparsers of the rsparse command."""
-    g = subparsers.add_parser("generate", help="generate text with a sparsified model (sparse decoding), streamed")
-    g.add_argument("--prompt", required=True, help="the prompt (a user message when the chat template is used)")
-    _add_model_args(g)
-    g.set_defaults(func=cmd_generate)
-    c = subparsers.add_parser("chat", help="interactive chat with a sparsified model (stdin lines; /reset, /exit)")
-    _add_model_args(c)
-    c.set_defaults(func=cmd_chat)

@@ -11,6 +11,19 @@ if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+TIERS = ("cli", "real_model", "kernel")
+# The runtime's tests (owned by rsparse/runtime) carry the kernel tier by their file.
+KERNEL_FILES = ("test_kernels.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in KERNEL_FILES:
+            item.add_marker(pytest.mark.kernel)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A stitch in time saves nine. "
         "Rivers flow to the sea, and clouds carry the water back to the mountains. ") * 40
 
@@ -78,10 +91,23 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def windows(tokenizer):
-    from rsparse.data import tokenize_corpus
+    from rsparse.core.data import tokenize_corpus
 
     stream = tokenize_corpus(tokenizer, [TEXT])
     return stream
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_one_thread(request):
+    """Unit tests run tiny matmuls on one thread: fastest, and on a shared 2-core machine immune to
+    other processes (two threads waiting for a busy core run many times slower)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +122,29 @@ def one_thread():
 @pytest.fixture()
 def data(windows):
     """(calibration windows, held-out perplexity windows) of 64 tokens from the tiny corpus."""
-    from rsparse.data import calibration_windows, perplexity_windows
+    from rsparse.core.data import calibration_windows, perplexity_windows
 
     return calibration_windows(windows, 64, 8, seed=0), perplexity_windows(windows[3000:], 64, 6)
+
+
+def read_fraction(budgets) -> float:
+    """Model-level fraction of the decoder projections' weight elements read under the budgets."""
+    total = sum(b.dense_elements for b in budgets)
+    return sum(b.read_fraction() * b.dense_elements for b in budgets) / total
+
+
+def cli_error(capsys, argv: list[str], match: str) -> str:
+    """Run the `rsparse` command, expect the one-line error of an expected failure (exit status 2)
+    whose message matches `match`; returns the message."""
+    import re
+
+    from rsparse.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit status {code}, stderr: {err}"
+    assert err and err[-1].startswith("error: "), err
+    assert re.search(match, err[-1]), f"{match!r} not in {err[-1]!r}"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]

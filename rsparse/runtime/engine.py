@@ -20,7 +20,7 @@ Rows finish at an end-of-sequence token (later tokens of that row are padding, d
 result); generation stops when every row has finished or `max_new_tokens` are reached. On the
 CPU everything runs eagerly (no compile, no graph), so the tests check the same logic.
 
-Supported: the architectures rsparse.models accepts (Llama, Mistral, Qwen2, Qwen3 with q/k norms,
+Supported: the architectures rsparse.core.models accepts (Llama, Mistral, Qwen2, Qwen3 with q/k norms,
 SmolLM; tied embeddings), dense, sparsified or loaded from a checkpoint, batch 1 to 8.
 """
 
@@ -35,15 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsparse.models import decoder_blocks, decoder_linears
-from rsparse.layer import RSparseLinear
+from rsparse.core.layer import RSparseLinear
+from rsparse.core.models import decoder_blocks, decoder_linears
+from rsparse.errors import BadInputError
 from rsparse.runtime.ops import MAX_PARTS, fused_projections
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
 
 
-class EngineError(ValueError):
+class EngineError(BadInputError):
     """A request the engine cannot serve (too long for the cache, too many prompts, ...)."""
 
 
@@ -92,7 +93,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Engine:
     """Static-cache generation for one model. Build once, call `generate` many times.
 
-    model: a causal LM rsparse.models accepts, on its device and dtype.
+    model: a causal LM rsparse.core.models accepts, on its device and dtype.
     batch_size: rows per step (1-8); fewer prompts are padded with finished dummy rows.
     max_seq_len: KV-cache slots per row (prompt + new tokens must fit); attention reads all of
         them each step, so size it to the work (default: the model's context, capped at 2048).

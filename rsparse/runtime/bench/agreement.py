@@ -75,9 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="out/agreement")
     args = p.parse_args(argv)
-    from rsparse.calibrate import restore_
-    from rsparse.checkpoint import load_any
-    from rsparse.layer import rsparse_layers
+    from rsparse.core.layer import rsparse_layers
+    from rsparse.io.checkpoint import load_any
+    from rsparse.methods import restore_
 
     model, tok = load_any(args.model, device=args.device, dtype=args.dtype)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)

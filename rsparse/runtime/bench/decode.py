@@ -65,61 +65,42 @@ def _random_windows(model, calib_tokens: int = 256) -> torch.Tensor:
 
 def calibration_scores(model, calib_tokens: int = 256) -> dict:
     """Input rows of every decoder projection on random-token windows (for thresholds)."""
-    from rsparse.calibrate import collect_activations
+    from rsparse.core.calibrate import collect_activations
 
     return collect_activations(model, _random_windows(model, calib_tokens), max_rows_per_layer=2 * calib_tokens).rows
 
 
 @torch.no_grad()
-def _refine(model, calib_tokens: int = 256) -> None:
-    """Thresholds re-set on the inputs that reach each layer once the layers before it are
-    sparse (dense first half, sparse second half, as in decoding), as sparsify_ refines them."""
-    from rsparse.calibrate import calibrate_threshold, sample_module_inputs
-    from rsparse.layer import rsparse_layers
+def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None, calib_tokens: int = 256) -> dict:
+    """Make every decoder projection an RSparseLinear at (sparsity, ratio) in place, planned as
+    sparsify_ plans it (LayerPlanner: method, score scale, threshold from `rows`, the calibration
+    inputs, collected if None), except for random factors of the budgeted rank; then thresholds
+    refined on the sparsified model. Layers that are already RSparseLinear are re-configured."""
+    from rsparse.core.budget import layer_budget
+    from rsparse.core.calibrate import LayerPlanner
+    from rsparse.core.config import RSparseConfig
+    from rsparse.core.layer import RSparseLinear
+    from rsparse.core.models import decoder_linears, replace_module
+    from rsparse.methods.rsparse import refine_thresholds_
 
-    layers = {l.name: l for l in rsparse_layers(model)}
-    for layer in layers.values():
-        layer.tokens = "second_half"
-    try:
-        rows = sample_module_inputs(model, layers, _random_windows(model, calib_tokens), 2 * calib_tokens, seed=1,
-                                    second_half=True)
-    finally:
-        for layer in layers.values():
-            layer.tokens = "decode"
-    for name, layer in layers.items():
-        if layer.method != "lowrank":
-            layer.threshold.fill_(calibrate_threshold(rows[name].abs() * layer.score_scale.cpu(), layer.keep_fraction))
-
-
-@torch.no_grad()
-def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None) -> dict:
-    """Make every decoder projection an RSparseLinear at (sparsity, ratio) in place: thresholds
-    from `rows` (calibration inputs, collected if None), random factors of the budgeted rank.
-    Layers that are already RSparseLinear are re-configured (weights kept)."""
-    from rsparse.budget import layer_budget
-    from rsparse.calibrate import calibrate_threshold
-    from rsparse.layer import RSparseLinear
-    from rsparse.models import decoder_linears, replace_module
-
-    rows = calibration_scores(model) if rows is None else rows
+    rows = calibration_scores(model, calib_tokens) if rows is None else rows
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(2)
-    for lin in decoder_linears(model):
+    linears = decoder_linears(model)
+    for lin in linears:
         m = lin.module
-        b = layer_budget(m.out_features, m.in_features, sparsity, ratio)
         layer = m if isinstance(m, RSparseLinear) else RSparseLinear.from_linear(m, name=lin.name)
-        scale = layer.weight.float().norm(dim=0) if b.rank else None
-        scores = rows[lin.name].abs() * (scale.cpu() if scale is not None else 1.0)
-        down = up = None
-        if b.rank:
-            down = torch.randn(m.in_features, b.rank, device=device, generator=gen, dtype=layer.weight.dtype) * 0.02
-            up = torch.randn(b.rank, m.out_features, device=device, generator=gen, dtype=layer.weight.dtype) * 0.02
-        method = "rsparse" if b.rank and b.keep_fraction else ("sparse" if not b.rank else "lowrank")
-        layer.configure(method, calibrate_threshold(scores, b.keep_fraction), b.keep_fraction, scale, down, up)
-        layer.tokens = "decode"
+        budget = layer_budget(m.out_features, m.in_features, sparsity, ratio)
+        plan = LayerPlanner(layer.weight, rows[lin.name]).plan(budget, fit_factors=False)
+        if budget.rank:  # the bytes matter here, not the values: no SVDs of random weights
+            shape, dtype = (m.in_features, budget.rank, m.out_features), layer.weight.dtype
+            plan.lr_down = torch.randn(shape[:2], device=device, generator=gen, dtype=dtype) * 0.02
+            plan.lr_up = torch.randn(shape[1:], device=device, generator=gen, dtype=dtype) * 0.02
+        plan.apply(layer).tokens = "decode"
         if layer is not m:
             replace_module(model, lin.name, layer)
-    _refine(model)
+    config = RSparseConfig(sparsity=sparsity, ratio=ratio, max_rows_per_layer=2 * calib_tokens)
+    refine_thresholds_(model, config, _random_windows(model, calib_tokens), [{"name": l.name} for l in linears])
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"sparsity": sparsity, "ratio": ratio}
@@ -128,8 +109,8 @@ def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None)
 @torch.no_grad()
 def measure_sparsity(model, prompt: list[int], n: int = 8) -> float:
     """Model-level achieved sparsity over n eager decode steps (untimed; the counters sync)."""
-    from rsparse.layer import rsparse_layers
-    from rsparse.perplexity import measured_read
+    from rsparse.core.layer import rsparse_layers
+    from rsparse.eval.perplexity import measured_read
     from rsparse.runtime.engine import Engine
 
     layers = rsparse_layers(model)
@@ -149,7 +130,7 @@ def measure_sparsity(model, prompt: list[int], n: int = 8) -> float:
 def weight_bytes(model, achieved_sparsity: float) -> float:
     """Bytes of weights read per decoded token: decoder projections at the achieved read
     fraction, the lm_head in full (one embedding row is negligible)."""
-    from rsparse.models import decoder_linears
+    from rsparse.core.models import decoder_linears
 
     linears = sum(l.module.weight.numel() * l.module.weight.element_size() for l in decoder_linears(model))
     head = model.get_output_embeddings().weight
@@ -207,7 +188,7 @@ def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps
 
 
 def bench_random(name: str, args, bandwidth: float) -> list[dict]:
-    from rsparse.layer import rsparse_layers
+    from rsparse.core.layer import rsparse_layers
 
     model = build_model(name, getattr(torch, args.dtype), args.layers)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -237,11 +218,11 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
 def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     """A real model or rsparse checkpoint: the engine on its dense layers, then as saved (a
     checkpoint) or sparsified by sparsify_ at each --sparsities (sparse-only and R-Sparse)."""
-    from rsparse.calibrate import restore_, sparsify_
-    from rsparse.checkpoint import load_any
-    from rsparse.config import RSparseConfig
-    from rsparse.data import load_windows
-    from rsparse.layer import rsparse_layers
+    from rsparse.core.config import RSparseConfig
+    from rsparse.core.data import load_windows
+    from rsparse.io.checkpoint import load_any
+    from rsparse.methods import restore_, sparsify_
+    from rsparse.core.layer import rsparse_layers
 
     model, tokenizer = load_any(path, device="cuda", dtype=args.dtype)
     text = "The history of the city begins with a small settlement on the river. " * 64
@@ -300,7 +281,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
-    from rsparse.report import versions
+    from rsparse.io.results import versions
 
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(), "versions": versions(), "settings": vars(args),

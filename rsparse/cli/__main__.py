@@ -1,0 +1,5 @@
+import sys
+
+from rsparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""Arguments shared by the verbs. Their defaults are read from the config dataclasses
+(RSparseConfig, DataConfig, SearchConfig, ...), so each default is written once."""
+
+from __future__ import annotations
+
+import argparse
+
+from rsparse.core.config import RSparseConfig
+from rsparse.core.data import DataConfig
+from rsparse.errors import BadInputError
+
+RSPARSE = RSparseConfig()
+DATA = DataConfig()
+CORPORA_HELP = "coqa, boolq, sciq (offline), wikitext2, c4 (hub) or a text file"
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def add_model(p: argparse.ArgumentParser, what: str = "hub id, local directory or .gguf file") -> None:
+    p.add_argument("--model", default=None, help=f"{what} (default: embedded SmolLM2-135M-Instruct)")
+
+
+def add_sparsify(p: argparse.ArgumentParser, sparsity: bool = True) -> None:
+    """--sparsity, --ratio, --recipe: what RSparseConfig takes."""
+    if sparsity:
+        p.add_argument("--sparsity", type=float, default=RSPARSE.sparsity, help="target model-level sparsity in [0, 1)")
+    p.add_argument("--ratio", type=float, default=RSPARSE.ratio,
+                   help="uniform rho for rsparse: sparse share of each layer's budget")
+    p.add_argument("--recipe", default=None, help="per-layer recipe JSON for rsparse (overrides --ratio)")
+
+
+def add_calibration(p: argparse.ArgumentParser, seq_len: int = RSPARSE.seq_len, corpus_flag: str = "--calib-corpus",
+                    samples_flag: str = "--calib-samples", samples: int = RSPARSE.calibration_samples) -> None:
+    p.add_argument(corpus_flag, default=DATA.calibration_corpus, help=f"calibration corpus: {CORPORA_HELP}")
+    p.add_argument(samples_flag, type=int, default=samples, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+
+
+def add_device(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=RSPARSE.seed)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The command's arguments, for the record in a results file."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
+
+
+def parse_names(text: str | None, allowed, what: str) -> list[str]:
+    """Comma-separated names, each one of `allowed`, in the given order, none twice."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise BadInputError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
+    if len(set(names)) != len(names):
+        raise BadInputError(f"a {what} is given twice")
+    return names
+
+
+def parse_floats(text: str | None, what: str, check=None) -> list[float]:
+    """Comma-separated numbers, each passed through check(value, what) when given."""
+    values = []
+    for t in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        try:
+            v = float(t)
+        except ValueError:
+            raise BadInputError(f"{what} {t!r} is not a number") from None
+        values.append(check(v, what) if check is not None else v)
+    return values
+
+
+def check_corpora(*names: str) -> None:
+    from rsparse.core.data import check_corpus
+
+    for name in names:
+        check_corpus(name)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BadInputError(message)

@@ -1,0 +1,61 @@
+"""`rsparse compress`: sparsify a model (calibrated; decode tokens sparse) and save a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rsparse.cli import common
+from rsparse.core.config import RSparseConfig, load_recipe
+from rsparse.core.data import load_windows
+from rsparse.core.layer import LAYER_METHODS
+from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+from rsparse.io.checkpoint import _check_target, save
+from rsparse.methods import sparsify_
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compress", help="sparsify a model (calibrated, decode tokens sparse) and save a checkpoint")
+    common.add_model(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    common.add_sparsify(p)
+    p.add_argument("--method", default=common.RSPARSE.method, choices=list(LAYER_METHODS),
+                   help="sparse = rho 1, lowrank = rho 0")
+    common.add_calibration(p)
+    common.add_device(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a non-empty non-checkpoint directory")
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    # everything cheap first, the target directory included
+    config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, recipe=args.recipe, method=args.method,
+                           tokens="decode", calibration_samples=args.calib_samples, seq_len=args.seq_len,
+                           seed=args.seed)
+    if args.recipe:
+        load_recipe(args.recipe)
+    common.require(args.seq_len >= 2, "--seq-len must be >= 2")
+    common.check_corpora(args.calib_corpus)
+    _check_target(Path(args.out), args.overwrite)
+
+    start = time.time()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    name = args.model or DEFAULT_MODEL_NAME
+    calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
+    print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
+          file=sys.stderr)
+    report = sparsify_(model, config, calib)
+    out = save(model, tokenizer, args.out, report=report, config=config, overwrite=args.overwrite, source=name)
+    dense = sum(r["shape"][0] * r["shape"][1] for r in report)
+    read = sum(r["read_fraction"] * r["shape"][0] * r["shape"][1] for r in report) / dense
+    methods = sorted({r["method"] for r in report})
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"saved {out}: {len(report)} layers ({', '.join(methods)}), target sparsity {100 * args.sparsity:.0f}%, "
+          f"reads {100 * read:.1f}% of the decoder projection weights per decode step; "
+          f"{size / 1e6:.1f} MB in {time.time() - start:.0f} s")
+    return 0

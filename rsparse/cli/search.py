@@ -1,0 +1,129 @@
+"""`rsparse search`: evolutionary search of per-layer ratios (rsparse.search); writes a recipe,
+its plot, and a held-out comparison with sparse-only and the uniform ratio."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rsparse.cli import common
+from rsparse.core.config import FACTORS
+from rsparse.errors import BadInputError
+from rsparse.eval.perplexity import SCORED_MODES
+from rsparse.search.evolution import SHARES, SearchConfig
+
+SEARCH = SearchConfig()
+# Scaled for 2 CPU cores (SearchConfig holds the paper's 32 and 5), see README.
+POPULATION, GENERATIONS, SEQ_LEN = 16, 3, 128
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help="evolutionary search of per-layer ratios; writes a recipe")
+    common.add_model(p)
+    p.add_argument("--sparsity", type=float, default=SEARCH.sparsity)
+    p.add_argument("--init-ratio", type=float, default=SEARCH.init_ratio, help="centre of the initial population")
+    p.add_argument("--init-spread", type=float, default=SEARCH.init_spread,
+                   help="standard deviation of the initial population around its centre (wider: more exploration)")
+    add_search_args(p)
+    p.add_argument("--tokens", default=SEARCH.tokens, choices=list(SCORED_MODES),
+                   help="sparse positions in the search objective and the held-out perplexity (second_half: the "
+                        "paper's protocol)")
+    common.add_device(p, dtype=False)
+    p.add_argument("--out", default="out/search", help="directory: recipe.json, search_state.json (resume), plots")
+    p.set_defaults(func=cmd_search)
+
+
+def add_search_args(p) -> None:
+    """The search and data flags shared by `rsparse search` and `rsparse compare-recipes`."""
+    p.add_argument("--population", type=int, default=POPULATION, help="paper: 32 (see README: scaled for 2 CPU cores)")
+    p.add_argument("--generations", type=int, default=GENERATIONS, help="generations per group (paper: 5)")
+    p.add_argument("--group-size", type=int, default=SEARCH.group_size, help="genes per group (paper: 28 layers)")
+    p.add_argument("--share", default=SEARCH.share, choices=list(SHARES),
+                   help="one rho per projection (layer, the paper) or per projection type, shared by all blocks (type)")
+    p.add_argument("--mutation", type=float, default=SEARCH.mutation, help="differential weight F")
+    p.add_argument("--crossover", type=float, default=SEARCH.crossover, help="crossover rate CR")
+    p.add_argument("--factors", default=SEARCH.factors, choices=list(FACTORS),
+                   help="low-rank factors the objective scores candidates with: svd (slices of one SVD per layer, "
+                        "cheap) or whitened (the final model's factors; one fit per layer and rho value, use a "
+                        "coarser --rho-step)")
+    p.add_argument("--rho-step", type=float, default=SEARCH.rho_step, help="grid step of the searched rho values")
+    p.add_argument("--search-batch-size", type=int, default=4,
+                   help="calibration windows per forward pass when scoring a candidate (larger on a GPU)")
+    common.add_calibration(p, seq_len=SEQ_LEN)
+    p.add_argument("--ppl-corpus", default=common.DATA.perplexity_corpus, help="held-out perplexity corpus")
+    p.add_argument("--ppl-windows", type=int, default=common.DATA.perplexity_windows,
+                   help="held-out windows for the final comparison (0: skip)")
+    p.add_argument("--ppl-seq-len", type=int, default=common.RSPARSE.seq_len)
+
+
+def check_batch_size(n: int) -> int:
+    if n < 1:
+        raise BadInputError(f"--search-batch-size must be >= 1, got {n}")
+    return n
+
+
+def cmd_search(args) -> int:
+    from rsparse.core.calibrate import collect_activations
+    from rsparse.core.config import RSparseConfig
+    from rsparse.core.data import load_windows
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.eval.perplexity import evaluate_perplexity
+    from rsparse.io.results import markdown_table, versions, write_json
+    from rsparse.io.tables import plot_recipe
+    from rsparse.methods import restore_, sparsify_
+    from rsparse.search.evolution import recipe_from_search, search
+
+    cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
+                       group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
+                       init_ratio=args.init_ratio, init_spread=args.init_spread, share=args.share, tokens=args.tokens,
+                       factors=args.factors, rho_step=args.rho_step, seed=args.seed)
+    cfg.validate()
+    check_batch_size(args.search_batch_size)
+    common.check_corpora(args.calib_corpus, args.ppl_corpus)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = load_model(args.model, device=args.device)
+    model_name = args.model or DEFAULT_MODEL_NAME
+    windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
+    activations = collect_activations(model, windows, seed=args.seed)
+    state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
+                   log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size)
+    search_seconds = time.time() - start
+
+    # The final model: the searched recipe through the standard calibration (with refinement).
+    names = state["names"]
+    recipe = {"layers": [{"name": n, "rho": r} for n, r in zip(names, state["best"]["rho"])]}
+    report = sparsify_(model, RSparseConfig(sparsity=cfg.sparsity, recipe=recipe, seq_len=args.seq_len), activations)
+    data = recipe_from_search(state, cfg.sparsity, report, model=model_name,
+                              calibration={"corpus": args.calib_corpus, "windows": args.calib_samples,
+                                           "seq_len": args.seq_len, "seed": args.seed},
+                              versions=versions())
+    data["search"]["wall_seconds"] = search_seconds
+    write_json(out / "recipe.json", data)
+    plot_recipe(data, out / "recipe_rho.png")
+    print(f"search: {state['evaluations']} evaluations in {search_seconds / 60:.1f} min; "
+          f"best calibration fitness {state['best']['fitness']:.3f}", file=sys.stderr)
+
+    rows = []
+    if args.ppl_windows:
+        evalw = load_windows(tok, args.ppl_corpus, args.ppl_seq_len, args.ppl_windows, "perplexity")
+        variants = [("sparse-only", RSparseConfig(sparsity=cfg.sparsity, method="sparse")),
+                    (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
+                    ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
+        for label, config in variants:
+            sparsify_(model, config, activations)
+            r = evaluate_perplexity(model, evalw, tokens=args.tokens, desc=f"perplexity ({label})")
+            rows.append({"recipe": label, "target_sparsity": cfg.sparsity,
+                         "achieved_sparsity": r["achieved_sparsity"], "ppl": r["ppl"]})
+        restore_(model)
+        write_json(out / "search_eval.json", {"model": model_name, "rows": rows,
+                                              "perplexity": {"corpus": args.ppl_corpus, "windows": int(evalw.shape[0]),
+                                                             "seq_len": args.ppl_seq_len, "tokens": args.tokens}})
+        table = markdown_table(rows, [("recipe", "recipe"), ("target_sparsity", "target sparsity %"),
+                                      ("achieved_sparsity", "achieved sparsity %"), ("ppl", "held-out perplexity")])
+        (out / "search_eval.md").write_text(table + "\n")
+        print(table)
+    print(f"wrote {out / 'recipe.json'} and {out / 'recipe_rho.png'}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and achieved sparsity, lm-evaluation-harness tasks, XSUM."""

@@ -1,0 +1,92 @@
+"""Perplexity on fixed token windows, and the sparsity a model actually achieved while scoring.
+
+Windows: the first n non-overlapping windows of seq_len tokens of the corpus (rsparse.core.data).
+Token modes follow the paper's simulation for scoring whole sequences:
+  "second_half"  the first half of each window is run dense (it stands in for the prompt), the
+                 second half sparse; perplexity counts only the predictions made at sparse
+                 positions (targets T//2+1 .. T-1), for every method including dense, so numbers
+                 compare across methods.
+  "all"          every position sparse; perplexity over all predictions.
+Achieved sparsity: kept channels vary per token, so while scoring we count, at every sparsified
+token and layer, the weight elements read (kept channels * out + rank * (in + out)) and report
+1 - read / dense over all decoder projections (the model-level figure the target refers to).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.models import decoder_linears
+from rsparse.core.sparse_modules import token_mode
+from rsparse.errors import BadInputError
+from rsparse.methods.mlp import baseline_layers, measured_baseline_sparsity
+
+SCORED_MODES = ("second_half", "all")
+
+
+def measured_read(model: nn.Module) -> dict:
+    """Per-layer and model-level read fractions from the layers' tracked statistics."""
+    layers = {id(l): l for l in rsparse_layers(model)}
+    dense_total = read_total = 0.0
+    per_layer = {}
+    for lin in decoder_linears(model):
+        m = lin.module
+        size = m.in_features * m.out_features
+        layer = layers.get(id(m))
+        if layer is None or layer.method == "dense" or float(layer.stat_tokens) == 0:
+            read = 1.0 if layer is None or layer.method == "dense" else math.nan
+            kept = 1.0
+        else:
+            kept = float(layer.stat_kept) / (float(layer.stat_tokens) * m.in_features)
+            read = kept + layer.rank * (m.in_features + m.out_features) / size
+        per_layer[lin.name] = {"kept": kept, "read": read}
+        dense_total += size
+        read_total += size * (read if not math.isnan(read) else 1.0)
+    return {"achieved_sparsity": 1.0 - read_total / dense_total, "layers": per_layer}
+
+
+def measured_sparsity(model: nn.Module) -> dict:
+    """Achieved model-level sparsity over the tokens sparsified since the statistics were reset,
+    for any method (and, for the MLP baselines, "module_sparsity": the fraction of MLP neurons
+    skipped)."""
+    if baseline_layers(model):
+        m = measured_baseline_sparsity(model)
+        return {k: m[k] for k in ("achieved_sparsity", "module_sparsity", "skippable_sparsity") if k in m}
+    if rsparse_layers(model):
+        return {"achieved_sparsity": measured_read(model)["achieved_sparsity"]}
+    return {"achieved_sparsity": 0.0}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, tokens: str = "second_half",
+                        batch_size: int = 4, desc: str = "perplexity") -> dict:
+    """Perplexity of `model` (dense, R-Sparse or a baseline) on (n, T) token windows, and the
+    achieved model-level sparsity. With "second_half" only the predictions at the sparse
+    positions count, for every method."""
+    if tokens not in SCORED_MODES:
+        raise BadInputError(f"tokens must be one of {SCORED_MODES} for perplexity, got {tokens!r}")
+    if windows.dim() != 2 or windows.shape[1] < 4:
+        raise BadInputError(f"perplexity needs (n, T>=4) token windows, got shape {tuple(windows.shape)}")
+    T = windows.shape[1]
+    first = T // 2 if tokens == "second_half" else 0  # first logit position scored
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with token_mode(model, tokens, track=True):
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+            ids = windows[start:start + batch_size].to(device)
+            logits = model(ids, use_cache=False).logits[:, first:-1].float()
+            targets = ids[:, first + 1:]
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+        read = measured_read(model)
+        result = {"ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
+                  "achieved_sparsity": read["achieved_sparsity"], "layers": read["layers"]}
+        if baseline_layers(model):
+            result.update(measured_sparsity(model))
+    return result

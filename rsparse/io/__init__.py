@@ -1,0 +1,1 @@
+"""On disk: checkpoints (safetensors + JSON), results files, tables and plots."""

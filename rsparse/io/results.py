@@ -1,0 +1,160 @@
+"""Results on disk (JSON, markdown) and on screen (the same markdown table); reading back,
+resuming and merging the results of `rsparse eval` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from rsparse.errors import BadInputError, MissingDataError
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import rsparse
+
+    return {"rsparse": rsparse.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header) pairs. Percent columns are given as fractions and shown as %."""
+    header = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [header, sep]
+    for row in rows:
+        cells = []
+        for key, head in columns:
+            v = row.get(key)
+            cells.append(f"{100 * v:.1f}" if "%" in head and isinstance(v, float) else _fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically (a temp file renamed over the target), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is a normal file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Settings that must match for --resume to keep a previous run's rows.
+RESUME_KEYS = ("model", "seed", "limit", "tasks", "calibration", "perplexity")
+
+# (the weight formats may differ: rows are keyed by their label, which names the format)
+RESUME_SETTINGS = ("tokens", "ratio", "recipe", "dtype", "hub_tasks", "xsum_samples", "xsum_max_new_tokens",
+                   "group_size")
+
+def read_previous(path: Path) -> dict | None:
+    """A previous run's results.json for --resume (None if there is none); a file that cannot be
+    read is an error, raised before the model is loaded."""
+    import json
+
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MissingDataError(f"--resume: cannot read {path} ({e})") from None
+
+def previous_rows(path: Path, old: dict | None, results: dict) -> dict:
+    """{(method, label): row} of the previous run `old` (read from `path`) if it was made with the
+    same settings; {} if none. Other settings are an error (its rows would not be comparable)."""
+    if old is None:
+        return {}
+    diff = settings_diff(old, results)
+    if diff:
+        raise BadInputError(f"--resume: {path} was made with other settings ({', '.join(diff)}); "
+                         "use another --out or the same settings")
+    return {(r["method"], r["label"]): r for r in old.get("rows", [])}
+
+def settings_diff(run: dict, reference: dict, any_calibration: bool = False) -> list[str]:
+    """What makes the rows of `run` not comparable with those of `reference`: the RESUME_KEYS and
+    --RESUME_SETTINGS that differ. any_calibration: a run that needed no calibration (None) fits."""
+    diff = [k for k in RESUME_KEYS if not (any_calibration and k == "calibration" and run.get(k) is None)
+            and _comparable(k, run.get(k)) != _comparable(k, reference.get(k))]
+    return diff + [f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS
+                   if run.get("settings", {}).get(k) != reference.get("settings", {}).get(k)]
+
+def _comparable(key: str, v):
+    import json
+
+    if key == "tasks":  # the run adds each task's example count; the names are what must match
+        return list(v or {})
+    return json.loads(json.dumps(v))  # tuples vs lists, int vs float keys: as stored
+
+def merge_results(paths: list[str | Path]) -> dict:
+    """One results dict holding the rows of several `rsparse eval` results.json files.
+
+    The runs must agree on everything that makes rows comparable (RESUME_KEYS and
+    RESUME_SETTINGS; a run that needed no calibration, e.g. dense only, fits any); otherwise
+    BadInputError names the file and the settings. A row present in several files is taken from
+    the first. The header is the first file's, with "merged_from" listing the files."""
+    from rsparse.io.tables import row_label, sorted_rows
+
+    runs = []
+    for path in map(Path, paths):
+        try:
+            runs.append((path, read_previous(path)))
+        except MissingDataError:
+            raise BadInputError(f"--merge: cannot read {path} as JSON") from None
+        if runs[-1][1] is None:
+            raise MissingDataError(f"--merge: {path} not found")
+        if not isinstance(runs[-1][1], dict) or not isinstance(runs[-1][1].get("rows"), list):
+            raise BadInputError(f"--merge: {path} is not an rsparse eval results.json (no 'rows' list)")
+    base_path, base = runs[0]
+    merged = {k: v for k, v in base.items() if k not in ("rows", "skipped", "wall_seconds")}
+    if merged.get("calibration") is None:
+        merged["calibration"] = next((r["calibration"] for _, r in runs if r.get("calibration")), None)
+    rows, skipped = {}, {}
+    for path, run in runs:
+        diff = settings_diff(run, merged, any_calibration=True)
+        if diff:
+            raise BadInputError(f"--merge: {path} was made with other settings than {base_path} "
+                             f"({', '.join(diff)}); its rows are not comparable")
+        for r in run["rows"]:
+            rows.setdefault((r["method"], r["label"]), r)
+        for sk in run.get("skipped", []):
+            skipped.setdefault((sk["method"], sk.get("target_sparsity")), sk)
+        for name, info in run.get("tasks", {}).items():
+            merged["tasks"].setdefault(name, {}).update(info)
+        weights = merged.setdefault("weights", {})
+        for fmt in run.get("weights", {}).get("formats", []):
+            if fmt not in weights.setdefault("formats", []):
+                weights["formats"].append(fmt)
+        for fmt, err in run.get("weights", {}).get("relative_error", {}).items():
+            weights.setdefault("relative_error", {})[fmt] = err
+    labels = {r["label"] for r in rows.values()}
+    merged["rows"] = sorted_rows(list(rows.values()))
+    # a target a baseline could not reach in one run stays skipped unless another run has it
+    merged["skipped"] = [sk for sk in skipped.values()
+                         if row_label(sk["method"], sk.get("target_sparsity")) not in labels]
+    levels = sorted({r["target_sparsity"] for r in merged["rows"] if r.get("target_sparsity")})
+    merged["sweep"] = levels if len(levels) > 1 else None
+    merged["merged_from"] = [str(p) for p, _ in runs]
+    merged["row_seconds"] = sum(r.get("seconds", 0.0) for r in merged["rows"])
+    return merged

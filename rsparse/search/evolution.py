@@ -1,0 +1,242 @@
+"""Evolutionary search of per-layer sparse/low-rank ratios rho (paper section 3.5, Algorithm 1).
+
+Each individual is a vector of rho_i, one per decoder projection. Every layer keeps its budget
+(1-s) whatever its rho (rsparse.core.budget), so every individual has the same model-level
+sparsity; the search only decides how each layer spends its budget. Fitness: rsparse.search.objective.
+
+Differential evolution, as Algorithm 1: for each individual g_i, a mutant m = x1 + F (x2 - x3)
+from three other random individuals, a binomial crossover with rate CR (at least one gene from
+the mutant), the trial clipped to [0, 1]; the P best of parents and trials survive (elitist).
+Group-wise: the genes are split into groups of `group_size` consecutive layers; each group is
+optimised for `generations` generations while the other genes are held at the best individual
+so far, then the next group. With share="type" (beyond the paper) there is one gene per
+projection type (q, k, v, o, gate, up, down), shared by every block: 7 genes to fit instead of
+7 x blocks, which the few calibration windows can pin down without over-fitting them.
+
+After every generation the state is written atomically to the checkpoint file, so a killed
+search resumes where it stopped, losing at most one generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rsparse.core.budget import check_sparsity, layer_budget
+from rsparse.core.calibrate import CalibrationActivations, collect_activations
+from rsparse.core.config import FACTORS, RSparseConfig
+from rsparse.core.models import decoder_linears
+from rsparse.errors import BadInputError
+from rsparse.io.results import write_json
+from rsparse.search.objective import Candidates, _block_inputs, _fitness
+
+
+SHARES = ("layer", "type")
+
+
+@dataclass
+class SearchConfig:
+    sparsity: float = 0.5
+    population: int = 32
+    generations: int = 5  # per group
+    group_size: int = 28  # layers per group
+    mutation: float = 0.5  # F
+    crossover: float = 0.5  # CR
+    init_ratio: float = RSparseConfig.ratio  # centre of the initial population (see `initial_population`)
+    init_spread: float = 0.05
+    share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
+    tokens: str = "second_half"  # sparse (and scored) positions of the objective: second_half | all
+    # Low-rank factors the objective scores candidates with: "svd" (slices of one SVD per layer,
+    # cheap) or "whitened" (what sparsify_ builds by default; computed per layer and rho value).
+    factors: str = "svd"
+    rho_step: float = 0.005  # genes live on a grid of this step; thresholds (and factors) per grid point
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return round(1 / self.rho_step)
+
+    def validate(self) -> "SearchConfig":
+        check_sparsity(self.sparsity)
+        if self.population < 4:
+            raise BadInputError(f"population must be at least 4 (differential evolution needs 3 donors), got {self.population}")
+        if self.generations < 1 or self.group_size < 1:
+            raise BadInputError("generations and group_size must be positive")
+        if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
+            raise BadInputError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
+        if not 0 <= self.init_spread <= 1:
+            raise BadInputError(f"init_spread must be in [0, 1], got {self.init_spread}")
+        if self.tokens not in ("second_half", "all"):
+            raise BadInputError(f"tokens must be second_half or all, got {self.tokens!r}")
+        if self.factors not in FACTORS:
+            raise BadInputError(f"factors must be one of {', '.join(FACTORS)}, got {self.factors!r}")
+        if not 0 < self.rho_step <= 1 or abs(round(1 / self.rho_step) * self.rho_step - 1) > 1e-9:
+            raise BadInputError(f"rho_step must divide 1 (e.g. 0.005, 0.05, 0.1), got {self.rho_step}")
+        if self.share not in SHARES:
+            raise BadInputError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
+        return self
+
+
+def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
+    """Seeded start: sparse-only (rho 1), the uniform init_ratio, and perturbations around it.
+
+    The paper initialises at random in [0, 1]; with a few hundred evaluations a random start in
+    [0, 1]^n is dominated by layers with catastrophic low-rank shares, so we start next to the
+    best uniform recipes and let evolution move away from them.
+    """
+    pop = np.clip(cfg.init_ratio + cfg.init_spread * rng.standard_normal((cfg.population, n_genes)), 0.0, 1.0)
+    pop[0] = 1.0
+    pop[1] = cfg.init_ratio
+    return np.round(pop * cfg.steps) / cfg.steps
+
+
+def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoint: str | Path | None = None,
+           activations: CalibrationActivations | None = None, log=print, batch_size: int = 4) -> dict:
+    """Run (or resume) the search; returns the state with the best recipe and fitness history.
+    batch_size: calibration windows per forward pass when scoring a candidate."""
+    cfg.validate()
+    linears = decoder_linears(model)
+    names = [l.name for l in linears]
+    # The genes: one per projection, or one per projection type shared by every block (7 genes
+    # instead of 7 x blocks: far fewer degrees of freedom to over-fit a few calibration windows).
+    if cfg.share == "type":
+        kinds = list(dict.fromkeys(l.kind for l in linears))
+        gene_of = np.array([kinds.index(l.kind) for l in linears])
+    else:
+        gene_of = np.arange(len(linears))
+    n = int(gene_of.max()) + 1
+    groups = [list(range(i, min(i + cfg.group_size, n))) for i in range(0, n, cfg.group_size)]
+    settings = asdict(cfg)
+    identity = {"layers": len(linears), "genes": n, "names_hash": hash_names(names), "windows": list(windows.shape),
+                "windows_sum": int(windows.sum())}
+
+    state = None
+    if checkpoint and Path(checkpoint).is_file():
+        state = json.loads(Path(checkpoint).read_text())
+        if state.get("settings") != settings or state.get("identity") != identity:
+            raise BadInputError(f"checkpoint {checkpoint} was written by a search with other settings, model or data; "
+                             "use another --checkpoint path or the same settings")
+        log(f"resuming from {checkpoint}: group {state['group']} generation {state['generation']}")
+    rng = np.random.default_rng(cfg.seed)
+    if state is not None:
+        rng.bit_generator.state = state["rng"]
+
+    if activations is None:
+        activations = collect_activations(model, windows)
+    cands = Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens, factors=cfg.factors, steps=cfg.steps)
+
+    def evaluate(genes, start_block, cache):
+        cands.apply(genes[gene_of])
+        return _fitness(model, windows, start_block, cache, batch_size, tokens=cfg.tokens)
+
+    t_start = time.time()
+    if state is None:
+        pop = initial_population(n, cfg, rng)
+        fit = [evaluate(p, 0, {}) for p in tqdm(pop, desc="initial population", leave=False)]
+        state = {"settings": settings, "identity": identity, "group": 0, "generation": 0,
+                 "population": pop.tolist(), "fitness": fit, "history": [], "evaluations": len(fit),
+                 "seconds": time.time() - t_start}
+        _save(checkpoint, state, rng)
+    pop, fit = np.array(state["population"]), list(state["fitness"])
+    total_gens = len(groups) * cfg.generations
+    done = state["group"] * cfg.generations + state["generation"]
+    bar = tqdm(total=total_gens, initial=done, desc="search", unit="gen")
+    while state["group"] < len(groups):
+        genes = groups[state["group"]]
+        others = [i for i in range(n) if i not in set(genes)]
+        best = pop[int(np.argmin(fit))].copy()
+        start_block = min(l.block for l, g in zip(linears, gene_of) if g in set(genes))
+        cands.apply(best[gene_of])
+        cache = _block_inputs(model, windows, start_block, batch_size) if start_block else {}
+        t0 = time.time()
+        if state["generation"] == 0 and not state.get("group_started") and len(groups) > 1:
+            # A new group: every individual takes the best's genes outside the group; inside it,
+            # the best is kept and the others are drawn around the best's values (earlier group
+            # starts made those genes equal across the population, which would leave differential
+            # evolution nothing to recombine), then everyone is scored under the new context.
+            pop[:, others] = best[others]
+            pop[0] = best
+            noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
+            pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * cfg.steps) / cfg.steps
+            fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
+            state["group_started"] = True
+            state["population"], state["fitness"] = pop.tolist(), fit
+            state["evaluations"] += cfg.population
+            _save(checkpoint, state, rng)
+        trials, trial_fit = [], []
+        for i in range(cfg.population):
+            a, b, c = rng.choice([j for j in range(cfg.population) if j != i], 3, replace=False)
+            mutant = pop[a] + cfg.mutation * (pop[b] - pop[c])
+            cross = rng.random(len(genes)) < cfg.crossover
+            cross[rng.integers(len(genes))] = True
+            trial = pop[i].copy()
+            trial[genes] = np.where(cross, mutant[genes], pop[i][genes])
+            trial = np.round(np.clip(trial, 0.0, 1.0) * cfg.steps) / cfg.steps
+            trials.append(trial)
+            trial_fit.append(evaluate(trial, start_block, cache))
+        pop, fit = _select(np.concatenate([pop, np.array(trials)]), np.array(fit + trial_fit), cfg.population)
+        state["evaluations"] += cfg.population
+        state["seconds"] += time.time() - t0
+        state["history"].append({"group": state["group"], "generation": state["generation"],
+                                 "best": fit[0], "mean": float(np.mean(fit)), "seconds": time.time() - t0})
+        state["generation"] += 1
+        if state["generation"] == cfg.generations:
+            state["group"], state["generation"], state["group_started"] = state["group"] + 1, 0, False
+        state["population"], state["fitness"] = pop.tolist(), fit
+        _save(checkpoint, state, rng)
+        bar.update(1)
+        left = (total_gens - bar.n) * (time.time() - t0)
+        bar.set_postfix(best=f"{fit[0]:.3f}", mean=f"{np.mean(fit):.3f}", left=f"{left / 60:.0f}min")
+    bar.close()
+    best = pop[int(np.argmin(fit))]
+    state["best"] = {"rho": best[gene_of].tolist(), "genes": best.tolist(), "fitness": float(min(fit))}
+    state["names"] = names
+    state["shapes"] = [[l.module.out_features, l.module.in_features] for l in linears]
+    _save(checkpoint, state, rng)
+    return state
+
+
+def _select(pool: np.ndarray, fitness: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Elitist top-k of parents and trials (Algorithm 1), distinct individuals first: copies of
+    one good individual would otherwise fill the population and stall the mutation."""
+    order = np.argsort(fitness, kind="stable")
+    seen, first, dup = set(), [], []
+    for i in order:
+        key = pool[i].tobytes()
+        (dup if key in seen else first).append(i)
+        seen.add(key)
+    keep = (first + dup)[:k]
+    return pool[keep], fitness[keep].tolist()
+
+
+def hash_names(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _save(path, state, rng) -> None:
+    state["rng"] = rng.bit_generator.state
+    if path:
+        write_json(path, state)
+
+
+def recipe_from_search(state: dict, sparsity: float, report: list[dict] | None = None, **extra) -> dict:
+    """The recipe file's content: per-layer rho (with keep/rank/threshold once applied)."""
+    layers = []
+    for i, (name, shape, rho) in enumerate(zip(state["names"], state["shapes"], state["best"]["rho"])):
+        b = layer_budget(shape[0], shape[1], sparsity, rho)
+        entry = {"name": name, "shape": shape, "rho": rho, "keep": b.keep_fraction, "rank": b.rank}
+        if report is not None:
+            entry["threshold"] = report[i]["threshold"]
+        layers.append(entry)
+    return {"sparsity": sparsity, **extra, "search": {"settings": state["settings"], "evaluations": state["evaluations"],
+            "seconds": state["seconds"], "best_fitness": state["best"]["fitness"], "history": state["history"]},
+            "layers": layers}

@@ -1,0 +1,54 @@
+"""`rsparse compare-recipes` and `rsparse run --recipe` with its recipe, on a tiny model."""
+
+import json
+
+import pytest
+
+from conftest import cli_error
+
+pytestmark = pytest.mark.cli
+
+
+def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_dir):
+    from rsparse.cli import main
+
+    model_dir = tiny_model_dir
+    out = tmp_path / "out"
+    argv = ["compare-recipes", "--model", str(model_dir), "--sparsities", "0.4,0.6", "--grid", "0.7,0.9,1.0",
+            "--population", "4", "--generations", "1", "--group-size", "7", "--calib-corpus", str(text_file),
+            "--calib-samples", "4", "--seq-len", "32", "--ppl-corpus", str(text_file), "--ppl-windows", "2",
+            "--ppl-seq-len", "64", "--tasks", "piqa", "--limit", "2", "--batch-size", "4",
+            "--factors", "whitened", "--rho-step", "0.1", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [b["sparsity"] for b in res["sparsities"]] == [0.4, 0.6]
+    for block in res["sparsities"]:
+        assert [g["rho"] for g in block["uniform_grid"]] == [0.7, 0.9, 1.0]
+        best = min(block["uniform_grid"], key=lambda g: g["fitness"])
+        assert block["best_uniform_rho"] == best["rho"]
+        labels = [r["recipe"] for r in block["rows"]]
+        assert labels == ["sparse-only", f"uniform rho={best['rho']:g}", "searched"]
+        assert block["rows"][0]["calibration_fitness"] == block["uniform_grid"][-1]["fitness"]  # rho 1 = sparse-only
+        searched = block["rows"][2]
+        assert searched["calibration_fitness"] <= best["fitness"] + 1e-9  # elitist, started at the uniform optimum
+        for r in block["rows"]:
+            assert abs(r["achieved_sparsity"] - block["sparsity"]) < 0.1 and "piqa" in r["tasks"]
+        tag = f"s{round(100 * block['sparsity']):02d}"
+        recipe = json.loads((out / f"recipe_{tag}.json").read_text())
+        assert len(recipe["layers"]) == 14 and recipe["uniform_grid"] == block["uniform_grid"]
+        assert (out / f"recipe_{tag}.png").stat().st_size > 5000
+    md = (out / "results.md").read_text()
+    assert "| 40 | searched |" in md and "| 60 | sparse-only |" in md
+    # the searched recipe is a normal recipe file: `rsparse run --recipe` validates and uses it
+    run_out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--methods", "rsparse", "--sparsity", "0.4", "--recipe",
+                 str(out / "recipe_s40.json"), "--calib-corpus", str(text_file), "--calib-samples", "4",
+                 "--ppl-corpus", str(text_file), "--ppl-windows", "2", "--seq-len", "32", "--out", str(run_out)]) == 0
+    assert json.loads((run_out / "results.json").read_text())["rows"][0]["method"] == "rsparse"
+
+
+def test_cli_compare_recipes_rejects_bad_input(capsys):
+    cli_error(capsys, ["compare-recipes", "--sparsities", "0.5,1.5"], "sparsities")
+    cli_error(capsys, ["compare-recipes", "--grid", "0.5,2"], "grid")
+    cli_error(capsys, ["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"], "rho-step")
+    cli_error(capsys, ["compare-recipes", "--search-batch-size", "0"], "search-batch-size")

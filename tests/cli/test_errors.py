@@ -1,0 +1,83 @@
+"""The command line's one place for expected errors: one line `error: ...` and exit status 2,
+`interrupted` and 130 on Ctrl-C, the traceback only with --debug."""
+
+import json
+
+import pytest
+
+from conftest import cli_error
+from rsparse.cli import main
+from rsparse.errors import RecipeError
+
+pytestmark = pytest.mark.cli
+
+
+@pytest.fixture()
+def recipe_missing_a_layer(tmp_path):
+    from rsparse.core.models import decoder_linears
+
+    from conftest import tiny_model
+
+    names = [l.name for l in decoder_linears(tiny_model())]
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"layers": [{"name": n, "rho": 0.9} for n in names[:-1]]}))
+    return path
+
+
+def test_run_with_a_recipe_that_misses_a_layer_is_one_line(tiny_model_dir, recipe_missing_a_layer, capsys):
+    message = cli_error(capsys, ["run", "--model", str(tiny_model_dir), "--recipe", str(recipe_missing_a_layer),
+                                 "--methods", "rsparse", "--seq-len", "64"], "recipe has 13 layers but the model has 14")
+    assert message.count("\n") == 0
+
+
+def test_debug_shows_the_traceback(tiny_model_dir, recipe_missing_a_layer):
+    argv = ["run", "--model", str(tiny_model_dir), "--recipe", str(recipe_missing_a_layer), "--methods", "rsparse"]
+    with pytest.raises(RecipeError, match="13 layers"):
+        main(["--debug", *argv])
+    with pytest.raises(RecipeError):
+        main([*argv, "--debug"])  # after the verb too
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--model", "/nonexistent/model"], "model not found"),
+    (["run", "--calib-corpus", "/nonexistent/corpus.txt"], "unknown corpus"),
+    (["generate", "--model", "/nonexistent/model", "--prompt", "x", "--dense"], "model not found"),
+    (["eval", "--methods", "dense,dense"], "given twice"),
+])
+def test_expected_errors_exit_2(argv, message, capsys):
+    cli_error(capsys, argv, message)
+
+
+def test_ctrl_c_prints_interrupted_and_exits_130(monkeypatch, capsys):
+    import rsparse.cli.run as run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "cmd_run", interrupted)
+    assert main(["run"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import rsparse.cli.run as run
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(run, "cmd_run", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["run"])
+
+
+def test_argparse_defaults_come_from_the_configs():
+    from rsparse import RSparseConfig
+    from rsparse.cli import build_parser
+    from rsparse.core.data import DataConfig
+
+    args = build_parser().parse_args(["run"])
+    config, data = RSparseConfig(), DataConfig()
+    assert (args.sparsity, args.ratio, args.factors, args.calib_samples, args.seq_len, args.seed) == (
+        config.sparsity, config.ratio, config.factors, config.calibration_samples, config.seq_len, config.seed)
+    assert (args.calib_corpus, args.ppl_corpus, args.ppl_windows) == (
+        data.calibration_corpus, data.perplexity_corpus, data.perplexity_windows)

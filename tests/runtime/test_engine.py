@@ -1,0 +1,204 @@
+"""The decode engine gives transformers' greedy tokens (CPU: eager steps; CUDA: compiled + graph),
+samples reproducibly on the device, stops rows at EOS, refuses what does not fit; the kernel op
+traces under torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from rsparse import RSparseConfig, sparsify_
+from rsparse.core.layer import rsparse_layers
+from rsparse.core.data import calibration_windows
+from rsparse.runtime import ops
+from rsparse.runtime.engine import Engine, EngineError, Sampling
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, rows, n):
+    """transformers' greedy continuation of left-padded prompts (pad id 0, masked)."""
+    t = max(map(len, rows))
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[0] * (t - len(r)) + r for r in rows], device=dev)
+    mask = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows], device=dev)
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None  # no EOS: n tokens
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    finally:
+        model.generation_config.eos_token_id = eos
+    return out[:, t:].tolist()
+
+
+def sparse_tiny(windows, arch="llama", **config):
+    model = tiny_model(arch) if not config else config.pop("model")
+    sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.8, tokens="decode"), calibration_windows(windows, 64, 4))
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_tokens_equal_transformers_dense_and_sparse(batch, windows):
+    rows = prompts([12, 7, 10][:batch])
+    model = tiny_model().to(DEVICE)  # grouped KV heads: 4 query heads, 2 KV heads
+    assert Engine(model, batch_size=batch, max_seq_len=48).generate(rows, 12).tokens == hf_greedy(model, rows, 12)
+    sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.8, tokens="decode"),
+              calibration_windows(windows, 64, 4).to(DEVICE))
+    expected = hf_greedy(model, rows, 12)
+    dense = Engine(tiny_model().to(DEVICE), batch_size=batch, max_seq_len=48).generate(rows, 12).tokens
+    assert expected != dense  # the sparse decode steps change the continuation
+    assert Engine(model, batch_size=batch, max_seq_len=48).generate(rows, 12).tokens == expected
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "tied"])
+def test_architectures(arch):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    if arch == "qwen3":  # q/k norms, head_dim given
+        cfg = Qwen3Config(**{k: v for k, v in tiny_config().to_dict().items() if k in Qwen3Config().to_dict()})
+        cfg.head_dim = 16
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    elif arch == "tied":
+        cfg = tiny_config()
+        cfg.tie_word_embeddings = True
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        model = tiny_model(arch)
+    rows = prompts([9, 5])
+    assert Engine(model, batch_size=2, max_seq_len=32).generate(rows, 8).tokens == hf_greedy(model, rows, 8)
+
+
+def test_one_engine_serves_many_calls_and_fewer_prompts_than_rows():
+    model = tiny_model()
+    engine = Engine(model, batch_size=3, max_seq_len=40)
+    a, b = prompts([10, 6], seed=1), prompts([15], seed=2)
+    assert engine.generate(a, 6).tokens == hf_greedy(model, a, 6)
+    assert engine.generate(b, 9).tokens == hf_greedy(model, b, 9)
+    assert engine.generate(a, 6).tokens == hf_greedy(model, a, 6)
+
+
+def test_sampling_is_seeded_and_filters():
+    model = tiny_model()
+    engine = Engine(model, batch_size=2, max_seq_len=40)
+    rows = prompts([8, 8])
+    hot = Sampling(temperature=1.5, seed=7)
+    first, again = engine.generate(rows, 16, hot).tokens, engine.generate(rows, 16, hot).tokens
+    assert first == again
+    assert engine.generate(rows, 16, Sampling(temperature=1.5, seed=8)).tokens != first
+    assert first != engine.generate(rows, 16).tokens  # it does sample
+    # top-k 1 and a tiny top-p keep only the most likely token: greedy, whatever the seed
+    greedy = engine.generate(rows, 16).tokens
+    assert engine.generate(rows, 16, Sampling(temperature=1.0, top_k=1, seed=3)).tokens == greedy
+    assert engine.generate(rows, 16, Sampling(temperature=1.0, top_p=1e-6, seed=4)).tokens == greedy
+    # top-k 2: every sampled token is one of the two most likely at its step (checked by replaying)
+    sampled = engine.generate(rows[:1], 10, Sampling(temperature=5.0, top_k=2, seed=5)).tokens[0]
+    ids = torch.tensor([rows[0] + sampled])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(rows[0]) - 1:-1]
+    top2 = logits.topk(2, dim=-1).indices
+    assert all(tok in top2[i].tolist() for i, tok in enumerate(sampled))
+    with pytest.raises(EngineError, match="top_p"):
+        Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_eos_finishes_a_row_and_all_rows_stop():
+    model = tiny_model()
+    rows = prompts([10, 10])
+    free = Engine(model, batch_size=2, max_seq_len=48).generate(rows, 20)
+    eos = free.tokens[0][3]
+    stop_at = free.tokens[0].index(eos)
+    got = Engine(model, batch_size=2, max_seq_len=48).generate(rows, 20, eos_token_id=[eos])
+    assert got.tokens[0] == free.tokens[0][: stop_at + 1] and got.finished[0]
+    other = free.tokens[1]
+    expected = other[: other.index(eos) + 1] if eos in other else other
+    assert got.tokens[1] == expected
+    # a single row ends the whole call at its EOS: far fewer steps than asked for
+    one = Engine(model, max_seq_len=48).generate(rows[:1], 20, eos_token_id=eos)
+    assert one.tokens[0][-1] == eos and one.decode_steps <= stop_at + 1
+
+
+def test_streaming_callback_sees_every_token_and_can_stop():
+    model = tiny_model()
+    rows = prompts([6, 9])
+    seen = []
+    result = Engine(model, batch_size=2, max_seq_len=40).generate(rows, 10, on_tokens=seen.append)
+    assert [list(col) for col in zip(*seen)] == result.tokens
+    steps = []
+    short = Engine(model, max_seq_len=40).generate(rows[:1], 10, on_tokens=lambda s: steps.append(s) or len(steps) == 4)
+    assert len(short.tokens[0]) == 4 == len(steps)
+
+
+def test_requests_that_do_not_fit_are_refused():
+    model = tiny_model()
+    engine = Engine(model, batch_size=2, max_seq_len=32)
+    with pytest.raises(EngineError, match="does not fit the engine's cache of 32 tokens"):
+        engine.generate(prompts([30]), 4)
+    engine.generate(prompts([30]), 3)  # exactly fits: the last token is never written to the cache
+    with pytest.raises(EngineError, match="1-2 prompts"):
+        engine.generate(prompts([4, 4, 4]), 2)
+    with pytest.raises(EngineError, match="empty"):
+        engine.generate([[]], 2)
+    with pytest.raises(EngineError, match="exceeds the model's context"):
+        Engine(model, max_seq_len=10_000)
+    with pytest.raises(EngineError, match="batch_size"):
+        Engine(model, batch_size=9)
+
+
+def test_compiled_step_traces_through_the_kernel_op(windows, monkeypatch):
+    """fullgraph=True: RSparseLinear's kernel call is a torch.library op, no graph break."""
+    model = sparse_tiny(windows).to(DEVICE)
+    for layer in rsparse_layers(model):
+        layer.kernel = "always"  # the Triton kernel (interpreted on CPU) behind the op
+    rows = prompts([11, 6])
+    expected = hf_greedy(model, rows, 4)  # transformers runs each layer on its own (no fusion)
+    torch._dynamo.reset()
+    calls = []
+    real = ops.decode_linear_multi
+    monkeypatch.setattr(ops, "decode_linear_multi", lambda *a: calls.append(len(a[1])) or real(*a))
+    for layer in rsparse_layers(model):  # re-configured modules: dynamo treats them as unspecialized
+        layer.threshold = layer.threshold.clone()
+    got = Engine(model, batch_size=2, max_seq_len=24, compile="aot_eager").generate(rows, 4)
+    assert got.tokens == expected
+    assert calls.count(3) >= 2 and calls.count(2) >= 2  # q/k/v and gate/up of both blocks, fused
+
+
+def test_kernel_op_fake_and_schema():
+    from rsparse.runtime import ops  # noqa: F401  (registers torch.ops.rsparse)
+    from rsparse.runtime.kernels import rsparse_decode_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 64, generator=g)
+    w_t = torch.randn(64, 48, generator=g)
+    args = (x, w_t, torch.tensor(0.7), torch.rand(64, generator=g) + 0.5, torch.randn(64, 8, generator=g),
+            torch.randn(8, 48, generator=g), torch.randn(48, generator=g))
+    torch.library.opcheck(torch.ops.rsparse.decode_linear.default, args)
+    torch.library.opcheck(torch.ops.rsparse.decode_linear.default, args[:4] + (None, None, None))
+    # q/k/v-like parts of different widths sharing x, one with factors and bias, one sparse-only
+    w2 = torch.randn(64, 16, generator=g)
+    multi = (x, [w_t, w2], [args[2], torch.tensor(0.3)], [args[3], None], [args[4], None], [args[5], None],
+             [args[6], None])
+    torch.library.opcheck(torch.ops.rsparse.decode_linear_multi.default, multi)
+    y1, y2 = torch.ops.rsparse.decode_linear_multi(*multi)
+    assert torch.allclose(y2, rsparse_decode_linear_reference(x, w2, 0.3), atol=1e-5)
+    y = torch.ops.rsparse.decode_linear(*args)
+    assert torch.allclose(y1, y)
+    assert torch.allclose(y, rsparse_decode_linear_reference(*args), atol=1e-5)
+
+
+def test_bench_conversion_hits_the_budget():
+    from rsparse.runtime.bench.decode import make_rsparse, measure_sparsity
+
+    model = tiny_model()
+    make_rsparse(model, 0.5, 0.9)
+    layers = rsparse_layers(model)
+    assert len(layers) == 14 and {l.method for l in layers} == {"rsparse"} and {l.tokens for l in layers} == {"decode"}
+    assert abs(measure_sparsity(model, prompts([16])[0], n=16) - 0.5) < 0.1
+    make_rsparse(model, 0.7, 1.0)  # re-configured in place: sparse-only now
+    assert {l.method for l in rsparse_layers(model)} == {"sparse"} and all(l.rank == 0 for l in rsparse_layers(model))
+    assert abs(measure_sparsity(model, prompts([16])[0], n=16) - 0.7) < 0.1
