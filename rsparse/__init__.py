@@ -12,6 +12,7 @@ from rsparse.evaluate import apply_method, evaluate_tasks, restore_all
 from rsparse.layer import RSparseLinear, rsparse_layers, set_token_mode
 from rsparse.models import UnsupportedModelError, decoder_linears, load_model
 from rsparse.perplexity import evaluate_perplexity
+from rsparse.io.transformers_format import save_pretrained  # registers quant_method "rsparse" with transformers
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ __all__ = [
     "CalibrationActivations", "CheckpointError", "load_any", "load_checkpoint", "save_checkpoint", "LayerBudget", "RSparseConfig", "RSparseLinear", "RecipeError",
     "UnsupportedModelError", "collect_activations", "decoder_linears", "evaluate_perplexity",
     "layer_budget", "load_model", "load_recipe", "load_windows", "model_read_fraction", "restore_",
-    "rsparse_layers", "set_token_mode", "sparsify_",
+    "rsparse_layers", "save_pretrained", "set_token_mode", "sparsify_",
 ]

@@ -43,6 +43,8 @@ def restore_(model: nn.Module) -> nn.Module:
     names = {id(m): n for n, m in model.named_modules()}
     for layer in rsparse_layers(model):
         replace_module(model, names[id(layer)], layer.to_linear())
+    from rsparse.io.transformers_format import detach
+    detach(model)  # dense again: save_pretrained writes a plain model
     return model
 
 
@@ -251,6 +253,8 @@ def sparsify_(model: nn.Module, config: RSparseConfig,
         })
     if config.refine and calibration.windows is not None and config.method != "dense":
         _refine_thresholds(model, config, calibration.windows, report)
+    from rsparse.io.transformers_format import attach
+    attach(model, config, report)  # model.save_pretrained writes the rsparse transformers format
     return report
 
 

@@ -103,9 +103,11 @@ def _json_safe(value):
 
 
 def is_checkpoint(path) -> bool:
-    """True if `path` is a directory holding an rsparse checkpoint manifest (rsparse.json)."""
+    """True if `path` is a sparsified-model directory: a transformers directory with quant_method
+    "rsparse" (rsparse.io.transformers_format), or a legacy rsparse.json checkpoint."""
+    from rsparse.io.transformers_format import is_rsparse_directory
     try:
-        return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+        return path is not None and Path(path).is_dir() and ((Path(path) / MANIFEST).is_file() or is_rsparse_directory(path))
     except (TypeError, OSError):
         return False
 
@@ -212,7 +214,7 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
     target = _check_target(Path(directory), overwrite)
     if getattr(model, "config", None) is None:
         raise CheckpointError("model has no Hugging Face config; save expects a transformers causal LM")
-    if getattr(model.config, "quantization_config", None) is not None:
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", "rsparse") != "rsparse":
         raise CheckpointError("model config has a quantization_config; rsparse checkpoints store plain float weights "
                               "(load the model with rsparse.models.load_model, which dequantises GGUF files)")
     layers = _layer_entries(model)
@@ -256,6 +258,7 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         model.config.save_pretrained(tmp)
+        _drop_quantization_config(tmp / HF_CONFIG)  # legacy format: the layout lives in rsparse.json
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -275,6 +278,12 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _drop_quantization_config(path: Path) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # -- load ---------------------------------------------------------------------------------
@@ -483,10 +492,18 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
 
 
 def load_any(name_or_dir=None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """A checkpoint directory (has rsparse.json) via `load`, anything else via rsparse.models.load_model
-    (None: the embedded model; a .gguf file, a Hugging Face directory or hub id)."""
+    """An rsparse transformers directory (rsparse.io.transformers_format.load), a legacy checkpoint
+    (has rsparse.json; read-only, with a deprecation line) via `load`, anything else via
+    rsparse.models.load_model (None: the embedded model; a .gguf file, a Hugging Face directory or hub id)."""
+    from rsparse.io import transformers_format as hf_format
+
+    if hf_format.is_rsparse_directory(name_or_dir):
+        return hf_format.load(name_or_dir, device=device, dtype=dtype)
     if is_checkpoint(name_or_dir):
-        return load(name_or_dir, device=device, dtype=dtype)
+        hf_format.legacy_notice(name_or_dir)
+        model, tokenizer = load(name_or_dir, device=device, dtype=dtype)
+        hf_format.attach(model)  # model.save_pretrained now writes the transformers format
+        return model, tokenizer
     from rsparse.models import load_model
 
     return load_model(name_or_dir, dtype=_dtype(dtype) or torch.float32, device=device)
@@ -508,6 +525,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a non-empty non-checkpoint directory")
+    p.add_argument("--ppl-corpus", default="boolq", help="corpus of the model card's perplexity (boolq: offline)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="perplexity windows for the model card (0: not measured)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (save_pretrained's max_shard_size)")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -538,8 +558,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
           file=sys.stderr)
     report = sparsify_(model, config, calib)
-    try:
-        out = save(model, tokenizer, args.out, report=report, config=config, overwrite=args.overwrite, source=name)
+    from rsparse.io.transformers_format import measure_perplexity, save_pretrained
+
+    ppl = measure_perplexity(model, tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
+    try:  # a transformers directory (AutoModelForCausalLM.from_pretrained after `import rsparse`)
+        out = save_pretrained(model, tokenizer, args.out, report=report, config=config, perplexity=ppl, source=name,
+                              overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     dense = sum(r["shape"][0] * r["shape"][1] for r in report)

@@ -1,0 +1,1 @@
+"""Reading and writing sparsified models (checkpoint formats)."""
