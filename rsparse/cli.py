@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     compare_recipes.register(sub)  # rsparse compare-recipes (uniform vs searched, Table 4)
     sweep.register(sub)  # rsparse eval (lm-evaluation-harness, baselines, Table 1 / Figure 5)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    from rsparse.checkpoint import CheckpointError
+
+    try:
+        return args.func(args) or 0
+    except CheckpointError as e:  # a bad model directory (any verb's --model): one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -254,9 +254,9 @@ def test_cli_compress(model, tokenizer, text_file, tmp_path, capsys):
             "--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32", "--seed", "1"]
     assert run_cli(argv) == 0
     assert f"saved {out}: 14 layers (rsparse), target sparsity 40%" in capsys.readouterr().out
-    manifest = json.loads((out / "rsparse.json").read_text())
-    assert manifest["rsparse_config"]["tokens"] == "decode" and manifest["rsparse_config"]["seed"] == 1
-    loaded, _ = load(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]  # compress writes a transformers dir
+    assert qc["quant_method"] == "rsparse" and qc["rsparse_config"]["tokens"] == "decode" and qc["rsparse_config"]["seed"] == 1
+    loaded, _ = load_any(out)
     assert {l.tokens for l in rsparse_layers(loaded)} == {"decode"}
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
