@@ -600,7 +600,8 @@ def model_card(model: nn.Module, qc: RSparseQuantizationConfig, name: str) -> st
         f"An R-Sparse (rank-aware activation sparsity) version of `{source or type(model).__name__}`, written by "
         f"rsparse {qc.versions.get('rsparse', '?')} (format version {qc.format_version}). Every listed decoder "
         "projection keeps only the input channels whose score passes a calibrated threshold and sends the dropped "
-        "channels through rank-r factors of its weight; prefill stays dense, decoding is sparse.", "",
+        "channels through rank-r factors of its weight"
+        + ("; prefill stays dense, decoding is sparse." if tokens == ["decode"] else "."), "",
         "| | |", "|---|---|",
         f"| architecture | {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
         f"{qc.tensors.get('dtype', '?')}) |",
