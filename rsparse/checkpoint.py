@@ -502,7 +502,7 @@ def load_any(name_or_dir=None, device: str | torch.device = "cpu", dtype: torch.
     if is_checkpoint(name_or_dir):
         hf_format.legacy_notice(name_or_dir)
         model, tokenizer = load(name_or_dir, device=device, dtype=dtype)
-        hf_format.attach(model)  # model.save_pretrained now writes the transformers format
+        hf_format.attach(model, config=read_manifest(name_or_dir).get("rsparse_config"))  # save_pretrained converts
         return model, tokenizer
     from rsparse.models import load_model
 

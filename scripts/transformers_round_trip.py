@@ -1,6 +1,6 @@
 """Round trip of a sparsified model through the transformers format, on the embedded SmolLM2-135M.
 
-    .venv/bin/python scripts/transformers_round_trip.py [--out out/smollm-hf] [--limit 20] [--device cpu]
+    .venv/bin/python scripts/transformers_round_trip.py [--out out/smollm-hf] [--limit 5] [--windows 2] [--device cpu]
 
 Sparsifies at 50% (uniform rho 0.95, every token sparse), saves with rsparse.save_pretrained,
 loads with plain AutoModelForCausalLM.from_pretrained (after `import rsparse`), and compares:
@@ -22,9 +22,10 @@ import torch
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="out/smollm-hf")
-    p.add_argument("--limit", type=int, default=20, help="examples per lm-eval task")
+    p.add_argument("--limit", type=int, default=5, help="examples per lm-eval task")
     p.add_argument("--tasks", default="piqa,arc_easy")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--windows", type=int, default=2, help="held-out BoolQ windows of 512 tokens for the logits")
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     loaded_tok = AutoTokenizer.from_pretrained(out)
     t_load = time.time()
 
-    windows = rsparse.load_windows(tok, "boolq", 512, 4, "perplexity").to(args.device)
+    windows = rsparse.load_windows(tok, "boolq", 512, args.windows, "perplexity").to(args.device)
     with torch.no_grad():
         a, b = model(windows).logits, loaded(windows).logits
     logits = {"windows": list(windows.shape), "bit_identical": bool(torch.equal(a, b)),

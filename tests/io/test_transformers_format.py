@@ -226,13 +226,15 @@ def test_cli_compress_then_generate_on_the_directory(tiny_model_dir, text_file, 
                     "--no-chat-template"]) == 0
     err = capsys.readouterr().err
     assert "rsparse checkpoint, 14 R-Sparse layers" in err and "tokens/s" in err
+    run = ["run", "--model", str(out), "--calib-corpus", str(text_file), "--ppl-corpus", str(text_file),
+           "--seq-len", "16", "--calib-samples", "1", "--ppl-windows", "1", "--out", str(tmp_path / "run")]
+    assert run_cli(run[:3] + ["--methods", "dense,sparse"] + run[3:]) == 0  # starts from the directory's dense weights
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]["method"] == "dense"
     (out / "model-00001-of-{:05d}.safetensors".format(len(list(out.glob("model-*"))))).unlink()
     with pytest.raises(SystemExit, match="^error: .*model-00001-of-.* is missing"):
         run_cli(["generate", "--model", str(out), "--prompt", "x", "--max-new-tokens", "2"])
     with pytest.raises(SystemExit, match="^error: .*is missing"):  # verbs loading through load_model too
-        run_cli(["run", "--model", str(out), "--methods", "dense", "--calib-corpus", str(text_file),
-                 "--ppl-corpus", str(text_file), "--seq-len", "16", "--calib-samples", "1", "--ppl-windows", "1",
-                 "--out", str(tmp_path / "run")])
+        run_cli(run[:3] + ["--methods", "dense"] + run[3:])
 
 
 # -- lm-eval ---------------------------------------------------------------------------------------------
@@ -265,3 +267,22 @@ def test_lm_eval_api_scores_the_loaded_model_as_the_in_memory_one(base, tmp_path
         ll_b = [s["resps"] for s in b["samples"][task]]
         assert len(ll_a) == 3 and all(isinstance(r[0][0], float) for s in ll_a for r in s)
         assert ll_a == ll_b  # the same log-likelihoods, bit for bit
+
+
+# -- the embedded model ----------------------------------------------------------------------------------
+def test_embedded_smollm2_round_trip(tmp_path):
+    """SmolLM2-135M (GGUF, dequantised), every token sparse: save_pretrained -> from_pretrained, same logits."""
+    from rsparse import load_model, load_windows
+
+    model, tok = load_model()
+    cal = load_windows(tok, "coqa", 128, 2, "calibration")
+    sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.95, tokens="all", seq_len=128, calibration_samples=2,
+                                   max_rows_per_layer=256, refine=False), cal)
+    path = rsparse.save_pretrained(model, tok, tmp_path / "smollm", max_shard_size="200MB")
+    assert len(list(path.glob("model-*.safetensors"))) >= 3
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu")
+    assert len(rsparse_layers(loaded)) == 210 and loaded.dtype == torch.float32
+    x = tok("The capital of France is Paris. Rivers flow to the sea and clouds carry the water back.",
+            return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
