@@ -13,8 +13,8 @@ from rsparse.core.sparse_modules import token_mode
 from rsparse.errors import RsparseError
 from rsparse.eval.harness import evaluate_tasks
 from rsparse.eval.perplexity import evaluate_perplexity
-from rsparse.io.checkpoint import load as load_checkpoint
-from rsparse.io.checkpoint import save as save_checkpoint
+from rsparse.io.checkpoint import load_any as load_checkpoint
+from rsparse.io.transformers_format import save_pretrained  # registers quant_method "rsparse" with transformers
 from rsparse.methods import restore_, sparsify_
 
 __version__ = "0.1.0"
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "sparsify_", "restore_", "RSparseConfig", "CatsConfig", "GriffinConfig", "ReluConfig",
     "load_model", "load_windows", "collect_activations", "evaluate_perplexity", "evaluate_tasks",
-    "token_mode", "save_checkpoint", "load_checkpoint", "RsparseError",
+    "token_mode", "save_pretrained", "load_checkpoint", "RsparseError",
 ]

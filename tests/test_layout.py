@@ -10,7 +10,7 @@ def test_public_api_is_a_dozen_names():
     assert set(rsparse.__all__) == {
         "sparsify_", "restore_", "RSparseConfig", "CatsConfig", "GriffinConfig", "ReluConfig", "load_model",
         "load_windows", "collect_activations", "evaluate_perplexity", "evaluate_tasks", "token_mode",
-        "save_checkpoint", "load_checkpoint", "RsparseError"}
+        "save_pretrained", "load_checkpoint", "RsparseError"}
     assert all(hasattr(rsparse, n) for n in rsparse.__all__)
 
 

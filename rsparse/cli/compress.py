@@ -1,4 +1,6 @@
-"""`rsparse compress`: sparsify a model (calibrated; decode tokens sparse) and save a checkpoint."""
+"""`rsparse compress`: sparsify a model (calibrated; decode tokens sparse) and save it as a
+transformers directory (quant_method "rsparse": `AutoModelForCausalLM.from_pretrained` after
+`import rsparse`), with a model card."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from rsparse.core.config import RSparseConfig, load_recipe
 from rsparse.core.data import load_windows
 from rsparse.core.layer import LAYER_METHODS
 from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
-from rsparse.io.checkpoint import _check_target, save
+from rsparse.io.checkpoint import _check_target
+from rsparse.io.transformers_format import measure_perplexity, save_pretrained
 from rsparse.methods import sparsify_
 
 
@@ -28,6 +31,9 @@ def register(subparsers) -> None:
     common.add_calibration(p)
     common.add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a non-empty non-checkpoint directory")
+    p.add_argument("--ppl-corpus", default="boolq", help="corpus of the model card's perplexity (boolq: offline)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="perplexity windows for the model card (0: not measured)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (save_pretrained's max_shard_size)")
     p.set_defaults(func=cmd_compress)
 
 
@@ -39,7 +45,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.recipe:
         load_recipe(args.recipe)
     common.require(args.seq_len >= 2, "--seq-len must be >= 2")
-    common.check_corpora(args.calib_corpus)
+    common.require(args.ppl_windows >= 0, "--ppl-windows must be >= 0")
+    common.check_corpora(args.calib_corpus, *([args.ppl_corpus] if args.ppl_windows else []))
     _check_target(Path(args.out), args.overwrite)
 
     start = time.time()
@@ -50,7 +57,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
           file=sys.stderr)
     report = sparsify_(model, config, calib)
-    out = save(model, tokenizer, args.out, report=report, config=config, overwrite=args.overwrite, source=name)
+    ppl = measure_perplexity(model, tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
+    out = save_pretrained(model, tokenizer, args.out, report=report, config=config, perplexity=ppl, source=name,
+                          overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     dense = sum(r["shape"][0] * r["shape"][1] for r in report)
     read = sum(r["read_fraction"] * r["shape"][0] * r["shape"][1] for r in report) / dense
     methods = sorted({r["method"] for r in report})

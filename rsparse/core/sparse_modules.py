@@ -85,4 +85,7 @@ def restore_(model: nn.Module) -> nn.Module:
     for m in sparse_modules(model):
         if id(m) in names:  # not inside a module already put back
             replace_module(model, names[id(m)], m.dense_module())
+    from rsparse.io.transformers_format import detach
+
+    detach(model)  # dense again: save_pretrained writes a plain transformers model
     return model

@@ -1,1 +1,2 @@
-"""On disk: checkpoints (safetensors + JSON), results files, tables and plots."""
+"""On disk: sparsified models (the transformers format, the legacy checkpoint), results files,
+tables and plots."""

@@ -153,7 +153,7 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
     target = _check_target(Path(directory), overwrite)
     if getattr(model, "config", None) is None:
         raise CheckpointError("model has no Hugging Face config; save expects a transformers causal LM")
-    if getattr(model.config, "quantization_config", None) is not None:
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", "rsparse") != "rsparse":
         raise CheckpointError("model config has a quantization_config; rsparse checkpoints store plain float weights "
                               "(load the model with rsparse.core.models.load_model, which dequantises GGUF files)")
     layers = _layer_entries(model)
@@ -197,6 +197,7 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         model.config.save_pretrained(tmp)
+        _drop_quantization_config(tmp / HF_CONFIG)  # legacy format: the layout lives in rsparse.json
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -216,6 +217,12 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _drop_quantization_config(path: Path) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # -- load ---------------------------------------------------------------------------------
@@ -348,10 +355,19 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
 
 
 def load_any(name_or_dir=None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
-    """A checkpoint directory (has rsparse.json) via `load`, anything else via rsparse.core.models.load_model
-    (None: the embedded model; a .gguf file, a Hugging Face directory or hub id)."""
+    """An rsparse transformers directory (rsparse.io.transformers_format.load), a legacy checkpoint
+    (has rsparse.json; read-only, with a deprecation line) via `load`, anything else via
+    rsparse.core.models.load_model (None: the embedded model; a .gguf file, a Hugging Face
+    directory or hub id)."""
+    from rsparse.io import transformers_format as hf_format
+
+    if hf_format.is_rsparse_directory(name_or_dir):
+        return hf_format.load(name_or_dir, device=device, dtype=dtype)
     if is_checkpoint(name_or_dir):
-        return load(name_or_dir, device=device, dtype=dtype)
+        hf_format.legacy_notice(name_or_dir)
+        model, tokenizer = load(name_or_dir, device=device, dtype=dtype)
+        hf_format.attach(model, config=read_manifest(name_or_dir).get("rsparse_config"))  # save_pretrained converts
+        return model, tokenizer
     from rsparse.core.models import load_model
 
     return load_model(name_or_dir, dtype=_dtype(dtype) or torch.float32, device=device)

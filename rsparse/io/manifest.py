@@ -56,9 +56,13 @@ def _json_safe(value):
 
 
 def is_checkpoint(path) -> bool:
-    """True if `path` is a directory holding an rsparse checkpoint manifest (rsparse.json)."""
+    """True if `path` is a sparsified-model directory: a transformers directory with quant_method
+    "rsparse" (rsparse.io.transformers_format), or a legacy checkpoint (rsparse.json)."""
+    from rsparse.io.transformers_format import is_rsparse_directory
+
     try:
-        return path is not None and Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+        return path is not None and Path(path).is_dir() and ((Path(path) / MANIFEST).is_file()
+                                                             or is_rsparse_directory(path))
     except (TypeError, OSError):
         return False
 

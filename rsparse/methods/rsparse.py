@@ -68,6 +68,9 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
         })
     if config.refine and calibration.windows is not None and config.method != "dense":
         refine_thresholds_(model, config, calibration.windows, report)
+    from rsparse.io.transformers_format import attach
+
+    attach(model, config, report)  # model.save_pretrained writes the rsparse transformers format
     return report
 
 

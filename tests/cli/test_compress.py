@@ -1,4 +1,4 @@
-"""`rsparse compress`: a checkpoint that loads, and bad input refused."""
+"""`rsparse compress`: a transformers directory that loads, and bad input refused."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from conftest import cli_error
 from rsparse.cli import main
 from rsparse.core.layer import rsparse_layers
-from rsparse.io.checkpoint import load
+from rsparse.io.checkpoint import load_any
 
 pytestmark = pytest.mark.cli
 
@@ -21,9 +21,9 @@ def test_cli_compress(model, tokenizer, text_file, tmp_path, capsys):
             "--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32", "--seed", "1"]
     assert main(argv) == 0
     assert f"saved {out}: 14 layers (rsparse), target sparsity 40%" in capsys.readouterr().out
-    manifest = json.loads((out / "rsparse.json").read_text())
-    assert manifest["rsparse_config"]["tokens"] == "decode" and manifest["rsparse_config"]["seed"] == 1
-    loaded, _ = load(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]  # a transformers directory
+    assert qc["quant_method"] == "rsparse" and qc["rsparse_config"]["tokens"] == "decode" and qc["rsparse_config"]["seed"] == 1
+    loaded, _ = load_any(out)
     assert {l.tokens for l in rsparse_layers(loaded)} == {"decode"}
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")

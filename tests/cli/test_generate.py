@@ -10,7 +10,7 @@ from conftest import cli_error, tiny_model, tiny_tokenizer
 from rsparse import generate
 from rsparse.core.layer import rsparse_layers
 from rsparse.io import checkpoint
-from rsparse.io.checkpoint import load
+from rsparse.io.checkpoint import load_any as load  # compress writes a transformers directory
 
 pytestmark = pytest.mark.cli
 

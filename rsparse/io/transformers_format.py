@@ -1,0 +1,660 @@
+"""A sparsified model as a standard transformers directory, read back by a registered quantizer.
+
+    rsparse.sparsify_(model, config, calib)          # attaches the "rsparse" quantizer to the model
+    model.save_pretrained("out/m")                   # safetensors shards + config.json quantization_config
+    rsparse.save_pretrained(model, tok, "out/m")     # the same, plus tokenizer and a model card (README.md)
+
+    import rsparse                                   # registers quant_method "rsparse" with transformers
+    model = AutoModelForCausalLM.from_pretrained("out/m", dtype="auto", device_map="cpu")
+
+The directory is what `save_pretrained` writes for any model: `model.safetensors` (or
+`model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`), `config.json`,
+`generation_config.json`, plus tokenizer files and README.md from `rsparse.save_pretrained`. The
+tensors are the state dict: for every R-Sparse layer N, `N.weight` (out, in) row-major, `N.bias`,
+`N.lr_down` (in, r), `N.lr_up` (r, out), `N.threshold` () float32 and `N.score_scale` (in,) float32.
+`config.json` carries `"quantization_config": {"quant_method": "rsparse", "format_version": 1,
+"layers": {N: {method, tokens, keep_fraction, rank, shape, bias, sha256}}, ...}` (see
+docs/checkpoint-format.md). On load the quantizer checks the format version, the shard headers,
+the layer list against the tensors and the model config, and the sha256 of every tensor before
+any weight is read into the model; it then builds RSparseLinear layers in place of the listed
+nn.Linear layers, and lays the weights out column-major after loading (as sparsify_ does), so
+the logits are bit-identical to the saved model's on the same device and dtype.
+
+Without `import rsparse`, transformers does not know "rsparse": it warns, skips the quantizer and
+loads the dense weights only (the extra tensors are reported unexpected and ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from rsparse.core.layer import LAYER_METHODS as METHODS
+from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
+from rsparse.errors import CheckpointError, CheckpointFileMissing
+
+QUANT_METHOD = "rsparse"
+FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MODEL_CARD = "README.md"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_BUFFERS = ("lr_down", "lr_up", "threshold", "score_scale")
+
+# False inside `verify_hashes(False)`: the quantizer skips the sha256 pass (every other check runs).
+_VERIFY: contextvars.ContextVar = contextvars.ContextVar("rsparse_verify_hashes", default=True)
+
+
+class TransformersFormatError(CheckpointError):
+    """A transformers-format rsparse directory that cannot be loaded or saved (the message says why)."""
+
+
+class TransformersFormatFileMissing(TransformersFormatError, CheckpointFileMissing):
+    """A file of the directory (a shard, config.json) does not exist."""
+
+
+@contextlib.contextmanager
+def verify_hashes(enabled: bool = True):
+    """Within the block, from_pretrained checks (or, with False, skips) the tensors' sha256."""
+    token = _VERIFY.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool, float)) or value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _json_safe(value.item())
+    return str(value)
+
+
+def _hash_tensor(h, key: str, tensor: torch.Tensor) -> None:
+    """Feed key, dtype, shape and the raw bytes (row-major, as safetensors stores them) to h."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    h.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _digest(items) -> str:
+    """sha256 over (key, tensor) pairs in key order."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(items, key=lambda kv: kv[0]):
+        _hash_tensor(h, key, tensor)
+    return h.hexdigest()
+
+
+def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
+    """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies."""
+    out_f, in_f = entry["shape"]
+    r = entry["rank"]
+    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
+              "score_scale": [in_f]}
+    if entry.get("bias"):
+        shapes["bias"] = [out_f]
+    return shapes
+
+
+def _read_fraction(layers: dict) -> float | None:
+    """Fraction of the decoder-projection weights one decode step reads (targets: keep fraction
+    and rank of each layer), over the listed layers."""
+    dense = read = 0.0
+    for e in layers.values():
+        out_f, in_f = e["shape"]
+        size = out_f * in_f
+        dense += size
+        if e["method"] == "dense" or e["tokens"] == "none":
+            read += size
+        else:
+            read += e["keep_fraction"] * size + e["rank"] * (in_f + out_f)
+    return read / dense if dense else None
+
+
+# -- the quantization config ------------------------------------------------------------------------
+@register_quantization_config(QUANT_METHOD)
+class RSparseQuantizationConfig(QuantizationConfigMixin):
+    """`quantization_config` of an rsparse directory: per-layer layout, recipe, format version, hashes.
+
+    The layout and the hashes are (re)computed from the model each time it is saved; the recipe
+    fields (`rsparse_config`, `summary`) come from `sparsify_` or `rsparse.save_pretrained`.
+    """
+
+    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict | None = None,
+                 tensors: dict | None = None, rsparse_config: dict | None = None, summary: dict | None = None,
+                 versions: dict | None = None, quant_method: str = QUANT_METHOD, **kwargs):
+        if quant_method != QUANT_METHOD:
+            raise TransformersFormatError(f"quant_method {quant_method!r} is not {QUANT_METHOD!r}")
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+            raise TransformersFormatError(f"quantization_config: invalid rsparse format_version {format_version!r}")
+        if format_version > FORMAT_VERSION:
+            written = (versions or {}).get("rsparse", "?")
+            raise TransformersFormatError(
+                f"this model was saved in rsparse format version {format_version} (by rsparse {written}); this rsparse "
+                f"reads versions up to {FORMAT_VERSION}: upgrade rsparse to load it")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = _check_layers(layers or {})
+        self.tensors = dict(tensors or {})
+        self.rsparse_config = rsparse_config
+        self.summary = dict(summary or {})
+        self.versions = dict(versions or {})
+        for key, value in kwargs.items():  # optional fields of newer writers (same format version)
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        return _json_safe(dict(self.__dict__))
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+    # -- filled at save time ----------------------------------------------------------------------
+    def describe(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Set the layout, the hashes and the versions from the model about to be saved."""
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        from rsparse.io.results import versions
+
+        names = {id(m): n for n, m in model.named_modules()}
+        layers = {}
+        for layer in rsparse_layers(model):
+            layers[names[id(layer)]] = {
+                "method": layer.method, "tokens": layer.tokens, "keep_fraction": float(layer.keep_fraction),
+                "rank": int(layer.rank), "shape": [layer.out_features, layer.in_features],
+                "bias": layer.bias is not None}
+        stored = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained writes
+        for key, value in stored.items():
+            if value.device.type == "meta":
+                raise TransformersFormatError(f"tensor {key} is on the meta device (offloaded); cannot hash it for "
+                                              "saving: load the model on one device first")
+        owned = set()
+        for name, entry in layers.items():
+            keys = [f"{name}.{t}" for t in layer_tensor_shapes(entry)]
+            owned.update(keys)
+            entry["sha256"] = _digest((k, stored[k]) for k in keys)
+        others = [k for k in stored if k not in owned]
+        self.layers = layers
+        self.tensors = {"count": len(stored), "other_sha256": _digest((k, stored[k]) for k in others),
+                        "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                          torch.float32)).removeprefix("torch.")}
+        self.versions = versions()
+        self.summary["read_fraction"] = _read_fraction(layers)
+        self.summary["layers"] = len(layers)
+        self.summary["methods"] = {m: sum(e["method"] == m for e in layers.values()) for m in METHODS
+                                   if any(e["method"] == m for e in layers.values())}
+
+
+def _check_layers(layers) -> dict:
+    if not isinstance(layers, dict):
+        raise TransformersFormatError("quantization_config.layers must be an object {module name: layout}")
+    for name, e in layers.items():
+        ok = (isinstance(e, dict) and e.get("method") in METHODS and e.get("tokens") in TOKEN_MODES
+              and isinstance(e.get("rank"), int) and not isinstance(e.get("rank"), bool) and e["rank"] >= 0
+              and isinstance(e.get("keep_fraction"), (int, float)) and isinstance(e.get("shape"), list)
+              and len(e["shape"]) == 2 and all(isinstance(s, int) and s > 0 for s in e["shape"]))
+        if not ok:
+            raise TransformersFormatError(f"quantization_config: layer entry {name!r} is malformed: {e!r}")
+    return {n: dict(e) for n, e in layers.items()}
+
+
+# -- the quantizer --------------------------------------------------------------------------------
+@register_quantizer(QUANT_METHOD)
+class RSparseHfQuantizer(HfQuantizer):
+    """Rebuilds R-Sparse layers in from_pretrained; computes layout and hashes in save_pretrained."""
+
+    requires_calibration = False  # (pre_quantized is checked in validate_environment, with a clearer message)
+
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            raise TransformersFormatError(
+                "rsparse cannot sparsify while loading: it needs calibration data. Load the dense model, run "
+                "rsparse.sparsify_(model, RSparseConfig(...), calibration), then save_pretrained")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        state = model.state_dict()
+        self.quantization_config.describe(model, state)
+        model.config.quantization_config = self.quantization_config
+        return state, {"rsparse_format_version": str(FORMAT_VERSION)}
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        from rsparse.core.models import replace_module
+
+        layers = self.quantization_config.layers
+        stored = check_files(checkpoint_files or [], layers)
+        modules = dict(model.named_modules())
+        for name, entry in layers.items():
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear):
+                raise TransformersFormatError(
+                    f"layer {name} of quantization_config is not a linear layer of the {type(model).__name__} that "
+                    f"{CONFIG} describes: the layer list does not match the model config")
+            if [linear.out_features, linear.in_features] != entry["shape"]:
+                raise TransformersFormatError(
+                    f"layer {name} has shape {entry['shape']} in quantization_config but "
+                    f"[{linear.out_features}, {linear.in_features}] in the model {CONFIG} describes: the layer list "
+                    "does not match the model config")
+            if bool(entry.get("bias")) != (linear.bias is not None):
+                raise TransformersFormatError(f"layer {name}: bias in quantization_config does not match the model config")
+        state = model.state_dict()
+        expected = set(state)
+        for name, entry in layers.items():
+            expected.update(f"{name}.{t}" for t in layer_tensor_shapes(entry))
+        tied = _tied_aliases(model)
+        missing = sorted(k for k in expected if k not in stored and k not in tied)
+        if missing:
+            raise TransformersFormatError(
+                f"the tensor files do not hold {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
+                f"which the model {CONFIG} describes needs: the files do not match the config")
+        owned = _layer_keys(layers)
+        for key, (file, shape, _) in stored.items():
+            if key in state and key not in owned and list(state[key].shape) != shape:
+                raise TransformersFormatError(f"tensor {key} has shape {shape} in {file} but {list(state[key].shape)} in "
+                                              f"the model {CONFIG} describes")
+        if _VERIFY.get():
+            check_hashes(checkpoint_files, stored, self.quantization_config)
+        for name, entry in layers.items():
+            linear = modules[name]
+            layer = RSparseLinear(linear.in_features, linear.out_features, rank=entry["rank"],
+                                  bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype, name=name)
+            layer.method, layer.tokens = entry["method"], entry["tokens"]
+            layer.keep_fraction = float(entry["keep_fraction"])
+            replace_module(model, name, layer)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for layer in rsparse_layers(model):
+            if layer.weight.device.type == "meta":  # offloaded: left to accelerate's hooks as stored
+                continue
+            layer.weight = nn.Parameter(column_major(layer.weight), requires_grad=False)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(False)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        from rsparse.core.sparse_modules import restore_
+
+        return restore_(model)
+
+
+def _layer_keys(layers: dict) -> set[str]:
+    return {f"{n}.{t}" for n, e in layers.items() for t in layer_tensor_shapes(e)}
+
+
+def _tied_aliases(model) -> set[str]:
+    try:
+        return set(getattr(model, "all_tied_weights_keys", {}) or {})
+    except Exception:  # noqa: BLE001 - older/newer transformers
+        return set()
+
+
+def check_files(checkpoint_files, layers: dict) -> dict[str, tuple[str, list[int], str]]:
+    """Headers of every shard and the layer list against them; returns {tensor: (file, shape, dtype)}."""
+    from safetensors import SafetensorError, safe_open
+
+    if not checkpoint_files:
+        raise TransformersFormatError("no safetensors weight files were found for this rsparse model")
+    stored = {}
+    for file in checkpoint_files:
+        path = Path(file)
+        if not path.is_file():
+            raise TransformersFormatFileMissing(f"weight shard {path} is missing: copy the whole directory again")
+        if path.suffix != ".safetensors":
+            raise TransformersFormatError(f"{path}: rsparse directories hold safetensors files only")
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    stored[key] = (path.name, list(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise TransformersFormatError(f"{path} is not a readable safetensors file ({e}): it is truncated or "
+                                          "corrupted; copy it again") from None
+    for name, entry in layers.items():
+        for tname, shape in layer_tensor_shapes(entry).items():
+            key = f"{name}.{tname}"
+            if key not in stored:
+                raise TransformersFormatError(f"layer {name} of quantization_config has no tensor {key} in the weight "
+                                              "files: the files do not match the config")
+            if stored[key][1] != shape:
+                raise TransformersFormatError(
+                    f"tensor {key} has shape {stored[key][1]} in {stored[key][0]}, but quantization_config implies "
+                    f"{shape} (layer shape {entry['shape']}, rank {entry['rank']}): the files do not match the config")
+    listed = set(layers)
+    for key in stored:
+        prefix, _, suffix = key.rpartition(".")
+        if suffix in _BUFFERS and prefix not in listed:
+            raise TransformersFormatError(f"{stored[key][0]} holds {key}, but quantization_config lists no R-Sparse layer "
+                                          f"{prefix}: the files do not match the config")
+    return stored
+
+
+def check_hashes(checkpoint_files, stored: dict, qc: RSparseQuantizationConfig) -> None:
+    """The sha256 of every layer's tensors and of all other tensors against quantization_config."""
+    from safetensors import safe_open
+
+    if not qc.layers and not qc.tensors.get("other_sha256"):
+        return
+    by_name = {Path(f).name: Path(f) for f in checkpoint_files}
+    handles = {}
+    try:
+        def get(key):
+            file = stored[key][0]
+            if file not in handles:
+                handles[file] = safe_open(str(by_name[file]), "pt").__enter__()
+            return handles[file].get_tensor(key)
+
+        for name, entry in qc.layers.items():
+            if "sha256" not in entry:
+                continue
+            keys = [f"{name}.{t}" for t in layer_tensor_shapes(entry)]
+            digest = _digest((k, get(k)) for k in keys)
+            if digest != entry["sha256"]:
+                files = sorted({stored[k][0] for k in keys})
+                raise TransformersFormatError(
+                    f"the tensors of layer {name} in {', '.join(files)} do not match their sha256 in {CONFIG} (file "
+                    f"{digest[:12]}..., config {str(entry['sha256'])[:12]}...): a file was modified or corrupted; copy "
+                    "or save it again")
+        expected = qc.tensors.get("other_sha256")
+        if expected:
+            owned = _layer_keys(qc.layers)
+            others = [k for k in stored if k not in owned]
+            digest = _digest((k, get(k)) for k in others)
+            if digest != expected:
+                raise TransformersFormatError(
+                    f"the tensors outside the R-Sparse layers (embeddings, norms, lm_head, ...) do not match their sha256 "
+                    f"in {CONFIG}: a weight file was modified or corrupted; copy or save it again")
+        count = qc.tensors.get("count")
+        if isinstance(count, int) and count != len(stored):
+            raise TransformersFormatError(f"the weight files hold {len(stored)} tensors, {CONFIG} recorded {count}: a "
+                                          "file was modified; copy or save it again")
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+# -- attaching to an in-memory model ---------------------------------------------------------------
+def attach(model: nn.Module, config=None, report: list[dict] | None = None) -> RSparseQuantizationConfig:
+    """Give a sparsified model the rsparse quantizer, so that `model.save_pretrained` writes this format.
+
+    Called by sparsify_; config (RSparseConfig or dict) and report (sparsify_'s) feed the recipe
+    summary. Keeps the recipe fields of a quantizer already attached unless new ones are given.
+    """
+    current = getattr(model, "hf_quantizer", None)
+    qc = current.quantization_config if isinstance(current, RSparseHfQuantizer) else RSparseQuantizationConfig()
+    if config is not None:
+        qc.rsparse_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        qc.summary.pop("target_sparsity", None)
+        target = qc.rsparse_config.get("sparsity")
+        if isinstance(target, (int, float)):
+            qc.summary["target_sparsity"] = float(target)
+    if report is not None:
+        dense = sum(r["shape"][0] * r["shape"][1] for r in report) or 1
+        qc.summary["calibrated_read_fraction"] = sum(r["read_fraction"] * r["shape"][0] * r["shape"][1]
+                                                     for r in report) / dense
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = qc
+    model.hf_quantizer = current if isinstance(current, RSparseHfQuantizer) else RSparseHfQuantizer(qc, pre_quantized=True)
+    return qc
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the rsparse quantizer (restore_: the model is dense again and saves as a plain model)."""
+    if isinstance(getattr(model, "hf_quantizer", None), RSparseHfQuantizer):
+        model.hf_quantizer = None
+        for attr in ("quantization_method",):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and (getattr(qc, "quant_method", None) == QUANT_METHOD
+                           or (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD)):
+        del config.quantization_config
+        if hasattr(config, "_is_quantized"):
+            config._is_quantized = False
+
+
+# -- directories ----------------------------------------------------------------------------------
+def read_quantization_config(directory) -> dict | None:
+    """The rsparse quantization_config dict of a directory's config.json, or None if it has none."""
+    try:
+        path = Path(directory) / CONFIG
+        if not path.is_file():
+            return None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (TypeError, OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def is_rsparse_directory(path) -> bool:
+    """True if `path` is a transformers model directory whose config names quant_method "rsparse"."""
+    try:
+        return path is not None and Path(path).is_dir() and read_quantization_config(path) is not None
+    except (TypeError, OSError):
+        return False
+
+
+def weight_files(directory) -> list[Path]:
+    """The safetensors files of a directory (the shards its index lists, or model.safetensors);
+    raises TransformersFormatFileMissing for a missing one."""
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TransformersFormatError(f"{index} is not a valid shard index ({e}): save the model again") from None
+    else:
+        files = [WEIGHTS]
+    for name in files:
+        if not (directory / name).is_file():
+            raise TransformersFormatFileMissing(f"{directory} is incomplete: weight shard {name} is missing; copy the "
+                                                "whole directory again")
+    return [directory / name for name in files]
+
+
+def load(directory, device: str | torch.device = "cpu", dtype=None, verify: bool = True):
+    """Load an rsparse transformers directory; returns (model, tokenizer or None).
+
+    The same as `AutoModelForCausalLM.from_pretrained(directory, dtype=..., device_map=...)` after
+    `import rsparse`, with the files checked first, so that every problem (missing shard included)
+    is a TransformersFormatError (a CheckpointError). dtype None: as saved.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rsparse.io.checkpoint import _dtype
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TransformersFormatFileMissing(f"model directory not found: {directory}")
+    if read_quantization_config(directory) is None:
+        raise TransformersFormatError(f"{directory} is not an rsparse model directory: {CONFIG} has no "
+                                      f"quantization_config with quant_method {QUANT_METHOD!r}")
+    weight_files(directory)
+    dtype = _dtype(dtype) or "auto"
+    device_map = {"": str(device)} if str(device) != "meta" else None
+    try:
+        with verify_hashes(verify), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map,
+                                                         local_files_only=True)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise TransformersFormatError(f"{directory} cannot be loaded: {type(e).__name__}: {e}") from None
+    model.eval()
+    model.name_or_path = str(directory)
+    tokenizer = None
+    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, report: list[dict] | None = None,
+                    perplexity: dict | None = None, source: str | None = None,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
+    """Write a sparsified model as a transformers directory: shards, config.json with the rsparse
+    quantization_config, generation config, tokenizer files and a model card (README.md).
+
+    config / report: the RSparseConfig and report of sparsify_ (already attached by sparsify_;
+    given here they replace the recipe summary). perplexity: {"ppl", "corpus", "windows",
+    "seq_len", "tokens", ...} for the model card. The write is atomic: everything goes to a
+    temporary directory beside the target, which is renamed into place. An existing rsparse
+    directory (either format) is replaced; another non-empty directory needs overwrite=True.
+    """
+    from rsparse.io.checkpoint import _check_target, _swap_into_place
+
+    target = _check_target(Path(directory), overwrite)
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        raise TransformersFormatError("save_pretrained expects a transformers causal LM")
+    current = getattr(model, "hf_quantizer", None)
+    if current is not None and not isinstance(current, RSparseHfQuantizer):
+        raise TransformersFormatError("the model is quantized with another method "
+                                      f"({current.quantization_config.quant_method}); rsparse saves float weights")
+    qc = attach(model, config=config, report=report)
+    if perplexity is not None:
+        qc.summary["perplexity"] = _json_safe(dict(perplexity))
+    if source:
+        qc.summary["source"] = str(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MODEL_CARD).write_text(model_card(model, qc, target.name), encoding="utf-8")
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# -- model card -----------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if not isinstance(x, (int, float)) or x != x else f"{100 * x:.1f}%"
+
+
+def model_card(model: nn.Module, qc: RSparseQuantizationConfig, name: str) -> str:
+    s = qc.summary
+    cfg = qc.rsparse_config or {}
+    source = s.get("source") or getattr(model.config, "_name_or_path", "") or ""
+    hub_like = bool(source) and "/" in source and not os.path.exists(source) and not source.startswith((".", "/"))
+    front = ["---", "library_name: transformers", "tags:", "- rsparse", "- activation-sparsity", "- r-sparse"]
+    if hub_like:
+        front.append(f"base_model: {source}")
+    front.append("---")
+    layers = qc.layers
+    tokens = sorted({e["tokens"] for e in layers.values()})
+    ranks = [e["rank"] for e in layers.values() if e["method"] in ("lowrank", "rsparse")]
+    ppl = s.get("perplexity") or {}
+    lines = front + [
+        "", f"# {name}", "",
+        f"An R-Sparse (rank-aware activation sparsity) version of `{source or type(model).__name__}`, written by "
+        f"rsparse {qc.versions.get('rsparse', '?')} (format version {qc.format_version}). Every listed decoder "
+        "projection keeps only the input channels whose score passes a calibrated threshold and sends the dropped "
+        "channels through rank-r factors of its weight"
+        + ("; prefill stays dense, decoding is sparse." if tokens == ["decode"] else "."), "",
+        "| | |", "|---|---|",
+        f"| architecture | {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+        f"{qc.tensors.get('dtype', '?')}) |",
+        f"| R-Sparse layers | {len(layers)} ({', '.join(f'{m}: {n}' for m, n in (s.get('methods') or {}).items()) or 'none'}) |",
+        f"| target sparsity | {_pct(s.get('target_sparsity'))} |",
+        f"| weights read per decode step | {_pct(s.get('read_fraction'))} of the decoder projections (targets) |",
+        f"| sparsified tokens | {', '.join(tokens) or '-'} |",
+        f"| rank of the low-rank paths | {f'{min(ranks)}-{max(ranks)}' if ranks else '-'} |",
+    ]
+    if cfg:
+        recipe = cfg.get("recipe")
+        lines.append(f"| recipe | method {cfg.get('method', '?')}, "
+                     + (f"per-layer recipe {recipe}" if recipe else f"uniform rho {cfg.get('ratio', '?')}")
+                     + f", {cfg.get('factors', '?')} factors, score {cfg.get('score', '?')} |")
+        lines.append(f"| calibration | {cfg.get('calibration_samples', '?')} windows of {cfg.get('seq_len', '?')} tokens"
+                     + (f" of {s['calibration_corpus']}" if s.get("calibration_corpus") else "")
+                     + f", seed {cfg.get('seed', '?')} |")
+    if isinstance(ppl.get("ppl"), (int, float)):
+        lines.append(f"| perplexity | {ppl['ppl']:.2f} on {ppl.get('windows', '?')} windows of {ppl.get('seq_len', '?')} "
+                     f"tokens of {ppl.get('corpus', '?')} ({ppl.get('tokens', '?')} sparse"
+                     + (f"; dense {ppl['dense_ppl']:.2f}" if isinstance(ppl.get("dense_ppl"), (int, float)) else "")
+                     + (f"; achieved sparsity {_pct(ppl.get('achieved_sparsity'))}"
+                        if isinstance(ppl.get("achieved_sparsity"), (int, float)) else "") + ") |")
+    else:
+        lines.append("| perplexity | not measured |")
+    lines += [
+        "", "## Use", "", "```python", "import rsparse  # registers quant_method \"rsparse\" with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto")',
+        f'tok = AutoTokenizer.from_pretrained("{name}")', "```", "",
+        f"or `rsparse generate --model {name} --prompt \"...\"`. Without `import rsparse`, transformers warns that it "
+        "does not know the method and loads the dense weights only. The R-Sparse layout, recipe and tensor hashes "
+        "are in `config.json` (`quantization_config`).", "",
+    ]
+    return "\n".join(lines)
+
+
+# -- rsparse compress: optional perplexity for the card ---------------------------------------------------
+def measure_perplexity(model: nn.Module, tokenizer, corpus: str, seq_len: int, windows: int) -> dict | None:
+    """Perplexity of the sparsified model (second half of each window sparse), for the model card."""
+    if windows < 1:
+        return None
+    from rsparse.core.data import load_windows
+    from rsparse.eval.perplexity import evaluate_perplexity
+
+    evalw = load_windows(tokenizer, corpus, seq_len, windows, "perplexity")
+    result = evaluate_perplexity(model, evalw, tokens="second_half", desc="perplexity (model card)")
+    return {"ppl": result["ppl"], "achieved_sparsity": result["achieved_sparsity"], "corpus": corpus,
+            "windows": int(evalw.shape[0]), "seq_len": seq_len, "tokens": "second_half"}
+
+
+def legacy_notice(directory) -> None:
+    """One line on stderr: an rsparse.json checkpoint loads, read-only, and should be re-saved."""
+    print(f"note: {directory} is a legacy rsparse.json checkpoint (deprecated, read-only); re-save it with "
+          "rsparse.save_pretrained(model, tokenizer, DIR) to get a transformers directory", file=sys.stderr)
