@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
@@ -80,3 +81,41 @@ def check_corpora(*names: str) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BadInputError(message)
+
+
+def check_device(device: str | None) -> None:
+    """A device that exists here, before the model loads (torch's own error comes after loading)."""
+    import torch
+
+    name = str(device or "cpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if kind == "cuda" and ":" in name:
+        index = name.split(":", 1)[1]
+        require(index.isdigit() and int(index) < torch.cuda.device_count(),
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    require(kind in ("cpu", "cuda", "mps", "meta", "xpu"), f"--device {name}: unknown device; use cpu or cuda")
+
+
+def context_length(model) -> int | None:
+    """The model's context window (max_position_embeddings), if its config says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_seq_len(model, seq_len: int | None, flag: str = "--seq-len") -> None:
+    n = context_length(model)
+    if seq_len is not None and n is not None and seq_len > n:
+        raise BadInputError(f"{flag} {seq_len} is longer than the model's context of {n} tokens "
+                            f"(max_position_embeddings): use at most {n}")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
