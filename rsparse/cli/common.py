@@ -8,6 +8,7 @@ import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
+from rsparse.core.models import check_device  # noqa: F401 (the verbs call common.check_device)
 from rsparse.errors import BadInputError
 
 RSPARSE = RSparseConfig()
@@ -81,23 +82,6 @@ def check_corpora(*names: str) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BadInputError(message)
-
-
-def check_device(device: str | None) -> None:
-    """A device that exists here, before the model loads (torch's own error comes after loading)."""
-    import torch
-
-    name = str(device or "cpu")
-    kind = name.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if kind == "cuda" and ":" in name:
-        index = name.split(":", 1)[1]
-        require(index.isdigit() and int(index) < torch.cuda.device_count(),
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BadInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    require(kind in ("cpu", "cuda", "mps", "meta", "xpu"), f"--device {name}: unknown device; use cpu or cuda")
 
 
 def context_length(model) -> int | None:

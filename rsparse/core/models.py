@@ -53,6 +53,22 @@ def default_model_file() -> Path:
     return path
 
 
+def check_device(device: str | None) -> None:
+    """A device that exists here, before the model loads (torch's own error comes after loading)."""
+    name = str(device or "cpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if kind == "cuda" and ":" in name:
+        index = name.split(":", 1)[1]
+        if not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise BadInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps", "meta", "xpu"):
+        raise BadInputError(f"--device {name}: unknown device; use cpu or cuda")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer.
@@ -66,8 +82,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"device {device}: CUDA is not available on this machine; use cpu")
+    check_device(device)
     if name_or_path is None:
         name_or_path = default_model_file()
     path = Path(name_or_path)
