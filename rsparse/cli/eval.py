@@ -175,9 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     model_name = args.model or DEFAULT_MODEL_NAME
-    common.check_seq_len(model, args.seq_len)
     if recipe is not None and "rsparse" in methods:
         layer_budgets(RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe), decoder_linears(model))
+    common.check_seq_len(model, args.seq_len)
     plan, skipped = check_budgets(model, plan_rows(methods, sparsities, mlp_sparsities))
     for s in skipped:
         print(f"skipped {s['method']} at {100 * s['target_sparsity']:.0f}%: {s['reason']}", file=sys.stderr)

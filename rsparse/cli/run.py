@@ -61,9 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     model_name = args.model or DEFAULT_MODEL_NAME
-    common.check_seq_len(model, args.seq_len)
     if recipe is not None:  # fail before calibrating if the recipe does not fit this model
         layer_budgets(RSparseConfig(sparsity=args.sparsity, recipe=recipe), decoder_linears(model))
+    common.check_seq_len(model, args.seq_len)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)", file=sys.stderr)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     evalw = load_windows(tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows, "perplexity")
