@@ -177,8 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_name = args.model or DEFAULT_MODEL_NAME
     if recipe is not None and "rsparse" in methods:
         layer_budgets(RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe), decoder_linears(model))
-    common.check_seq_len(model, args.seq_len)
     plan, skipped = check_budgets(model, plan_rows(methods, sparsities, mlp_sparsities))
+    common.check_seq_len(model, args.seq_len)
     for s in skipped:
         print(f"skipped {s['method']} at {100 * s['target_sparsity']:.0f}%: {s['reason']}", file=sys.stderr)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "
