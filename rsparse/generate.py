@@ -42,6 +42,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise BadInputError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise BadInputError("--prompt is empty: give the text to continue or answer")
+    for flag in ("prompt", "system"):
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which the tokenizer rejects
+            (getattr(args, flag, None) or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInputError(f"--{flag} is not valid UTF-8 (a bad byte at character {e.start}): "
+                                "pass UTF-8 text") from None
     from rsparse.core.models import check_device
 
     check_device(args.device)

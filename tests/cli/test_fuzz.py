@@ -117,6 +117,7 @@ def _cases():
         "eval-seq-len-beyond-context": ([*ev, "--seq-len", "4096", "--out", "{ws}/new_eval"], "context of 256"),
         "prompt-empty": ([*g, "--prompt", ""], "--prompt is empty"),
         "prompt-blank": ([*g, "--prompt", "  \n "], "--prompt is empty"),
+        "prompt-invalid-utf8": ([*g, "--prompt", b"caf\xe9 \xff".decode("utf-8", "surrogateescape")], "not valid UTF-8"),
         "prompt-beyond-context": ([*g, "--prompt", "fox " * 400], "exceeds the model's context of 256"),
         # the device
         "device-cuda": ([*run, "--device", "cuda"], "CUDA is not available"),
