@@ -40,6 +40,25 @@ def _validate(args: argparse.Namespace) -> None:
         raise BadInputError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise BadInputError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise BadInputError("--prompt is empty: give the text to continue or answer")
+    for flag in ("prompt", "system"):
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which the tokenizer rejects
+            (getattr(args, flag, None) or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInputError(f"--{flag} is not valid UTF-8 (a bad byte at character {e.start}): "
+                                "pass UTF-8 text") from None
+    from rsparse.core.models import check_device
+
+    check_device(args.device)
+
+
+def _check_context(model, ids, max_new_tokens: int) -> None:
+    """A prompt that does not fit the context window gave a blank answer after a warning."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
+        raise BadInputError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it exceeds "
+                            f"the model's context of {limit} tokens: shorten the prompt or lower --max-new-tokens")
 
 
 def prepare_model(args: argparse.Namespace):
@@ -221,6 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system and template else []) + \
         [{"role": "user", "content": args.prompt}]
     ids = encode(tokenizer, messages, template)
+    _check_context(model, ids, args.max_new_tokens)
     torch.manual_seed(args.seed)
     if args.engine == "rsparse":
         # cache sized to the request (attention reads every slot), in steps of 256 to reuse compiled code

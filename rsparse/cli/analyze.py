@@ -40,6 +40,10 @@ def cmd_analyze(args) -> int:
                    "--seq-len must be >= 4 and --samples, --ppl-windows, --bias-tokens, --max-rows >= 1")
     common.require(args.threads >= 0, "--threads must be >= 0")
     common.check_corpora(args.corpus, args.ppl_corpus)
+    common.check_device(getattr(args, "device", "cpu"))
+    from rsparse.io.outdir import check_writable
+
+    check_writable(args.out)  # a file or an unwritable place: now, not after the analysis
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
+from rsparse.core.models import check_device  # noqa: F401 (the verbs call common.check_device)
 from rsparse.errors import BadInputError
 
 RSPARSE = RSparseConfig()
@@ -80,3 +82,24 @@ def check_corpora(*names: str) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BadInputError(message)
+
+
+def context_length(model) -> int | None:
+    """The model's context window (max_position_embeddings), if its config says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_seq_len(model, seq_len: int | None, flag: str = "--seq-len") -> None:
+    n = context_length(model)
+    if seq_len is not None and n is not None and seq_len > n:
+        raise BadInputError(f"{flag} {seq_len} is longer than the model's context of {n} tokens "
+                            f"(max_position_embeddings): use at most {n}")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6

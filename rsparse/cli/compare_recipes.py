@@ -88,8 +88,10 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     common.require(not off, f"uniform grid values {off} are not multiples of --rho-step {args.rho_step}")
     common.require(args.limit is None or args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
+    common.check_device(args.device)
+    from rsparse.cli.search import check_state
 
-    out = Path(args.out)
+    out = check_state(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -15,8 +14,10 @@ from rsparse.cli import common
 from rsparse.core.config import RSparseConfig, load_recipe
 from rsparse.core.data import load_windows
 from rsparse.core.layer import LAYER_METHODS
-from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
+from rsparse.errors import BadInputError
 from rsparse.io.checkpoint import _check_target
+from rsparse.io.outdir import check_writable, remove_stale_temps
 from rsparse.io.transformers_format import measure_perplexity, save_pretrained
 from rsparse.methods import sparsify_
 
@@ -30,7 +31,10 @@ def register(subparsers) -> None:
                    help="sparse = rho 1, lowrank = rho 0")
     common.add_calibration(p)
     common.add_device(p)
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is a non-empty non-checkpoint directory")
+    p.add_argument("--save-dtype", default=None, choices=common.DTYPES,
+                   help="dtype of the saved weights (default: the model's own: its config's dtype; bfloat16 for a "
+                        ".gguf file); --dtype is the dtype calibration computes in")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory (a model included)")
     p.add_argument("--ppl-corpus", default="boolq", help="corpus of the model card's perplexity (boolq: offline)")
     p.add_argument("--ppl-windows", type=int, default=0, help="perplexity windows for the model card (0: not measured)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (save_pretrained's max_shard_size)")
@@ -47,17 +51,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     common.require(args.seq_len >= 2, "--seq-len must be >= 2")
     common.require(args.ppl_windows >= 0, "--ppl-windows must be >= 0")
     common.check_corpora(args.calib_corpus, *([args.ppl_corpus] if args.ppl_windows else []))
-    _check_target(Path(args.out), args.overwrite)
+    common.check_device(args.device)
+    target = check_writable(args.out)
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
+        raise BadInputError(f"--out {target} already exists and is not empty (a model directory or other files): "
+                            "pass --overwrite to replace it, or choose another directory")
+    _check_target(target, args.overwrite)
+    remove_stale_temps(target)
 
     start = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     name = args.model or DEFAULT_MODEL_NAME
+    common.check_seq_len(model, args.seq_len)
+    save_dtype = getattr(torch, args.save_dtype) if args.save_dtype else source_dtype(model)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
           file=sys.stderr)
     report = sparsify_(model, config, calib)
     ppl = measure_perplexity(model, tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
+    model.to(save_dtype)  # float32 storage of a bfloat16 model doubled the files for nothing
     out = save_pretrained(model, tokenizer, args.out, report=report, config=config, perplexity=ppl, source=name,
                           overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     dense = sum(r["shape"][0] * r["shape"][1] for r in report)
@@ -66,5 +79,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"saved {out}: {len(report)} layers ({', '.join(methods)}), target sparsity {100 * args.sparsity:.0f}%, "
           f"reads {100 * read:.1f}% of the decoder projection weights per decode step; "
-          f"{size / 1e6:.1f} MB in {time.time() - start:.0f} s")
+          f"{size / 1e6:.1f} MB ({str(save_dtype).removeprefix('torch.')}) in {time.time() - start:.0f} s, "
+          f"peak memory {common.peak_memory_mb():.0f} MB")
     return 0

@@ -64,6 +64,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xsum-max-new-tokens", type=int, default=64)
     common.add_device(p)
     p.add_argument("--out", default="out/eval", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/results.json from a run with the same settings and "
                         "evaluate only the missing ones")
@@ -138,7 +139,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.io.results import versions, write_json
     from rsparse.methods import restore_
 
+    from rsparse.io.outdir import check_out
+
+    def check_target():  # before any work: an --out that is a file, unwritable or holding results
+        check_out(args.out, results=("results.json", "results.md"), overwrite=args.overwrite, resume=args.resume)
+
     if args.merge:
+        check_target()
         return cmd_merge(args.merge, Path(args.out))
     # Validate everything cheap before loading anything.
     methods = common.parse_names(args.methods, METHODS, "method")
@@ -153,6 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    and args.xsum_samples >= 0, "--batch-size, --calib-samples must be >= 1, --seq-len >= 4, "
                    "--ppl-windows and --xsum-samples >= 0")
     common.check_corpora(args.calib_corpus)
+    common.check_device(args.device)
     formats = weight_formats(args.weights, args.group_size)
     check_ratio(args.ratio)
     recipe = load_recipe(args.recipe) if args.recipe else None
@@ -160,6 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.hub_tasks:
         check_hub_for_tasks()
 
+    check_target()
     previous = read_previous(Path(args.out) / "results.json") if args.resume else None
 
     start = time.time()
@@ -169,6 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if recipe is not None and "rsparse" in methods:
         layer_budgets(RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe), decoder_linears(model))
     plan, skipped = check_budgets(model, plan_rows(methods, sparsities, mlp_sparsities))
+    common.check_seq_len(model, args.seq_len)
     for s in skipped:
         print(f"skipped {s['method']} at {100 * s['target_sparsity']:.0f}%: {s['reason']}", file=sys.stderr)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from rsparse.cli import common
 from rsparse.core.config import FACTORS
@@ -32,6 +31,7 @@ def register(subparsers) -> None:
                    help="which tokens are sparsified while scoring (second_half: the paper's protocol)")
     common.add_device(p)
     p.add_argument("--out", default="out/run", help="output directory for results.json and results.md")
+    p.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     p.set_defaults(func=cmd_run)
 
 
@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rsparse.core.data import load_windows
     from rsparse.core.models import DEFAULT_MODEL_NAME, decoder_linears, load_model
     from rsparse.eval.perplexity import evaluate_perplexity
+    from rsparse.io.outdir import check_out, staged
     from rsparse.io.results import markdown_table, versions, write_json
     from rsparse.methods import restore_, sparsify_
 
@@ -53,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
     common.require(args.seq_len >= 4 and args.calib_samples >= 1 and args.ppl_windows >= 1,
                    "--seq-len must be >= 4 and --calib-samples, --ppl-windows >= 1")
+    out = check_out(args.out, results=("results.json", "results.md", "layers_*.json"), overwrite=args.overwrite)
+    common.check_device(args.device)
 
     start = time.time()
     torch.manual_seed(args.seed)
@@ -60,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model_name = args.model or DEFAULT_MODEL_NAME
     if recipe is not None:  # fail before calibrating if the recipe does not fit this model
         layer_budgets(RSparseConfig(sparsity=args.sparsity, recipe=recipe), decoder_linears(model))
+    common.check_seq_len(model, args.seq_len)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)", file=sys.stderr)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     evalw = load_windows(tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows, "perplexity")
@@ -90,7 +94,6 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     restore_(model)
 
-    out = Path(args.out)
     table = markdown_table(rows, RUN_COLUMNS)
     results = {
         "model": model_name, "rows": rows,
@@ -99,15 +102,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         "perplexity": {"corpus": args.ppl_corpus, "windows": int(evalw.shape[0]), "seq_len": args.seq_len,
                        "tokens": args.tokens,
                        "scored": "second half of each window" if args.tokens == "second_half" else "all positions"},
-        "versions": versions(), "wall_seconds": time.time() - start,
+        "versions": versions(), "wall_seconds": time.time() - start, "peak_memory_mb": common.peak_memory_mb(),
     }
-    write_json(out / "results.json", results)
-    for method, report in layer_reports.items():
-        write_json(out / f"layers_{method}.json", report)
-    (out / "results.md").write_text(
+    with staged(out) as tmp:  # written aside, then swapped in: no earlier run's layers_*.json stays
+        write_json(tmp / "results.json", results)
+        for method, report in layer_reports.items():
+            write_json(tmp / f"layers_{method}.json", report)
+        (tmp / "results.md").write_text(
         f"# rsparse run: {model_name}\n\nPerplexity on {args.ppl_corpus} ({int(evalw.shape[0])} windows of "
         f"{args.seq_len} tokens, {results['perplexity']['scored']} scored); calibration on "
-        f"{args.calib_samples} {args.calib_corpus} windows.\n\n{table}\n", encoding="utf-8")
+            f"{args.calib_samples} {args.calib_corpus} windows.\n\n{table}\n", encoding="utf-8")
     print(table)
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({time.time() - start:.0f} s)")
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({time.time() - start:.0f} s, "
+          f"peak memory {results['peak_memory_mb']:.0f} MB)")
     return 0

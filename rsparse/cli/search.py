@@ -63,6 +63,26 @@ def check_batch_size(n: int) -> int:
     return n
 
 
+def check_state(out_dir) -> Path:
+    """The --out directory, writable, and its search_state.json (a resume) readable: both before
+    the model loads. Whether the state fits these settings is checked by `search` itself."""
+    import json
+
+    from rsparse.io.outdir import check_writable, remove_stale_temps
+
+    out = check_writable(out_dir)
+    state = out / "search_state.json"
+    if state.is_file():
+        try:
+            if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInputError(f"search state {state} is damaged ({e}; a run killed while writing it?): delete it "
+                                "to start the search again, or use another --out") from None
+    remove_stale_temps(out)
+    return out
+
+
 def cmd_search(args) -> int:
     from rsparse.core.calibrate import collect_activations
     from rsparse.core.config import RSparseConfig
@@ -81,7 +101,8 @@ def cmd_search(args) -> int:
     cfg.validate()
     check_batch_size(args.search_batch_size)
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
-    out = Path(args.out)
+    common.check_device(args.device)
+    out = check_state(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, device=args.device)

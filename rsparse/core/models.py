@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rsparse.errors import MissingDataError, UnsupportedModelError
+from rsparse.errors import BadInputError, MissingDataError, UnsupportedModelError
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -52,6 +53,22 @@ def default_model_file() -> Path:
     return path
 
 
+def check_device(device: str | None) -> None:
+    """A device that exists here, before the model loads (torch's own error comes after loading)."""
+    name = str(device or "cpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if kind == "cuda" and ":" in name:
+        index = name.split(":", 1)[1]
+        if not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise BadInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps", "meta", "xpu"):
+        raise BadInputError(f"--device {name}: unknown device; use cpu or cuda")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer.
@@ -65,12 +82,15 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    check_device(device)
     if name_or_path is None:
         name_or_path = default_model_file()
     path = Path(name_or_path)
+    # the published dtype, for `compress`'s default save dtype; config.dtype becomes `dtype` on load
+    source = torch.bfloat16 if path.suffix == ".gguf" else _config_dtype(path)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise MissingDataError(f"GGUF file not found: {path}")
+            raise MissingDataError(f"no such model: {path} (GGUF file not found)")
         kwargs = dict(gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
@@ -82,20 +102,115 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
             model.hf_quantizer = None
         model.is_quantized = False
     else:
-        local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()
-        if local and not path.exists():
-            raise MissingDataError(f"model not found: {name_or_path} is not a directory or a .gguf file")
+        check_model_source(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as e:  # not on the hub, offline
+            raise MissingDataError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
+        except Exception as e:  # a damaged tokenizer.json raises the tokenizers library's plain Exception
+            raise BadInputError(f"cannot read the tokenizer in {name_or_path} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}): its tokenizer files are damaged; "
+                                "copy them again") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
         except OSError as e:  # not on the hub, offline, or a directory without a model
             raise MissingDataError(f"cannot load model {name_or_path!r}: {e}") from e
     model.to(device).eval()
     model.name_or_path = str(name_or_path)
+    model.rsparse_source_dtype = source
     decoder_linears(model)  # fail early, before any work, if the architecture is unsupported
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+# weight files transformers would unpickle; rsparse loads safetensors only
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_source(name_or_path) -> None:
+    """Everything about a model directory or hub id that can be checked without loading weights,
+    so that a wrong --model is one clear line at once (not a hub error about repo ids, a
+    tokenizer error about sentencepiece, or an unsupported architecture after loading)."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not path.exists():
+        if path.is_absolute() or text.startswith((".", "~")) or not _HUB_ID.fullmatch(text):
+            raise MissingDataError(f"no such model: {text} is not a directory, a .gguf file or a hub id (org/name)")
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(text, "config.json"), str):
+                raise MissingDataError(f"hub model {text} is not in the local cache and the hub is offline "
+                                       "(HF_HUB_OFFLINE is set): download it once online, or pass a local directory")
+        return
+    if not path.is_dir():
+        raise BadInputError(f"not a model: {path} is a file; pass a model directory, a .gguf file or a hub id")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingDataError(f"not a model directory: no config.json in {path}")
+    try:
+        import json
+
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise BadInputError(f"{config_file} is not a valid JSON object: the model directory is damaged") from None
+    if not any(path.glob("*.safetensors")):
+        pickles = [n for n in PICKLE_WEIGHTS if (path / n).exists()] + [p.name for p in path.glob("*.bin")]
+        if pickles:
+            raise UnsupportedModelError(
+                f"{path} holds only pickle weights ({sorted(set(pickles))[0]}); rsparse loads safetensors only (a "
+                "pickle can run code): convert it with `model.save_pretrained(dir, safe_serialization=True)`")
+        raise MissingDataError(f"not a model directory: no weights (*.safetensors) in {path}")
+    check_architecture(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                               "vocab.json")):
+        raise MissingDataError(f"no tokenizer in {path} (tokenizer.json, tokenizer_config.json): copy the "
+                               "tokenizer files of the model into it")
+
+
+def check_architecture(directory) -> None:
+    """UnsupportedModelError now, from config.json alone: the model is built on the meta device
+    (no memory, no weights) and its decoder blocks are looked for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"cannot read the model config in {directory}: {e}") from None
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise UnsupportedModelError(
+            f"{directory}: {type(config).__name__} ({getattr(config, 'model_type', '?')}) is not a causal LM; rsparse "
+            "supports Llama-family decoders (Llama, Mistral, Qwen2/Qwen3, SmolLM)") from None
+    decoder_linears(meta)
+
+
+def source_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was published in: its config's dtype for a transformers model (recorded
+    by load_model before any cast), bfloat16 for a .gguf file (its weights were quantised)."""
+    dtype = getattr(model, "rsparse_source_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(p.dtype for p in model.parameters())
+
+
+def _config_dtype(path: Path) -> torch.dtype | None:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        name = config.get("torch_dtype") or config.get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = getattr(torch, str(name), None) if name else None
+    return value if isinstance(value, torch.dtype) else None
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

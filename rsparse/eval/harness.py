@@ -53,6 +53,18 @@ class TaskSpec:
     split: str | None  # known up front for offline tasks; from lm-eval's config for hub tasks
 
 
+def _quiet_git_hash():
+    """lm_eval's get_git_commit_hash without git's stderr: outside a git checkout it printed
+    `fatal: not a git repository` (issue 15). The hash is only a note in lm_eval's results."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 @lru_cache(maxsize=1)
 def _full_task_manager():
     from lm_eval.tasks import TaskManager
@@ -184,6 +196,9 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
         with token_mode(model, tokens, track=True), declared_row_lengths():
             lm = _row_length_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=bs, device=str(device))
             try:
+                import lm_eval.evaluator
+
+                lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
                 with datasets_offline(not hub_tasks):
                     out = lm_eval.simple_evaluate(
                         model=lm, tasks=task_args, num_fewshot=0, limit=limit, task_manager=manager,

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from rsparse.core.layer import RSparseLinear
-from rsparse.errors import CheckpointError
+from rsparse.errors import CheckpointError, CheckpointFileMissing
 from rsparse.io.manifest import (FORMAT_NAME, FORMAT_VERSION, GENERATION_CONFIG, HF_CONFIG, MANIFEST, WEIGHTS, _check_files,
                                  _dtype_name, _expected_layer_shapes, _json_safe, _sha256, is_checkpoint, read_manifest)
+from rsparse.io.outdir import normal_permissions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -208,15 +209,40 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
         manifest["files"] = {WEIGHTS: {"sha256": _sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size,
                                        "tensors": len(tensors)}}
         manifest["other_files"] = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != WEIGHTS)
+        # config.json and the tokenizer files change the model as much as the weights: hash them too
+        manifest["other_sha256"] = {n: _sha256(tmp / n) for n in manifest["other_files"]}
         manifest["tokenizer"] = tokenizer is not None
         text = json.dumps(_json_safe(manifest), indent=2, allow_nan=False) + "\n"
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
         _fsync(tmp / MANIFEST)
+        # the manifest's own hash, beside it (an edited layer list was loaded as if it were saved)
+        (tmp / MANIFEST_HASH).write_text(_sha256(tmp / MANIFEST) + "\n", encoding="ascii")
+        normal_permissions(tmp)  # mkdtemp made it 0700
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+MANIFEST_HASH = MANIFEST + ".sha256"
+
+
+def _check_other_files(directory: Path, manifest: dict) -> None:
+    """The manifest's own sha256 and those of config.json and the tokenizer files (checkpoints
+    written before these were recorded have neither, and load as before)."""
+    sidecar = directory / MANIFEST_HASH
+    edited = "was edited: save the model again, or copy the original checkpoint"
+    if sidecar.is_file() and sidecar.read_text(encoding="ascii", errors="replace").strip() != _sha256(directory / MANIFEST):
+        raise CheckpointError(f"{directory / MANIFEST} does not match its recorded sha256 ({MANIFEST_HASH}): the file "
+                              f"{edited}")
+    recorded = manifest.get("other_sha256")
+    for name, digest in (recorded.items() if isinstance(recorded, dict) else ()):
+        path = directory / str(name)
+        if not path.is_file():
+            raise CheckpointFileMissing(f"{path} is missing: copy the whole checkpoint directory again")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path} does not match its recorded sha256 in {MANIFEST}: the file {edited}")
 
 
 def _drop_quantization_config(path: Path) -> None:
@@ -276,6 +302,7 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    _check_other_files(directory, manifest)
     file_shapes = _check_files(directory, manifest, verify)
     dtype = _dtype(dtype) or _dtype(manifest["model"].get("dtype") or "float32")
     stored = {k: (file, shape) for file, tensors in file_shapes.items() for k, shape in tensors.items()}

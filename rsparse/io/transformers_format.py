@@ -46,6 +46,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from rsparse.core.layer import LAYER_METHODS as METHODS
 from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
 from rsparse.errors import CheckpointError, CheckpointFileMissing
+from rsparse.io import integrity
+from rsparse.io.outdir import normal_permissions
 
 QUANT_METHOD = "rsparse"
 FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
@@ -263,6 +265,8 @@ class RSparseHfQuantizer(HfQuantizer):
         from rsparse.core.models import replace_module
 
         layers = self.quantization_config.layers
+        if checkpoint_files:  # config.json and tokenizer edits, before any weight is read
+            integrity.verify(Path(checkpoint_files[0]).parent, require_all=False)
         stored = check_files(checkpoint_files or [], layers)
         modules = dict(model.named_modules())
         for name, entry in layers.items():
@@ -516,6 +520,7 @@ def load(directory, device: str | torch.device = "cpu", dtype=None, verify: bool
     if read_quantization_config(directory) is None:
         raise TransformersFormatError(f"{directory} is not an rsparse model directory: {CONFIG} has no "
                                       f"quantization_config with quant_method {QUANT_METHOD!r}")
+    integrity.verify(directory)
     weight_files(directory)
     dtype = _dtype(dtype) or "auto"
     device_map = {"": str(device)} if str(device) != "meta" else None
@@ -571,6 +576,8 @@ def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, repo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MODEL_CARD).write_text(model_card(model, qc, target.name), encoding="utf-8")
+        integrity.record(tmp)  # hashes of config.json and the tokenizer files: any edit is refused on load
+        normal_permissions(tmp)  # mkdtemp made it 0700
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -119,10 +119,17 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
     state = None
     if checkpoint and Path(checkpoint).is_file():
-        state = json.loads(Path(checkpoint).read_text())
+        try:
+            state = json.loads(Path(checkpoint).read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInputError(f"search state {checkpoint} is damaged ({e}; a run killed while writing it?): delete it "
+                                "to start the search again, or use another --out") from None
         if state.get("settings") != settings or state.get("identity") != identity:
-            raise BadInputError(f"checkpoint {checkpoint} was written by a search with other settings, model or data; "
-                             "use another --checkpoint path or the same settings")
+            raise BadInputError(f"search state {checkpoint} was written by a search with other settings, model or data: "
+                                "rerun with the same settings to resume, or use another --out (or delete the file) "
+                                "to start a new search")
         log(f"resuming from {checkpoint}: group {state['group']} generation {state['generation']}")
     rng = np.random.default_rng(cfg.seed)
     if state is not None:

@@ -39,9 +39,9 @@ def test_debug_shows_the_traceback(tiny_model_dir, recipe_missing_a_layer):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--model", "/nonexistent/model"], "model not found"),
+    (["run", "--model", "/nonexistent/model"], "no such model"),
     (["run", "--calib-corpus", "/nonexistent/corpus.txt"], "unknown corpus"),
-    (["generate", "--model", "/nonexistent/model", "--prompt", "x", "--dense"], "model not found"),
+    (["generate", "--model", "/nonexistent/model", "--prompt", "x", "--dense"], "no such model"),
     (["eval", "--methods", "dense,dense"], "given twice"),
 ])
 def test_expected_errors_exit_2(argv, message, capsys):

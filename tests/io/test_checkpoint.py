@@ -172,14 +172,21 @@ def test_broken_header_is_reported_even_with_a_matching_hash(saved):
     manifest = json.loads((path / "rsparse.json").read_text())
     manifest["files"]["model.safetensors"]["sha256"] = ckpt._sha256(f)
     (path / "rsparse.json").write_text(json.dumps(manifest))
+    reseal(path)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load(path)
+
+
+def reseal(path):
+    """Forge the manifest's own hash too, so that the deeper checks behind it are what is tested."""
+    (path / "rsparse.json.sha256").write_text(ckpt._sha256(path / "rsparse.json"))
 
 
 def edit_manifest(path, fn):
     m = json.loads((path / "rsparse.json").read_text())
     fn(m)
     (path / "rsparse.json").write_text(json.dumps(m))
+    reseal(path)
 
 
 def test_layer_list_must_match(saved):
@@ -189,19 +196,25 @@ def test_layer_list_must_match(saved):
     with pytest.raises(CheckpointError, match="x_proj"):
         load(path)
     (path / "rsparse.json").write_text(original)
+    reseal(path)
     edit_manifest(path, lambda m: m["layers"][2].update(shape=[64, 64]))
     with pytest.raises(CheckpointError, match="shape"):
         load(path)
     (path / "rsparse.json").write_text(original)
+    reseal(path)
     edit_manifest(path, lambda m: m["layers"].pop(3))  # its lr_down etc. become unexpected tensors
     with pytest.raises(CheckpointError, match="do not match the model"):
         load(path)
     (path / "rsparse.json").write_text(original)
+    reseal(path)
     config = json.loads((path / "config.json").read_text())
     config["intermediate_size"] = 128
     (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json does not match its recorded sha256"):
+        load(path)  # an edited config.json is refused by its hash ...
+    edit_manifest(path, lambda m: m["other_sha256"].update({"config.json": ckpt._sha256(path / "config.json")}))
     with pytest.raises(CheckpointError, match="does not match the model config"):
-        load(path)
+        load(path)  # ... and, with the hash forged too, by the layer list
 
 
 def test_newer_format_version(saved):

@@ -132,10 +132,20 @@ def test_dense_after_restore_rank_zero_tied_bf16_and_bias(tokenizer, windows, tm
 
 
 # -- refusals ------------------------------------------------------------------------------------------
-def edit_config(path, fn):
+def edit_config(path, fn, forge: bool = True):
+    """Edit config.json; forge: also drop its integrity record (as a directory written before the
+    record existed), so that the deeper checks behind the hashes are what is tested."""
     config = json.loads((path / "config.json").read_text())
     fn(config)
+    if forge:
+        config["quantization_config"].pop("integrity", None)
     (path / "config.json").write_text(json.dumps(config))
+
+
+def test_an_edited_config_is_refused_by_its_hash(saved):
+    _, path = saved
+    edit_config(path, lambda c: c.update(rms_norm_eps=0.5), forge=False)
+    refused(path, "config.json does not match its recorded sha256")
 
 
 def refused(path, match, kind=CheckpointError):
@@ -236,7 +246,7 @@ def test_cli_compress_then_generate_on_the_directory(tiny_model_dir, text_file, 
     (out / "model-00001-of-{:05d}.safetensors".format(len(list(out.glob("model-*"))))).unlink()
     cli_error(capsys, ["generate", "--model", str(out), "--prompt", "x", "--max-new-tokens", "2"],
               "model-00001-of-.* is missing")
-    cli_error(capsys, run[:3] + ["--methods", "dense"] + run[3:], "is missing")  # verbs loading through load_model too
+    cli_error(capsys, run[:3] + ["--methods", "dense", "--overwrite"] + run[3:], "is missing")  # verbs loading through load_model too
 
 
 # -- lm-eval ---------------------------------------------------------------------------------------------
