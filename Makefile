@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	.venv/bin/rsparse run --out out/run
+	.venv/bin/rsparse run --out out/run --overwrite
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -18,7 +18,8 @@ from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
 from rsparse.errors import BadInputError
 from rsparse.io.checkpoint import _check_target
 from rsparse.io.outdir import check_writable, remove_stale_temps
-from rsparse.io.transformers_format import measure_perplexity, save_pretrained
+from rsparse.io.model_card import measure_perplexity
+from rsparse.io.transformers_format import save_pretrained
 from rsparse.methods import sparsify_
 
 

@@ -26,12 +26,7 @@ loads the dense weights only (the extra tensors are reported unexpected and igno
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
 import json
-import math
-import os
 import shutil
 import sys
 import tempfile
@@ -45,102 +40,21 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from rsparse.core.layer import LAYER_METHODS as METHODS
 from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
-from rsparse.errors import CheckpointError, CheckpointFileMissing
+from rsparse.errors import CheckpointError
 from rsparse.io import integrity
+from rsparse.io.hf_checks import (_VERIFY, CONFIG, TransformersFormatError, TransformersFormatFileMissing,
+                                  _digest, _layer_keys, _read_fraction, _tied_aliases, check_files, check_hashes, layer_tensor_shapes,
+                                  verify_hashes)
+from rsparse.io.manifest import _json_safe
+from rsparse.io.model_card import model_card
 from rsparse.io.outdir import normal_permissions
 
 QUANT_METHOD = "rsparse"
 FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
-CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MODEL_CARD = "README.md"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_BUFFERS = ("lr_down", "lr_up", "threshold", "score_scale")
-
-# False inside `verify_hashes(False)`: the quantizer skips the sha256 pass (every other check runs).
-_VERIFY: contextvars.ContextVar = contextvars.ContextVar("rsparse_verify_hashes", default=True)
-
-
-class TransformersFormatError(CheckpointError):
-    """A transformers-format rsparse directory that cannot be loaded or saved (the message says why)."""
-
-
-class TransformersFormatFileMissing(TransformersFormatError, CheckpointFileMissing):
-    """A file of the directory (a shard, config.json) does not exist."""
-
-
-@contextlib.contextmanager
-def verify_hashes(enabled: bool = True):
-    """Within the block, from_pretrained checks (or, with False, skips) the tensors' sha256."""
-    token = _VERIFY.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _VERIFY.reset(token)
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, bool, float)) or value is None:
-        return value
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _json_safe(value.item())
-    return str(value)
-
-
-def _hash_tensor(h, key: str, tensor: torch.Tensor) -> None:
-    """Feed key, dtype, shape and the raw bytes (row-major, as safetensors stores them) to h."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    h.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
-    if t.numel():
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _digest(items) -> str:
-    """sha256 over (key, tensor) pairs in key order."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(items, key=lambda kv: kv[0]):
-        _hash_tensor(h, key, tensor)
-    return h.hexdigest()
-
-
-def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
-    """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies."""
-    out_f, in_f = entry["shape"]
-    r = entry["rank"]
-    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
-              "score_scale": [in_f]}
-    if entry.get("bias"):
-        shapes["bias"] = [out_f]
-    return shapes
-
-
-def _read_fraction(layers: dict) -> float | None:
-    """Fraction of the decoder-projection weights one decode step reads (targets: keep fraction
-    and rank of each layer), over the listed layers."""
-    dense = read = 0.0
-    for e in layers.values():
-        out_f, in_f = e["shape"]
-        size = out_f * in_f
-        dense += size
-        if e["method"] == "dense" or e["tokens"] == "none":
-            read += size
-        else:
-            read += e["keep_fraction"] * size + e["rank"] * (in_f + out_f)
-    return read / dense if dense else None
-
 
 # -- the quantization config ------------------------------------------------------------------------
 @register_quantization_config(QUANT_METHOD)
@@ -323,102 +237,6 @@ class RSparseHfQuantizer(HfQuantizer):
         return restore_(model)
 
 
-def _layer_keys(layers: dict) -> set[str]:
-    return {f"{n}.{t}" for n, e in layers.items() for t in layer_tensor_shapes(e)}
-
-
-def _tied_aliases(model) -> set[str]:
-    try:
-        return set(getattr(model, "all_tied_weights_keys", {}) or {})
-    except Exception:  # noqa: BLE001 - older/newer transformers
-        return set()
-
-
-def check_files(checkpoint_files, layers: dict) -> dict[str, tuple[str, list[int], str]]:
-    """Headers of every shard and the layer list against them; returns {tensor: (file, shape, dtype)}."""
-    from safetensors import SafetensorError, safe_open
-
-    if not checkpoint_files:
-        raise TransformersFormatError("no safetensors weight files were found for this rsparse model")
-    stored = {}
-    for file in checkpoint_files:
-        path = Path(file)
-        if not path.is_file():
-            raise TransformersFormatFileMissing(f"weight shard {path} is missing: copy the whole directory again")
-        if path.suffix != ".safetensors":
-            raise TransformersFormatError(f"{path}: rsparse directories hold safetensors files only")
-        try:
-            with safe_open(str(path), "pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    stored[key] = (path.name, list(sl.get_shape()), sl.get_dtype())
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise TransformersFormatError(f"{path} is not a readable safetensors file ({e}): it is truncated or "
-                                          "corrupted; copy it again") from None
-    for name, entry in layers.items():
-        for tname, shape in layer_tensor_shapes(entry).items():
-            key = f"{name}.{tname}"
-            if key not in stored:
-                raise TransformersFormatError(f"layer {name} of quantization_config has no tensor {key} in the weight "
-                                              "files: the files do not match the config")
-            if stored[key][1] != shape:
-                raise TransformersFormatError(
-                    f"tensor {key} has shape {stored[key][1]} in {stored[key][0]}, but quantization_config implies "
-                    f"{shape} (layer shape {entry['shape']}, rank {entry['rank']}): the files do not match the config")
-    listed = set(layers)
-    for key in stored:
-        prefix, _, suffix = key.rpartition(".")
-        if suffix in _BUFFERS and prefix not in listed:
-            raise TransformersFormatError(f"{stored[key][0]} holds {key}, but quantization_config lists no R-Sparse layer "
-                                          f"{prefix}: the files do not match the config")
-    return stored
-
-
-def check_hashes(checkpoint_files, stored: dict, qc: RSparseQuantizationConfig) -> None:
-    """The sha256 of every layer's tensors and of all other tensors against quantization_config."""
-    from safetensors import safe_open
-
-    if not qc.layers and not qc.tensors.get("other_sha256"):
-        return
-    by_name = {Path(f).name: Path(f) for f in checkpoint_files}
-    handles = {}
-    try:
-        def get(key):
-            file = stored[key][0]
-            if file not in handles:
-                handles[file] = safe_open(str(by_name[file]), "pt").__enter__()
-            return handles[file].get_tensor(key)
-
-        for name, entry in qc.layers.items():
-            if "sha256" not in entry:
-                continue
-            keys = [f"{name}.{t}" for t in layer_tensor_shapes(entry)]
-            digest = _digest((k, get(k)) for k in keys)
-            if digest != entry["sha256"]:
-                files = sorted({stored[k][0] for k in keys})
-                raise TransformersFormatError(
-                    f"the tensors of layer {name} in {', '.join(files)} do not match their sha256 in {CONFIG} (file "
-                    f"{digest[:12]}..., config {str(entry['sha256'])[:12]}...): a file was modified or corrupted; copy "
-                    "or save it again")
-        expected = qc.tensors.get("other_sha256")
-        if expected:
-            owned = _layer_keys(qc.layers)
-            others = [k for k in stored if k not in owned]
-            digest = _digest((k, get(k)) for k in others)
-            if digest != expected:
-                raise TransformersFormatError(
-                    f"the tensors outside the R-Sparse layers (embeddings, norms, lm_head, ...) do not match their sha256 "
-                    f"in {CONFIG}: a weight file was modified or corrupted; copy or save it again")
-        count = qc.tensors.get("count")
-        if isinstance(count, int) and count != len(stored):
-            raise TransformersFormatError(f"the weight files hold {len(stored)} tensors, {CONFIG} recorded {count}: a "
-                                          "file was modified; copy or save it again")
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-
-
-# -- attaching to an in-memory model ---------------------------------------------------------------
 def attach(model: nn.Module, config=None, report: list[dict] | None = None) -> RSparseQuantizationConfig:
     """Give a sparsified model the rsparse quantizer, so that `model.save_pretrained` writes this format.
 
@@ -586,79 +404,6 @@ def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, repo
 
 
 # -- model card -----------------------------------------------------------------------------------
-def _pct(x) -> str:
-    return "-" if not isinstance(x, (int, float)) or x != x else f"{100 * x:.1f}%"
-
-
-def model_card(model: nn.Module, qc: RSparseQuantizationConfig, name: str) -> str:
-    s = qc.summary
-    cfg = qc.rsparse_config or {}
-    source = s.get("source") or getattr(model.config, "_name_or_path", "") or ""
-    hub_like = bool(source) and "/" in source and not os.path.exists(source) and not source.startswith((".", "/"))
-    front = ["---", "library_name: transformers", "tags:", "- rsparse", "- activation-sparsity", "- r-sparse"]
-    if hub_like:
-        front.append(f"base_model: {source}")
-    front.append("---")
-    layers = qc.layers
-    tokens = sorted({e["tokens"] for e in layers.values()})
-    ranks = [e["rank"] for e in layers.values() if e["method"] in ("lowrank", "rsparse")]
-    ppl = s.get("perplexity") or {}
-    lines = front + [
-        "", f"# {name}", "",
-        f"An R-Sparse (rank-aware activation sparsity) version of `{source or type(model).__name__}`, written by "
-        f"rsparse {qc.versions.get('rsparse', '?')} (format version {qc.format_version}). Every listed decoder "
-        "projection keeps only the input channels whose score passes a calibrated threshold and sends the dropped "
-        "channels through rank-r factors of its weight"
-        + ("; prefill stays dense, decoding is sparse." if tokens == ["decode"] else "."), "",
-        "| | |", "|---|---|",
-        f"| architecture | {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-        f"{qc.tensors.get('dtype', '?')}) |",
-        f"| R-Sparse layers | {len(layers)} ({', '.join(f'{m}: {n}' for m, n in (s.get('methods') or {}).items()) or 'none'}) |",
-        f"| target sparsity | {_pct(s.get('target_sparsity'))} |",
-        f"| weights read per decode step | {_pct(s.get('read_fraction'))} of the decoder projections (targets) |",
-        f"| sparsified tokens | {', '.join(tokens) or '-'} |",
-        f"| rank of the low-rank paths | {f'{min(ranks)}-{max(ranks)}' if ranks else '-'} |",
-    ]
-    if cfg:
-        recipe = cfg.get("recipe")
-        lines.append(f"| recipe | method {cfg.get('method', '?')}, "
-                     + (f"per-layer recipe {recipe}" if recipe else f"uniform rho {cfg.get('ratio', '?')}")
-                     + f", {cfg.get('factors', '?')} factors, score {cfg.get('score', '?')} |")
-        lines.append(f"| calibration | {cfg.get('calibration_samples', '?')} windows of {cfg.get('seq_len', '?')} tokens"
-                     + (f" of {s['calibration_corpus']}" if s.get("calibration_corpus") else "")
-                     + f", seed {cfg.get('seed', '?')} |")
-    if isinstance(ppl.get("ppl"), (int, float)):
-        lines.append(f"| perplexity | {ppl['ppl']:.2f} on {ppl.get('windows', '?')} windows of {ppl.get('seq_len', '?')} "
-                     f"tokens of {ppl.get('corpus', '?')} ({ppl.get('tokens', '?')} sparse"
-                     + (f"; dense {ppl['dense_ppl']:.2f}" if isinstance(ppl.get("dense_ppl"), (int, float)) else "")
-                     + (f"; achieved sparsity {_pct(ppl.get('achieved_sparsity'))}"
-                        if isinstance(ppl.get("achieved_sparsity"), (int, float)) else "") + ") |")
-    else:
-        lines.append("| perplexity | not measured |")
-    lines += [
-        "", "## Use", "", "```python", "import rsparse  # registers quant_method \"rsparse\" with transformers",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto")',
-        f'tok = AutoTokenizer.from_pretrained("{name}")', "```", "",
-        f"or `rsparse generate --model {name} --prompt \"...\"`. Without `import rsparse`, transformers warns that it "
-        "does not know the method and loads the dense weights only. The R-Sparse layout, recipe and tensor hashes "
-        "are in `config.json` (`quantization_config`).", "",
-    ]
-    return "\n".join(lines)
-
-
-# -- rsparse compress: optional perplexity for the card ---------------------------------------------------
-def measure_perplexity(model: nn.Module, tokenizer, corpus: str, seq_len: int, windows: int) -> dict | None:
-    """Perplexity of the sparsified model (second half of each window sparse), for the model card."""
-    if windows < 1:
-        return None
-    from rsparse.core.data import load_windows
-    from rsparse.eval.perplexity import evaluate_perplexity
-
-    evalw = load_windows(tokenizer, corpus, seq_len, windows, "perplexity")
-    result = evaluate_perplexity(model, evalw, tokens="second_half", desc="perplexity (model card)")
-    return {"ppl": result["ppl"], "achieved_sparsity": result["achieved_sparsity"], "corpus": corpus,
-            "windows": int(evalw.shape[0]), "seq_len": seq_len, "tokens": "second_half"}
 
 
 def legacy_notice(directory) -> None:
