@@ -36,7 +36,7 @@ from torch import nn
 from rsparse.core.layer import RSparseLinear
 from rsparse.errors import CheckpointError, CheckpointFileMissing
 from rsparse.io.manifest import (FORMAT_NAME, FORMAT_VERSION, GENERATION_CONFIG, HF_CONFIG, MANIFEST, WEIGHTS, _check_files,
-                                 _dtype_name, _expected_layer_shapes, _json_safe, _sha256, is_checkpoint, read_manifest)
+                                 _dtype_name, _json_safe, layer_tensor_shapes, _sha256, is_checkpoint, read_manifest)
 from rsparse.io.outdir import normal_permissions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -313,7 +313,7 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str
 
     # The layer list against the stored tensors (cheap, before building the model).
     for entry in manifest["layers"]:
-        for tname, shape in _expected_layer_shapes(entry).items():
+        for tname, shape in layer_tensor_shapes(entry).items():
             key = f"{entry['name']}.{tname}"
             if key not in stored:
                 raise CheckpointError(f"layer {entry['name']} of {MANIFEST} has no tensor {key} in the tensor files")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from rsparse.io.transformers_format import RSparseQuantizationConfig
 
 from rsparse.errors import CheckpointError, CheckpointFileMissing
+from rsparse.io.manifest import layer_tensor_shapes
 
 CONFIG = "config.json"
 _BUFFERS = ("lr_down", "lr_up", "threshold", "score_scale")
@@ -62,17 +63,6 @@ def _digest(items) -> str:
     for key, tensor in sorted(items, key=lambda kv: kv[0]):
         _hash_tensor(h, key, tensor)
     return h.hexdigest()
-
-
-def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
-    """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies."""
-    out_f, in_f = entry["shape"]
-    r = entry["rank"]
-    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
-              "score_scale": [in_f]}
-    if entry.get("bias"):
-        shapes["bias"] = [out_f]
-    return shapes
 
 
 def _read_fraction(layers: dict) -> float | None:

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from rsparse.errors import CheckpointError, CheckpointFileMissing
+from rsparse.io.manifest import _sha256
 
 CONFIG = "config.json"
 KEY = "integrity"
@@ -31,14 +32,6 @@ HASHED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 
 def _canonical(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_config(directory: Path) -> dict:
@@ -69,7 +62,7 @@ def record(directory) -> None:
         return
     config_sha, layers_sha = _digests(config)
     qc[KEY] = {"config_sha256": config_sha, "layers_sha256": layers_sha,
-               "files": {n: _file_sha256(directory / n) for n in HASHED_FILES if (directory / n).is_file()}}
+               "files": {n: _sha256(directory / n) for n in HASHED_FILES if (directory / n).is_file()}}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -99,5 +92,5 @@ def verify(directory, require_all: bool = True) -> None:
             if not require_all:
                 continue
             raise CheckpointFileMissing(f"{path} is missing: copy the whole model directory again")
-        if _file_sha256(path) != digest:
+        if _sha256(path) != digest:
             raise CheckpointError(f"{path} does not match its recorded sha256: the file {edited}")

@@ -135,7 +135,9 @@ def _check_files(directory: Path, manifest: dict, verify: bool) -> dict[str, dic
     return shapes
 
 
-def _expected_layer_shapes(entry: dict) -> dict[str, list[int]]:
+def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
+    """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies
+    (both formats store the same tensors per layer)."""
     out_f, in_f = entry["shape"]
     r = entry["rank"]
     shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],

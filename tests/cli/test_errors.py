@@ -24,14 +24,16 @@ def recipe_missing_a_layer(tmp_path):
     return path
 
 
-def test_run_with_a_recipe_that_misses_a_layer_is_one_line(tiny_model_dir, recipe_missing_a_layer, capsys):
+def test_run_with_a_recipe_that_misses_a_layer_is_one_line(tiny_model_dir, recipe_missing_a_layer, capsys, tmp_path):
     message = cli_error(capsys, ["run", "--model", str(tiny_model_dir), "--recipe", str(recipe_missing_a_layer),
-                                 "--methods", "rsparse", "--seq-len", "64"], "recipe has 13 layers but the model has 14")
+                                 "--methods", "rsparse", "--seq-len", "64", "--out", str(tmp_path / "run")],
+                        "recipe has 13 layers but the model has 14")
     assert message.count("\n") == 0
 
 
-def test_debug_shows_the_traceback(tiny_model_dir, recipe_missing_a_layer):
-    argv = ["run", "--model", str(tiny_model_dir), "--recipe", str(recipe_missing_a_layer), "--methods", "rsparse"]
+def test_debug_shows_the_traceback(tiny_model_dir, recipe_missing_a_layer, tmp_path):
+    argv = ["run", "--model", str(tiny_model_dir), "--recipe", str(recipe_missing_a_layer), "--methods", "rsparse",
+            "--out", str(tmp_path / "run")]
     with pytest.raises(RecipeError, match="13 layers"):
         main(["--debug", *argv])
     with pytest.raises(RecipeError):
@@ -44,8 +46,9 @@ def test_debug_shows_the_traceback(tiny_model_dir, recipe_missing_a_layer):
     (["generate", "--model", "/nonexistent/model", "--prompt", "x", "--dense"], "no such model"),
     (["eval", "--methods", "dense,dense"], "given twice"),
 ])
-def test_expected_errors_exit_2(argv, message, capsys):
-    cli_error(capsys, argv, message)
+def test_expected_errors_exit_2(argv, message, capsys, tmp_path):
+    out = ["--out", str(tmp_path / "out")] if argv[0] in ("run", "eval") else []  # never the repo's out/
+    cli_error(capsys, argv + out, message)
 
 
 def test_ctrl_c_prints_interrupted_and_exits_130(monkeypatch, capsys):
