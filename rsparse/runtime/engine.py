@@ -293,6 +293,9 @@ class Engine:
             raise EngineError(f"this engine takes 1-{self.batch_size} prompts per call, got {n}")
         if any(len(r) == 0 for r in rows):
             raise EngineError("a prompt is empty: give at least one token")
+        vocab = self.embed.num_embeddings
+        if any(not 0 <= tok < vocab for r in rows for tok in r):  # on CUDA a bad id is a device assert
+            raise EngineError(f"a prompt holds a token id outside the model's vocabulary of {vocab}")
         if max_new_tokens < 1:
             raise EngineError("max_new_tokens must be at least 1")
         t = max(len(r) for r in rows)
@@ -334,7 +337,7 @@ class Engine:
 
         out = [[tok] for tok in first]
         live = [tok not in eos for tok in first]
-        stop = (on_tokens(first) is True) if on_tokens else False
+        stop = bool(on_tokens(first)) if on_tokens else False
         steps = 0
         pending = None  # (host copy, event) of the step the GPU may still be running
         host = torch.empty((max_new_tokens, self.batch_size), dtype=torch.long,

@@ -144,6 +144,8 @@ def test_requests_that_do_not_fit_are_refused():
         engine.generate(prompts([4, 4, 4]), 2)
     with pytest.raises(EngineError, match="empty"):
         engine.generate([[]], 2)
+    with pytest.raises(EngineError, match="vocabulary of 300"):
+        engine.generate([[5, 300]], 2)
     with pytest.raises(EngineError, match="exceeds the model's context"):
         Engine(model, max_seq_len=10_000)
     with pytest.raises(EngineError, match="batch_size"):
