@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from rsparse.runtime.kernels import (
-    MAX_BATCH_ROWS,
+    MAX_BATCH_ROWS,  # noqa: F401 (RSparseLinear reads the row limit from here)
     MAX_PARTS,
     rsparse_decode_linear,
     rsparse_decode_linear_multi,
