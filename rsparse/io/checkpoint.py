@@ -24,10 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -37,7 +34,7 @@ from rsparse.core.layer import RSparseLinear
 from rsparse.errors import CheckpointError, CheckpointFileMissing
 from rsparse.io.manifest import (FORMAT_NAME, FORMAT_VERSION, GENERATION_CONFIG, HF_CONFIG, MANIFEST, WEIGHTS, _check_files,
                                  _dtype_name, _json_safe, layer_tensor_shapes, _sha256, is_checkpoint, read_manifest)
-from rsparse.io.outdir import normal_permissions
+from rsparse.io.outdir import staged_replacement
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -117,20 +114,6 @@ def _check_target(directory: Path, overwrite: bool) -> Path:
     return target
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -193,10 +176,7 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
         "other_files": [],
     }
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
+    with staged_replacement(target) as tmp:
         model.config.save_pretrained(tmp)
         _drop_quantization_config(tmp / HF_CONFIG)  # legacy format: the layout lives in rsparse.json
         gen = getattr(model, "generation_config", None)
@@ -217,11 +197,6 @@ def save(model: nn.Module, tokenizer, directory, report: list[dict] | None = Non
         _fsync(tmp / MANIFEST)
         # the manifest's own hash, beside it (an edited layer list was loaded as if it were saved)
         (tmp / MANIFEST_HASH).write_text(_sha256(tmp / MANIFEST) + "\n", encoding="ascii")
-        normal_permissions(tmp)  # mkdtemp made it 0700
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from rsparse.errors import BadInputError
@@ -105,6 +106,36 @@ def check_out(path, *, results=("results.json",), overwrite: bool = False, resum
                             "or choose another directory")
     remove_stale_temps(target)
     return target
+
+
+@contextlib.contextmanager
+def staged_replacement(target: Path):
+    """A temporary directory beside `target` to write a whole directory into; on success it gets the
+    usual permissions and replaces `target` (the old one, if any, is removed only once the new one
+    is in place); on any failure, or Ctrl-C, it is removed and `target` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        normal_permissions(tmp)  # mkdtemp made it 0700
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
 
 
 @contextlib.contextmanager

@@ -27,9 +27,7 @@ loads the dense weights only (the extra tensors are reported unexpected and igno
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -47,7 +45,7 @@ from rsparse.io.hf_checks import (_VERIFY, CONFIG, TransformersFormatError, Tran
                                   verify_hashes)
 from rsparse.io.manifest import _json_safe
 from rsparse.io.model_card import model_card
-from rsparse.io.outdir import normal_permissions
+from rsparse.io.outdir import staged_replacement
 
 QUANT_METHOD = "rsparse"
 FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
@@ -373,7 +371,7 @@ def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, repo
     temporary directory beside the target, which is renamed into place. An existing rsparse
     directory (either format) is replaced; another non-empty directory needs overwrite=True.
     """
-    from rsparse.io.checkpoint import _check_target, _swap_into_place
+    from rsparse.io.checkpoint import _check_target
 
     target = _check_target(Path(directory), overwrite)
     if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
@@ -387,19 +385,12 @@ def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, repo
         qc.summary["perplexity"] = _json_safe(dict(perplexity))
     if source:
         qc.summary["source"] = str(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_replacement(target) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MODEL_CARD).write_text(model_card(model, qc, target.name), encoding="utf-8")
         integrity.record(tmp)  # hashes of config.json and the tokenizer files: any edit is refused on load
-        normal_permissions(tmp)  # mkdtemp made it 0700
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
