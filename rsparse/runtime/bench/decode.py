@@ -137,22 +137,6 @@ def weight_bytes(model, achieved_sparsity: float) -> float:
     return (1.0 - achieved_sparsity) * linears + head.numel() * head.element_size()
 
 
-def copy_bandwidth(device: str = "cuda", gib: float = 2.0) -> float:
-    """Device-to-device copy rate in bytes/s (bytes read + written), median of 10 copies."""
-    n = int(gib * 2**30) // 4
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * n * 4 / statistics.median(times[2:])
-
-
 def time_engine(model, prompt: list[int], gen: int, repeats: int) -> dict:
     """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats` runs."""
     from rsparse.runtime.engine import Engine
@@ -283,7 +267,9 @@ def main(argv=None) -> int:
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     from rsparse.io.results import versions
 
-    bandwidth = copy_bandwidth()
+    from rsparse.runtime.bench.kernel_harness import copy_bandwidth
+
+    bandwidth = copy_bandwidth(torch.device("cuda"))
     results = {"device": torch.cuda.get_device_name(), "versions": versions(), "settings": vars(args),
                "copy_bandwidth": bandwidth, "rows": []}
     targets = [args.model] if args.model else args.models.split(",")
