@@ -24,3 +24,27 @@ def test_bench_kernel_smoke_runs_and_checks_every_op(how, tmp_path):
     records = json.loads((tmp_path / "kernel_bench.json").read_text())
     assert records and isinstance(records, (list, dict))
     assert "smoke qkv" in (tmp_path / "kernel_bench.txt").read_text()
+
+
+@pytest.mark.cli
+def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path):
+    """Engine vs transformers on a saved R-Sparse checkpoint (CPU): both runs reported, the dense
+    run identical, transformers reproducible, the teacher-forced engine agreeing."""
+    from conftest import tiny_model
+    from rsparse import RSparseConfig, save_pretrained, sparsify_
+    from rsparse.core.data import calibration_windows
+    from rsparse.runtime.bench import agreement
+
+    model = tiny_model()
+    sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.8), calibration_windows(windows, 64, 4))
+    save_pretrained(model, tokenizer, tmp_path / "ck")
+    code = agreement.main(["--model", str(tmp_path / "ck"), "--device", "cpu", "--new-tokens", "8",
+                           "--prompts", "3", "--out", str(tmp_path / "out")])
+    runs = json.loads((tmp_path / "out" / "agreement.json").read_text())["runs"]
+    assert set(runs) == {"as saved", "dense"}
+    assert runs["dense"]["identical"] == runs["dense"]["hf_reproducible"] == 3
+    assert runs["dense"]["forced_agreement"] == 1.0
+    saved = runs["as saved"]
+    assert saved["hf_reproducible"] == 3 and saved["forced_agreement"] >= 0.9
+    assert code == (0 if saved["identical"] == 3 else 1)
+    assert all(len(r["engine_tokens"]) == len(r["hf_tokens"]) == 8 for r in saved["rows"])

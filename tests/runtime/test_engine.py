@@ -204,3 +204,21 @@ def test_bench_conversion_hits_the_budget():
     make_rsparse(model, 0.7, 1.0)  # re-configured in place: sparse-only now
     assert {l.method for l in rsparse_layers(model)} == {"sparse"} and all(l.rank == 0 for l in rsparse_layers(model))
     assert abs(measure_sparsity(model, prompts([16])[0], n=16) - 0.7) < 0.1
+
+
+def test_forced_choices_follow_the_given_tokens(windows):
+    """Teacher forcing: the engine's choice after each forced token equals the argmax of
+    transformers' logits over the same sequence (dense: one full forward pass); forcing the
+    engine's own greedy tokens gives them back (R-Sparse too)."""
+    model = tiny_model()
+    prompt, forced = prompts([9, 12], seed=5)
+    engine = Engine(model, max_seq_len=32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + forced])).logits[0]
+    expected = logits[len(prompt) - 1:].argmax(-1).tolist()
+    got = engine.forced_choices(prompt, forced)
+    assert got == expected and got[1:] != forced  # the engine chose, not echoed
+    sparse = sparse_tiny(windows)
+    engine = Engine(sparse, max_seq_len=32)
+    free = engine.generate([prompt], 10).tokens[0]
+    assert engine.forced_choices(prompt, free[:-1]) == free

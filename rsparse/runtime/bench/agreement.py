@@ -3,8 +3,11 @@
     rsparse bench agreement --model CHECKPOINT_OR_MODEL [--device cuda] [--new-tokens 64] [--out DIR]
 
 For a few chat prompts, one at a time, the model continues greedily for exactly `--new-tokens`
-tokens (end-of-sequence ignored, so every row is compared at full length) twice: with the decode
-engine and with transformers' `generate`. A checkpoint runs as saved (R-Sparse: prefill dense,
+tokens (end-of-sequence ignored, so every row is compared at full length) with the decode engine
+and with transformers' `generate` (twice: is the reference itself reproducible?); then the engine
+is teacher-forced along transformers' tokens and its choices counted (a free-running continuation
+parts for good at the first changed token, e.g. an R-Sparse channel that sits at its threshold and
+flips on a last-bit difference; a forced one shows whether the steps compute the same function). A checkpoint runs as saved (R-Sparse: prefill dense,
 decode steps sparse) and then with its dense layers restored. Prints a table and writes
 DIR/agreement.json; exits 1 if any prompt's tokens differ.
 """
@@ -50,6 +53,9 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
 
 
 def compare(model, prompts: list[list[int]], n: int) -> dict:
+    """Per prompt: engine vs transformers free-running (identical tokens?), transformers run twice
+    (is the reference itself reproducible?), and the engine teacher-forced along transformers'
+    tokens (how many of its choices agree: a wrong step disagrees almost everywhere)."""
     from rsparse.runtime.engine import Engine
 
     engine = Engine(model, max_seq_len=-(-(max(map(len, prompts)) + n) // 128) * 128)
@@ -57,13 +63,23 @@ def compare(model, prompts: list[list[int]], n: int) -> dict:
     for ids in prompts:
         got = engine.generate([ids], n)
         ref, hf_tps = hf_greedy(model, ids, n)
+        again, _ = hf_greedy(model, ids, n)
+        forced = engine.forced_choices(ids, ref[:-1])
         rows.append({"prompt_tokens": len(ids), "identical": got.tokens[0] == ref,
-                     "first_difference": next((i for i, (a, b) in enumerate(zip(got.tokens[0], ref)) if a != b), None),
+                     "first_difference": _first_difference(got.tokens[0], ref),
+                     "hf_reproducible": again == ref, "hf_first_difference": _first_difference(again, ref),
+                     "forced_agreement": sum(a == b for a, b in zip(forced, ref)) / len(ref),
                      "engine_tokens_per_s": got.decode_tokens_per_s, "hf_tokens_per_s": hf_tps,
-                     "engine_tokens": got.tokens[0], "hf_tokens": ref})
+                     "engine_tokens": got.tokens[0], "hf_tokens": ref, "hf_tokens_again": again})
+    median = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
     return {"rows": rows, "identical": sum(r["identical"] for r in rows), "prompts": len(rows),
-            "engine_tokens_per_s": sorted(r["engine_tokens_per_s"] for r in rows)[len(rows) // 2],
-            "hf_tokens_per_s": sorted(r["hf_tokens_per_s"] for r in rows)[len(rows) // 2]}
+            "hf_reproducible": sum(r["hf_reproducible"] for r in rows),
+            "forced_agreement": sum(r["forced_agreement"] for r in rows) / len(rows),
+            "engine_tokens_per_s": median("engine_tokens_per_s"), "hf_tokens_per_s": median("hf_tokens_per_s")}
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
 def main(argv=None) -> int:
@@ -93,9 +109,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.model or 'embedded model'} on {args.device}, {results['dtype']}, {args.new_tokens} new tokens, greedy")
-    print("| layers | identical prompts | engine tok/s (median) | transformers tok/s (median) |\n|---|---|---|---|")
+    print("| layers | identical prompts | transformers reproducible | teacher-forced agreement % | engine tok/s "
+          "(median) | transformers tok/s (median) |\n|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
-        print(f"| {name} | {r['identical']}/{r['prompts']} | {r['engine_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} |")
+        print(f"| {name} | {r['identical']}/{r['prompts']} | {r['hf_reproducible']}/{r['prompts']} | "
+              f"{100 * r['forced_agreement']:.1f} | {r['engine_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} |")
     return 0 if all(r["identical"] == r["prompts"] for r in results["runs"].values()) else 1
 
 

@@ -137,8 +137,64 @@ def weight_bytes(model, achieved_sparsity: float) -> float:
     return (1.0 - achieved_sparsity) * linears + head.numel() * head.element_size()
 
 
-def time_engine(model, prompt: list[int], gen: int, repeats: int) -> dict:
-    """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats` runs."""
+# Kernel groups of a decode step, by kernel name (first match wins; the rest is "other").
+KERNEL_GROUPS = (("R-Sparse kernels", ("_z_kernel", "_main_kernel", "_epilogue_kernel", "_split_input_kernel")),
+                 ("attention", ("attention", "fmha", "flash", "flex", "attn")),
+                 ("cuBLAS products", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")),
+                 ("fused glue", ("triton_",)))
+GROUP_NAMES = [g for g, _ in KERNEL_GROUPS] + ["other"]
+
+
+def _group(kernel: str) -> str:
+    name = kernel.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+
+
+def profile_step(engine, prompt: list[int], steps: int = 16) -> dict:
+    """Device time of one decode step by kernel group (us), from the profiler over `steps`
+    replays of the step as generate runs it (the captured graph on CUDA); the step's wall time
+    minus its kernels is the time no kernel ran (launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rsparse.runtime.engine import Sampling
+
+    step = engine._step_fn(Sampling())
+    if len(prompt) + steps > engine.max_seq_len:
+        raise ValueError("profile_step: the cache has no room for the profiled steps")
+
+    def run():
+        engine.pos.fill_(len(prompt))  # slots after the prompt: the cache holds the last generate's
+        engine.done.zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+
+    run()
+    wall = run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    per_kernel: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower():
+            per_kernel.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    groups = {g: 0.0 for g in GROUP_NAMES}
+    for name, times in per_kernel.items():
+        groups[_group(name)] += sum(times) / steps
+    busy = sum(groups.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {"step_us": 1e6 * wall, "kernel_us": busy, "gaps_us": max(0.0, 1e6 * wall - busy),
+            "kernels_per_step": sum(len(t) for t in per_kernel.values()) / steps,
+            "groups_us": groups,
+            "top_kernels": [{"name": n[:120], "us_per_step": sum(t) / steps, "calls_per_step": len(t) / steps}
+                            for n, t in top]}
+
+
+def time_engine(model, prompt: list[int], gen: int, repeats: int, profile: bool = False) -> dict:
+    """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats`
+    runs (and, with profile, where a step's device time goes)."""
     from rsparse.runtime.engine import Engine
 
     t0 = time.perf_counter()
@@ -148,10 +204,13 @@ def time_engine(model, prompt: list[int], gen: int, repeats: int) -> dict:
     runs = [engine.generate([prompt], gen) for _ in range(repeats)]
     speeds = [r.decode_tokens_per_s for r in runs]
     med = statistics.median(speeds)
+    out = {"tokens_per_s": med, "ms_per_token": 1e3 / med, "all_tokens_per_s": speeds,
+           "prefill_ms": 1e3 * statistics.median(r.prefill_seconds for r in runs), "warmup_s": warmup,
+           "compile_capture_s": first.warmup_seconds, "first_tokens": runs[0].tokens[0][:8]}
+    if profile:
+        out["profile"] = profile_step(engine, prompt, steps=min(16, engine.max_seq_len - len(prompt)))
     del engine
-    return {"tokens_per_s": med, "ms_per_token": 1e3 / med, "all_tokens_per_s": speeds,
-            "prefill_ms": 1e3 * statistics.median(r.prefill_seconds for r in runs), "warmup_s": warmup,
-            "compile_capture_s": first.warmup_seconds, "first_tokens": runs[0].tokens[0][:8]}
+    return out
 
 
 def time_hf_generate(model, prompt: list[int], gen: int) -> dict:
@@ -163,6 +222,11 @@ def time_hf_generate(model, prompt: list[int], gen: int) -> dict:
     torch.cuda.synchronize()
     sec = time.perf_counter() - t0
     return {"tokens_per_s": gen / sec, "ms_per_token": 1e3 * sec / gen, "first_tokens": out[0, len(prompt):][:8].tolist()}
+
+
+def _methods(args) -> list[tuple[float, str]]:
+    """(rho, row name) of the sparse rows asked for."""
+    return [(rho, name) for rho, name in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")) if name in args.methods]
 
 
 def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps=None) -> dict:
@@ -180,15 +244,15 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
     if args.hf_tokens:
         hf = time_hf_generate(model, prompt, args.hf_tokens)
         rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
-    dense = time_engine(model, prompt, args.gen, args.repeats)
+    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile)
     rows.append(_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"]))
     print(f"{name} engine dense: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)", flush=True)
     scores = calibration_scores(model)
-    for ratio, method in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")):
+    for ratio, method in _methods(args):
         for s in args.sparsities:
             make_rsparse(model, s, ratio, scores)
             achieved = measure_sparsity(model, prompt)
-            t = time_engine(model, prompt, args.gen, args.repeats)
+            t = time_engine(model, prompt, args.gen, args.repeats, args.profile)
             rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
                              weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
             print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
@@ -214,9 +278,9 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     saved = None
     if rsparse_layers(model):  # a checkpoint: time it as saved, then its dense layers
         achieved = measure_sparsity(model, prompt)
-        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats))
+        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats, args.profile))
         restore_(model)
-    dense = time_engine(model, prompt, args.gen, args.repeats)
+    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile)
     rows = [_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"])]
     if saved is not None:
         achieved, t = saved
@@ -224,12 +288,12 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
                          bandwidth, dense["tokens_per_s"]))
         return rows
     calib = load_windows(tokenizer, "coqa", 512, 16, "calibration")
-    for ratio, method in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")):
+    for ratio, method in _methods(args):
         for s in args.sparsities:
             restore_(model)
             sparsify_(model, RSparseConfig(sparsity=s, ratio=ratio), calib)
             achieved = measure_sparsity(model, prompt)
-            t = time_engine(model, prompt, args.gen, args.repeats)
+            t = time_engine(model, prompt, args.gen, args.repeats, args.profile)
             rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
                              weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
     return rows
@@ -245,6 +309,16 @@ def table(results: dict) -> str:
         warm = f"{r['warmup_s']:.0f}" if "warmup_s" in r else "-"
         lines.append(f"| {r['model']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {sp} | "
                      f"{100 * r['achieved_sparsity']:.1f} | {r['bound_tokens_per_s']:.0f} | {warm} |")
+    profiled = [r for r in results["rows"] if "profile" in r]
+    if profiled:
+        lines += ["", "Where a decode step's time goes (us per token; gaps: no kernel running):", "",
+                  "| model | row | step | " + " | ".join(GROUP_NAMES) + " | gaps | kernels/step |",
+                  "|---|---|---|" + "---|" * len(GROUP_NAMES) + "---|---|"]
+        for r in profiled:
+            pr = r["profile"]
+            lines.append(f"| {r['model']} | {r['row']} | {pr['step_us']:.0f} | "
+                         + " | ".join(f"{pr['groups_us'][g]:.0f}" for g in GROUP_NAMES)
+                         + f" | {pr['gaps_us']:.0f} | {pr['kernels_per_step']:.0f} |")
     return "\n".join(lines)
 
 
@@ -253,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="llama2-7b,llama3-8b", help=f"random-weight shapes: {','.join(MODELS)}")
     p.add_argument("--model", default=None, help="a real model or rsparse checkpoint instead of random shapes")
     p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    p.add_argument("--methods", default="sparse-only,R-Sparse", help="sparse rows: sparse-only, R-Sparse or both")
     p.add_argument("--ratio", type=float, default=0.9, help="rho of the R-Sparse rows")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--gen", type=int, default=128, help="new tokens")
@@ -260,11 +335,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-tokens", type=int, default=16, help="tokens for the transformers eager row (0: skip)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick checks)")
+    p.add_argument("--profile", action="store_true", help="also profile each engine row's decode step by kernel group")
     p.add_argument("--out", default="out/bench-decode")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not set(args.methods) <= {"sparse-only", "R-Sparse"}:
+        raise SystemExit("error: --methods takes sparse-only and/or R-Sparse")
     from rsparse.io.results import versions
 
     from rsparse.runtime.bench.kernel_harness import copy_bandwidth
