@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--kernel", default="auto", choices=["auto", "never"],
+                   help="never: R-Sparse layers compute with the torch reference on both sides (no fp32 atomics: "
+                        "run to run deterministic), to tell the kernel's summation order from the engine's numerics")
     p.add_argument("--out", default="out/agreement")
     args = p.parse_args(argv)
     from rsparse.core.layer import rsparse_layers
@@ -96,10 +99,13 @@ def main(argv=None) -> int:
     from rsparse.methods import restore_
 
     model, tok = load_any(args.model, device=args.device, dtype=args.dtype)
+    for layer in rsparse_layers(model):
+        layer.kernel = args.kernel
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                if getattr(tok, "chat_template", None) else tok(q).input_ids for q in PROMPTS[: args.prompts]]
     prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
     results = {"model": args.model, "device": args.device, "dtype": str(next(model.parameters()).dtype),
+               "kernel": args.kernel,
                "new_tokens": args.new_tokens, "runs": {}}
     if rsparse_layers(model):
         results["runs"]["as saved"] = compare(model, prompts, args.new_tokens)
@@ -108,7 +114,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{args.model or 'embedded model'} on {args.device}, {results['dtype']}, {args.new_tokens} new tokens, greedy")
+    print(f"\n{args.model or 'embedded model'} on {args.device}, {results['dtype']}, {args.new_tokens} new tokens, greedy, "
+          f"kernel {args.kernel}")
     print("| layers | identical prompts | transformers reproducible | teacher-forced agreement % | engine tok/s "
           "(median) | transformers tok/s (median) |\n|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
