@@ -103,7 +103,7 @@ def _cases():
         "model-bert": (["compress", "--model", "{ws}/bert", "--out", "{ws}/new_ck"], "Bert.*(no q/k/v/o|not a causal)"),
         "model-hub-offline": (["run", "--model", "nobody-xyz/not-cached-model"], "offline"),
         "model-pickle": (["run", "--model", "{ws}/pickle"], "only pickle weights.*safetensors only"),
-        "model-garbage-tokenizer": (["run", "--model", "{ws}/badtok"], "cannot read the tokenizer in"),
+        "model-garbage-tokenizer": (["run", "--model", "{ws}/badtok", "--seq-len", "32"], "cannot read the tokenizer in"),
         "generate-gpt2": (["generate", "--model", "{ws}/gpt2", "--prompt", "hi", "--dense"], "no q/k/v/o"),
         # corpora
         "corpus-binary": ([*run, "--calib-corpus", "{ws}/binary.txt"], "is binary"),
