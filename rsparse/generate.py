@@ -92,9 +92,9 @@ def prepare_model(args: argparse.Namespace):
         raise BadInputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                             f"context of {limit} tokens: use at most {limit - 1}")
     if config is not None:
-        check_seq_len(spec, config.seq_len)
         if config.recipe is not None:
             layer_budgets(config, spec.linears)
+        check_seq_len(spec, config.seq_len)
 
     start = time.time()
     model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)

@@ -92,12 +92,12 @@ def check_model(name, seq_len: int | None = None, config=None):
     from rsparse.core.models import model_spec
 
     spec = model_spec(name)
-    check_seq_len(spec, seq_len)
     if config is not None and config.recipe is not None:
         if spec.linears is None:
             raise BadInputError(f"{name} is an rsparse checkpoint, already sparsified: a --recipe does not apply to "
                                 "it; pass the original model")
         layer_budgets(config, spec.linears)
+    check_seq_len(spec, seq_len)
     return spec
 
 
