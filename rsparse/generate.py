@@ -65,8 +65,9 @@ def prepare_model(args: argparse.Namespace):
     """Load (checkpoint or not), sparsify on the fly when asked; returns (model, tokenizer)."""
     from rsparse.io.checkpoint import is_checkpoint, load_any
     from rsparse.methods import restore_, sparsify_
+    from rsparse.core.config import layer_budgets
     from rsparse.core.data import load_windows
-    from rsparse.core.models import DEFAULT_MODEL_NAME
+    from rsparse.core.models import DEFAULT_MODEL_NAME, check_seq_len, context_length, model_spec
 
     checkpoint = is_checkpoint(args.model)
     given = [k for k in _SPARSIFY_DEFAULTS if getattr(args, k, None) is not None]
@@ -83,6 +84,17 @@ def prepare_model(args: argparse.Namespace):
         config = RSparseConfig(sparsity=opts["sparsity"], ratio=opts["ratio"], recipe=opts["recipe"],
                                tokens=args.tokens, calibration_samples=opts["calib_samples"],
                                seq_len=opts["seq_len"], seed=args.seed)
+    # the limits and the recipe against the model's config, before its weights load (the
+    # prompt's length is known only after tokenizing: _check_context)
+    spec = model_spec(args.model)
+    limit = context_length(spec)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise BadInputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                            f"context of {limit} tokens: use at most {limit - 1}")
+    if config is not None:
+        if config.recipe is not None:
+            layer_budgets(config, spec.linears)
+        check_seq_len(spec, config.seq_len)
 
     start = time.time()
     model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)

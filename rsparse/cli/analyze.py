@@ -44,6 +44,7 @@ def cmd_analyze(args) -> int:
     from rsparse.io.outdir import check_writable
 
     check_writable(args.out)  # a file or an unwritable place: now, not after the analysis
+    common.check_model(args.model, args.seq_len)  # the context, before the weights load
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

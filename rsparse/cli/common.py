@@ -8,7 +8,7 @@ import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
-from rsparse.core.models import check_device  # noqa: F401 (the verbs call common.check_device)
+from rsparse.core.models import check_device, check_seq_len  # noqa: F401 (the verbs call common.check_*)
 from rsparse.errors import BadInputError
 
 RSPARSE = RSparseConfig()
@@ -84,17 +84,21 @@ def require(condition: bool, message: str) -> None:
         raise BadInputError(message)
 
 
-def context_length(model) -> int | None:
-    """The model's context window (max_position_embeddings), if its config says."""
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
+def check_model(name, seq_len: int | None = None, config=None):
+    """Before load_model: the model's config and decoder projections, read without its weights
+    (rsparse.core.models.model_spec), and against them --seq-len and the recipe of `config` (an
+    RSparseConfig: layer names, shapes, values, duplicates, missing layers). Returns the spec."""
+    from rsparse.core.config import layer_budgets
+    from rsparse.core.models import model_spec
 
-
-def check_seq_len(model, seq_len: int | None, flag: str = "--seq-len") -> None:
-    n = context_length(model)
-    if seq_len is not None and n is not None and seq_len > n:
-        raise BadInputError(f"{flag} {seq_len} is longer than the model's context of {n} tokens "
-                            f"(max_position_embeddings): use at most {n}")
+    spec = model_spec(name)
+    if config is not None and config.recipe is not None:
+        if spec.linears is None:
+            raise BadInputError(f"{name} is an rsparse checkpoint, already sparsified: a --recipe does not apply to "
+                                "it; pass the original model")
+        layer_budgets(config, spec.linears)
+    check_seq_len(spec, seq_len)
+    return spec
 
 
 def peak_memory_mb() -> float:

@@ -92,6 +92,9 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     from rsparse.cli.search import check_state
 
     out = check_state(args.out)
+    spec = common.check_model(args.model, args.seq_len)  # the context, before the weights load
+    if args.ppl_windows:
+        common.check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -59,12 +59,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             "pass --overwrite to replace it, or choose another directory")
     _check_target(target, args.overwrite)
     remove_stale_temps(target)
+    common.check_model(args.model, args.seq_len, config)  # the recipe and --seq-len, before the weights load
 
     start = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     name = args.model or DEFAULT_MODEL_NAME
-    common.check_seq_len(model, args.seq_len)
     save_dtype = getattr(torch, args.save_dtype) if args.save_dtype else source_dtype(model)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",

@@ -130,8 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from rsparse.core.budget import check_ratio
-    from rsparse.core.config import RSparseConfig, layer_budgets, load_recipe
-    from rsparse.core.models import DEFAULT_MODEL_NAME, decoder_linears, load_model
+    from rsparse.core.config import RSparseConfig, load_recipe
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
     from rsparse.eval.harness import evaluate_tasks, lm_eval_version, resolve_tasks
     from rsparse.eval.hub import check_hub_for_tasks, perplexity_windows_or_skip
     from rsparse.eval.perplexity import evaluate_perplexity
@@ -170,15 +170,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_target()
     previous = read_previous(Path(args.out) / "results.json") if args.resume else None
+    # the recipe (when rsparse is evaluated) and --seq-len against the model's config, before it loads
+    checked = RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe) if "rsparse" in methods else None
+    common.check_model(args.model, args.seq_len, checked)
 
     start = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     model_name = args.model or DEFAULT_MODEL_NAME
-    if recipe is not None and "rsparse" in methods:
-        layer_budgets(RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe), decoder_linears(model))
     plan, skipped = check_budgets(model, plan_rows(methods, sparsities, mlp_sparsities))
-    common.check_seq_len(model, args.seq_len)
     for s in skipped:
         print(f"skipped {s['method']} at {100 * s['target_sparsity']:.0f}%: {s['reason']}", file=sys.stderr)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "

@@ -39,9 +39,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from rsparse.core.calibrate import collect_activations
-    from rsparse.core.config import RSparseConfig, layer_budgets, load_recipe
+    from rsparse.core.config import RSparseConfig, load_recipe
     from rsparse.core.data import load_windows
-    from rsparse.core.models import DEFAULT_MODEL_NAME, decoder_linears, load_model
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.io.outdir import check_out, staged
     from rsparse.io.results import markdown_table, versions, write_json
@@ -56,14 +56,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                    "--seq-len must be >= 4 and --calib-samples, --ppl-windows >= 1")
     out = check_out(args.out, results=("results.json", "results.md", "layers_*.json"), overwrite=args.overwrite)
     common.check_device(args.device)
+    # the recipe and --seq-len against the model's config: before the weights load
+    common.check_model(args.model, args.seq_len, RSparseConfig(sparsity=args.sparsity, recipe=recipe))
 
     start = time.time()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     model_name = args.model or DEFAULT_MODEL_NAME
-    if recipe is not None:  # fail before calibrating if the recipe does not fit this model
-        layer_budgets(RSparseConfig(sparsity=args.sparsity, recipe=recipe), decoder_linears(model))
-    common.check_seq_len(model, args.seq_len)
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)", file=sys.stderr)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     evalw = load_windows(tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows, "perplexity")

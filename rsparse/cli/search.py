@@ -103,6 +103,9 @@ def cmd_search(args) -> int:
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
     common.check_device(args.device)
     out = check_state(args.out)
+    spec = common.check_model(args.model, args.seq_len)  # the context, before the weights load
+    if args.ppl_windows:
+        common.check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, device=args.device)

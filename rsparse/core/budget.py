@@ -18,15 +18,22 @@ from dataclasses import dataclass
 from rsparse.errors import BadInputError
 
 
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # "high", null, a list (a recipe is hand-edited JSON): refused below
+        return math.nan
+
+
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
-    s = float(sparsity)
+    s = _float(sparsity)
     if not math.isfinite(s) or not 0.0 <= s < 1.0:
         raise BadInputError(f"{what} must be in [0, 1), got {sparsity!r}")
     return s
 
 
 def check_ratio(rho: float, what: str = "ratio (rho)") -> float:
-    r = float(rho)
+    r = _float(rho)
     if not math.isfinite(r) or not 0.0 <= r <= 1.0:
         raise BadInputError(f"{what} must be in [0, 1], got {rho!r}")
     return r

@@ -179,8 +179,8 @@ def layer_budgets(config: RSparseConfig, linears) -> list[LayerBudget]:
         raise RecipeError(f"recipe has {len(entries)} layers but the model has {len(names)} decoder projections")
     by_name = {}
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "name" not in e or "rho" not in e:
-            raise RecipeError(f"recipe layer {i} must be an object with 'name' and 'rho'")
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or "rho" not in e:
+            raise RecipeError(f"recipe layer {i} must be an object with a 'name' (a string) and a 'rho'")
         if e["name"] in by_name:
             raise RecipeError(f"recipe names layer {e['name']!r} twice")
         by_name[e["name"]] = e
@@ -190,8 +190,8 @@ def layer_budgets(config: RSparseConfig, linears) -> list[LayerBudget]:
     budgets = []
     for name, (o, i) in zip(names, shapes):
         e = by_name[name]
-        if "shape" in e and list(e["shape"]) != [o, i]:
-            raise RecipeError(f"recipe gives {name} shape {list(e['shape'])}, the model has [{o}, {i}]")
+        if "shape" in e and (not isinstance(e["shape"], (list, tuple)) or list(e["shape"]) != [o, i]):
+            raise RecipeError(f"recipe gives {name} shape {e['shape']!r}, the model has [{o}, {i}]")
         try:
             rho = check_ratio(e["rho"], f"recipe rho of {name}")
             s = check_sparsity(e.get("sparsity", config.sparsity), f"recipe sparsity of {name}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsparse.errors import BadInputError, MissingDataError, UnsupportedModelError
+from rsparse.errors import BadInputError, CheckpointError, MissingDataError, UnsupportedModelError
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -34,6 +34,14 @@ class DecoderLinear:
     block: int
     kind: str  # one of PROJ_TYPES
     module: nn.Module
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as its config describes it, read without its weights (see model_spec)."""
+
+    config: object  # the transformers config; `.config` as on a model, so check_seq_len takes either
+    linears: list[DecoderLinear] | None  # on the meta device; None for an rsparse checkpoint
 
 
 def _package_dir(package: str) -> Path:
@@ -175,23 +183,116 @@ def check_model_source(name_or_path) -> None:
                                "tokenizer files of the model into it")
 
 
-def check_architecture(directory) -> None:
+def check_architecture(directory) -> ModelSpec:
     """UnsupportedModelError now, from config.json alone: the model is built on the meta device
-    (no memory, no weights) and its decoder blocks are looked for."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    (no memory, no weights) and its decoder blocks are looked for. Returns what it read."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedModelError(f"cannot read the model config in {directory}: {e}") from None
+    return _meta_spec(config, directory)
+
+
+def model_spec(name_or_path: str | os.PathLike | None = None) -> ModelSpec:
+    """The config and decoder projections (names, shapes) of the model that load_model (or, for
+    an rsparse checkpoint, load_checkpoint) would load, without reading a weight: the config
+    alone is read and the architecture built on the meta device. So --seq-len and a recipe are
+    checked in a second, before minutes of loading. Raises what load_model raises for a missing
+    or unsupported model. A checkpoint is already sparsified (a recipe does not apply): its
+    linears are None, its config still gives the context length."""
+    if name_or_path is None:
+        name_or_path = default_model_file()
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MissingDataError(f"no such model: {path} (GGUF file not found)")
+        return _meta_spec(_gguf_config(path), path)
+    from rsparse.io.manifest import is_checkpoint  # here: rsparse.io imports this module
+
+    if is_checkpoint(path):
+        from transformers import AutoConfig
+
+        try:
+            return ModelSpec(AutoConfig.from_pretrained(path, local_files_only=True), None)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / 'config.json'} cannot be read as a model config ({e}): copy the "
+                                  "checkpoint again") from None
+    check_model_source(name_or_path)  # a directory's files, a hub id offline: load_model's errors
+    return check_architecture(name_or_path)
+
+
+def _meta_spec(config, where) -> ModelSpec:
+    """The model `config` describes, built on the meta device (no memory, no weights), and its
+    decoder projections; UnsupportedModelError for anything but a Llama-family causal LM."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(config)
     except ValueError:
         raise UnsupportedModelError(
-            f"{directory}: {type(config).__name__} ({getattr(config, 'model_type', '?')}) is not a causal LM; rsparse "
+            f"{where}: {type(config).__name__} ({getattr(config, 'model_type', '?')}) is not a causal LM; rsparse "
             "supports Llama-family decoders (Llama, Mistral, Qwen2/Qwen3, SmolLM)") from None
-    decoder_linears(meta)
+    return ModelSpec(config, decoder_linears(meta))
+
+
+# GGUF architectures whose transformers config is a plain renaming of header keys (transformers'
+# own table): read from the header in milliseconds. AutoConfig would parse the whole vocabulary
+# for them (4 s for SmolLM2); it still reads every other architecture (none of them supported).
+_GGUF_RENAMED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _gguf_config(path: Path):
+    """The transformers config of a .gguf file, as transformers' GGUF loader builds it, from the
+    file's header only (no tensor is read or dequantised)."""
+    import struct
+
+    from transformers import AutoConfig
+
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:  # other transformers versions: their own (slower) reader
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        metadata, tensors = read_gguf_metadata(str(path))
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise BadInputError(f"{path} is not a readable GGUF file ({e}): copy it again") from None
+    arch = metadata["general.architecture"]
+    if arch not in _GGUF_RENAMED:
+        try:
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} cannot be read ({e}); rsparse supports "
+                                        "Llama-family decoders (Llama, Mistral, Qwen2/Qwen3, SmolLM)") from None
+    values = {}
+    for key, value in metadata.items():  # "llama.context_length" -> max_position_embeddings, ...
+        prefix, _, name = key.partition(".")
+        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(name)
+        if renamed:
+            values[renamed] = value
+    values.pop("model_type", None)  # general.architecture, given to for_model below
+    # as transformers' loader: tied unless the file holds an output matrix; the vocabulary's
+    # size when the header does not give it (the reader returns a string array's length)
+    values["tie_word_embeddings"] = "output.weight" not in tensors
+    if "vocab_size" not in values and isinstance(metadata.get("tokenizer.ggml.tokens"), int):
+        values["vocab_size"] = metadata["tokenizer.ggml.tokens"]
+    return AutoConfig.for_model(arch, **values)
+
+
+def context_length(model) -> int | None:
+    """The context window (max_position_embeddings) of a model or a ModelSpec, if its config says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_seq_len(model, seq_len: int | None, flag: str = "--seq-len") -> None:
+    n = context_length(model)
+    if seq_len is not None and n is not None and seq_len > n:
+        raise BadInputError(f"{flag} {seq_len} is longer than the model's context of {n} tokens "
+                            f"(max_position_embeddings): use at most {n}")
 
 
 def source_dtype(model: nn.Module) -> torch.dtype:

@@ -59,7 +59,8 @@ def test_cli_rejects_bad_input_before_loading(argv, message):
 def test_cli_unreachable_baseline_target(tmp_path, tokenizer, tiny_model_dir):
     model_dir = tiny_model_dir
     args = _parser().parse_args(["eval", "--model", str(model_dir), "--methods", "dense,cats", "--sparsities", "0.5,0.6",
-                                 "--mlp-sparsities", "none", "--tasks", "piqa", "--out", str(tmp_path / "o")])
+                                 "--mlp-sparsities", "none", "--tasks", "piqa", "--seq-len", "64",
+                                 "--out", str(tmp_path / "o")])
     with pytest.raises(RsparseError, match="CATS sparsifies only the MLP.*choose a target below 47.6%"):
         args.func(args)
 

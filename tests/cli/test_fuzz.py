@@ -81,7 +81,22 @@ def ws(tmp_path_factory):
     names = json.loads((root / "ck" / "config.json").read_text())["quantization_config"]["layers"]
     (root / "recipe_bad_name.json").write_text(json.dumps({"layers": [{"name": n.replace("layers", "blocks"), "rho": 0.5}
                                                                       for n in names]}))
+    for name, layers in _bad_recipes().items():
+        (root / f"recipe_{name}.json").write_text(json.dumps({"sparsity": 0.5, "layers": layers}))
     return root
+
+
+def _bad_recipes() -> dict:
+    """Recipes for the tiny model (14 projections), each wrong in one way."""
+    from rsparse.core.models import decoder_linears
+
+    good = [{"name": l.name, "shape": [l.module.out_features, l.module.in_features], "rho": 0.9}
+            for l in decoder_linears(tiny_model())]
+    one = lambda **change: [dict(good[0], **change)] + good[1:]  # noqa: E731 (the first layer changed)
+    return {"shape": one(shape=[64, 32]), "shape_text": one(shape="64x64"), "duplicate": good[:-1] + good[:1],
+            "missing": good[:-1], "extra": good + [dict(good[0], name="model.layers.9.mlp.up_proj")],
+            "rho_range": one(rho=1.5), "rho_text": one(rho="high"), "rho_null": one(rho=None),
+            "sparsity_range": one(sparsity=1.2), "no_name": [{"rho": 0.9}] + good[1:]}
 
 
 def _cases():
@@ -103,7 +118,7 @@ def _cases():
         "model-bert": (["compress", "--model", "{ws}/bert", "--out", "{ws}/new_ck"], "Bert.*(no q/k/v/o|not a causal)"),
         "model-hub-offline": (["run", "--model", "nobody-xyz/not-cached-model"], "offline"),
         "model-pickle": (["run", "--model", "{ws}/pickle"], "only pickle weights.*safetensors only"),
-        "model-garbage-tokenizer": (["run", "--model", "{ws}/badtok"], "cannot read the tokenizer in"),
+        "model-garbage-tokenizer": (["run", "--model", "{ws}/badtok", "--seq-len", "32"], "cannot read the tokenizer in"),
         "generate-gpt2": (["generate", "--model", "{ws}/gpt2", "--prompt", "hi", "--dense"], "no q/k/v/o"),
         # corpora
         "corpus-binary": ([*run, "--calib-corpus", "{ws}/binary.txt"], "is binary"),
@@ -158,11 +173,89 @@ def _snapshot(root: Path) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line(case, ws, capsys, monkeypatch):
-    import re
-
     if case.startswith("device-cuda") and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    argv, match = CASES[case]
+    _one_error_line(*CASES[case], ws, capsys, monkeypatch)
+
+
+def _preload_cases():
+    """A recipe that does not fit the model and a length beyond its context, against every verb
+    that takes them: refused from the model's config, before its weights load."""
+    m = ["--model", "{ws}/tiny"]
+    good, gen = "{ws}/good.txt", ["--prompt", "hi", "--no-chat-template", "--max-new-tokens", "4"]
+    verbs = {  # each verb with a recipe, and every other flag fine
+        "run": ["run", *m, "--calib-corpus", good, "--ppl-corpus", good, *TINY_RUN, "--methods", "rsparse"],
+        "compress": ["compress", *m, "--calib-corpus", good, "--seq-len", "32", "--out", "{ws}/new_ck"],
+        "eval": ["eval", *m, "--methods", "dense,rsparse", "--tasks", "piqa", "--ppl-windows", "0",
+                 "--xsum-samples", "0", "--seq-len", "32", "--out", "{ws}/new_eval"],
+        "generate": ["generate", *m, *gen, "--calib-corpus", good, "--seq-len", "32"],
+    }
+    recipe_errors = {"bad_name": "recipe layer names not in the model: .*model.blocks.0",
+                     "shape": r"recipe gives model.layers.0.self_attn.q_proj shape \[64, 32\], the model has \[64, 64\]",
+                     "shape_text": "recipe gives .* shape '64x64'", "duplicate": "names layer .*q_proj' twice",
+                     "missing": "recipe has 13 layers but the model has 14",
+                     "extra": "recipe has 15 layers but the model has 14",
+                     "rho_range": r"recipe rho of .*q_proj must be in \[0, 1\], got 1.5",
+                     "rho_text": r"recipe rho of .*q_proj must be in \[0, 1\], got 'high'",
+                     "rho_null": "recipe rho of .*q_proj must be in .*got None",
+                     "sparsity_range": r"recipe sparsity of .*q_proj must be in \[0, 1\), got 1.2",
+                     "no_name": "recipe layer 0 must be an object with a 'name'"}
+    cases = {f"{verb}-recipe-{kind}": ([*argv, "--recipe", f"{{ws}}/recipe_{kind}.json"], match)
+             for verb, argv in verbs.items() for kind, match in recipe_errors.items()}
+    context = "longer than the model's context of 256 tokens"
+    srch = ["search", *m, "--calib-corpus", good, "--ppl-corpus", good, "--seq-len", "32", "--out", "{ws}/new_search"]
+    cases.update({
+        "run-seq-len": ([*verbs["run"], "--seq-len", "257"], "--seq-len 257 is " + context),
+        "run-seq-len-embedded-gguf": (["run", "--seq-len", "100000"], "context of 8192 tokens"),
+        "compress-seq-len": ([*verbs["compress"], "--seq-len", "300"], context),
+        "eval-seq-len": ([*verbs["eval"], "--seq-len", "4096"], context),
+        "search-seq-len": ([*srch, "--seq-len", "300"], context),
+        "search-ppl-seq-len": ([*srch, "--ppl-windows", "2", "--ppl-seq-len", "300"], "--ppl-seq-len 300 is " + context),
+        "compare-recipes-seq-len": (["compare-recipes", *m, "--calib-corpus", good, "--ppl-corpus", good, "--tasks",
+                                     "none", "--seq-len", "300", "--out", "{ws}/new_cmp"], context),
+        "analyze-seq-len": (["analyze", *m, "--corpus", good, "--ppl-corpus", good, "--seq-len", "300", "--out",
+                             "{ws}/new_analyze"], context),
+        "generate-seq-len": ([*verbs["generate"], "--seq-len", "300"], context),
+        "generate-max-new-tokens": (["generate", *m, *gen, "--dense", "--max-new-tokens", "256"],
+                                    "--max-new-tokens 256 leaves no room for a prompt in the model's context of 256"),
+        "generate-checkpoint-max-new-tokens": (["generate", "--model", "{ws}/ck", *gen, "--max-new-tokens", "300"],
+                                               "context of 256"),
+        "compress-checkpoint-recipe": (["compress", "--model", "{ws}/ck", "--calib-corpus", good, "--seq-len", "32",
+                                        "--recipe", "{ws}/recipe_missing.json", "--out", "{ws}/new_ck"],
+                                       "is an rsparse checkpoint, already sparsified: a --recipe does not apply"),
+    })
+    return cases
+
+
+PRELOAD_CASES = _preload_cases()
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Every way rsparse loads weights fails the test: the case had to be refused before."""
+    import transformers
+
+    import rsparse.cli.compress
+    import rsparse.core.models
+    import rsparse.io.checkpoint
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    for module, name in ((rsparse.core.models, "load_model"), (rsparse.cli.compress, "load_model"),
+                         (rsparse.io.checkpoint, "load_any"), (transformers.AutoModelForCausalLM, "from_pretrained")):
+        monkeypatch.setattr(module, name, loaded)
+
+
+@pytest.mark.parametrize("case", list(PRELOAD_CASES))
+def test_refused_before_the_model_loads(case, ws, capsys, monkeypatch, no_model_load):
+    _one_error_line(*PRELOAD_CASES[case], ws, capsys, monkeypatch)
+
+
+def _one_error_line(argv, match, ws, capsys, monkeypatch):
+    """Exit status 2, one `error:` line matching `match`, no traceback, no file changed or left."""
+    import re
+
     argv = [a.replace("{ws}", str(ws)) for a in argv]
     monkeypatch.chdir(ws)
     before = _snapshot(ws)
@@ -177,5 +270,5 @@ def test_bad_input_is_one_line(case, ws, capsys, monkeypatch):
     assert _snapshot(ws) == before, "a file of the user's changed"
     left = [p for p in ws.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not left, f"temporary files left: {left}"
-    assert not (ws / "new_ck").exists() and not (ws / "new_eval").exists()
+    assert not [p for p in ws.iterdir() if p.name.startswith("new_")], "an --out was created"
     assert not os.path.exists("/proc/rsparse-out")

@@ -40,3 +40,18 @@ def test_embedded_model_sparsify_and_perplexity(smollm):
     assert dense["ppl"] < sparse["ppl"] < 3 * dense["ppl"]
     assert abs(sparse["achieved_sparsity"] - 0.5) < 0.03
     assert math.isclose(evaluate_perplexity(model, ev)["ppl"], dense["ppl"], rel_tol=1e-6)
+
+
+def test_model_spec_is_the_loaded_models(smollm):
+    """model_spec reads the GGUF header only (rsparse.core.models._gguf_config): the same
+    projections and the same config as the model transformers loads."""
+    from rsparse.core.models import decoder_linears, model_spec
+
+    model, _ = smollm
+    spec = model_spec()
+    shapes = lambda linears: [(l.name, l.module.out_features, l.module.in_features) for l in linears]  # noqa: E731
+    assert shapes(spec.linears) == shapes(decoder_linears(model))
+    for key in ("max_position_embeddings", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_parameters",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(spec.config, key) == getattr(model.config, key), key
