@@ -46,6 +46,7 @@ def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path):
     assert runs["dense"]["forced_agreement"] == 1.0
     saved = runs["as saved"]
     assert saved["hf_reproducible"] == 3 and saved["forced_agreement"] >= 0.9
+    assert runs["dense"]["hf_eager_forced_agreement"] == 1.0 and 0 < saved["hf_eager_forced_agreement"] <= 1
     assert code == (0 if saved["identical"] == 3 else 1)
     assert all(len(r["engine_tokens"]) == len(r["hf_tokens"]) == 8 for r in saved["rows"])
 

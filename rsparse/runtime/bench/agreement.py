@@ -5,9 +5,11 @@
 For a few chat prompts, one at a time, the model continues greedily for exactly `--new-tokens`
 tokens (end-of-sequence ignored, so every row is compared at full length) with the decode engine
 and with transformers' `generate` (twice: is the reference itself reproducible?); then the engine
-is teacher-forced along transformers' tokens and its choices counted (a free-running continuation
-parts for good at the first changed token, e.g. an R-Sparse channel that sits at its threshold and
-flips on a last-bit difference; a forced one shows whether the steps compute the same function). A checkpoint runs as saved (R-Sparse: prefill dense,
+is teacher-forced along transformers' tokens and its choices counted, beside those of transformers
+itself with eager attention instead of SDPA (a free-running continuation parts for good at the
+first changed token, e.g. an R-Sparse channel that sits at its threshold and flips on a last-bit
+difference; forced, the engine should agree with transformers as often as transformers agrees
+with itself under other, equally valid numerics). A checkpoint runs as saved (R-Sparse: prefill dense,
 decode steps sparse) and then with its dense layers restored. Prints a table and writes
 DIR/agreement.json; exits 1 if any prompt's tokens differ.
 """
@@ -52,10 +54,29 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
     return out[0, len(ids):].tolist(), n / sec
 
 
+@torch.no_grad()
+def hf_forced(model, ids: list[int], forced: list[int], attention: str) -> list[int]:
+    """transformers' greedy choices along `forced` (teacher forcing: the prompt, then one token
+    per forward pass with the cache, as generate decodes) with another attention implementation."""
+    dev = next(model.parameters()).device
+    before = model.config._attn_implementation
+    model.set_attn_implementation(attention)
+    try:
+        out = model(torch.tensor([ids], device=dev), use_cache=True)
+        choices = [int(out.logits[0, -1].argmax())]
+        for tok in forced:
+            out = model(torch.tensor([[tok]], device=dev), past_key_values=out.past_key_values, use_cache=True)
+            choices.append(int(out.logits[0, -1].argmax()))
+    finally:
+        model.set_attn_implementation(before)
+    return choices
+
+
 def compare(model, prompts: list[list[int]], n: int) -> dict:
     """Per prompt: engine vs transformers free-running (identical tokens?), transformers run twice
-    (is the reference itself reproducible?), and the engine teacher-forced along transformers'
-    tokens (how many of its choices agree: a wrong step disagrees almost everywhere)."""
+    (is the reference itself reproducible?), and teacher-forced along transformers' tokens: the
+    engine's choices, and as a yardstick those of transformers with eager attention instead of
+    SDPA (the same model, other last bits): a wrong step would disagree far more than that."""
     from rsparse.runtime.engine import Engine
 
     engine = Engine(model, max_seq_len=-(-(max(map(len, prompts)) + n) // 128) * 128)
@@ -65,17 +86,23 @@ def compare(model, prompts: list[list[int]], n: int) -> dict:
         ref, hf_tps = hf_greedy(model, ids, n)
         again, _ = hf_greedy(model, ids, n)
         forced = engine.forced_choices(ids, ref[:-1])
+        eager = hf_forced(model, ids, ref[:-1], "eager")
         rows.append({"prompt_tokens": len(ids), "identical": got.tokens[0] == ref,
                      "first_difference": _first_difference(got.tokens[0], ref),
                      "hf_reproducible": again == ref, "hf_first_difference": _first_difference(again, ref),
-                     "forced_agreement": sum(a == b for a, b in zip(forced, ref)) / len(ref),
+                     "forced_agreement": _agreement(forced, ref), "hf_eager_forced_agreement": _agreement(eager, ref),
                      "engine_tokens_per_s": got.decode_tokens_per_s, "hf_tokens_per_s": hf_tps,
                      "engine_tokens": got.tokens[0], "hf_tokens": ref, "hf_tokens_again": again})
     median = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
     return {"rows": rows, "identical": sum(r["identical"] for r in rows), "prompts": len(rows),
             "hf_reproducible": sum(r["hf_reproducible"] for r in rows),
             "forced_agreement": sum(r["forced_agreement"] for r in rows) / len(rows),
+            "hf_eager_forced_agreement": sum(r["hf_eager_forced_agreement"] for r in rows) / len(rows),
             "engine_tokens_per_s": median("engine_tokens_per_s"), "hf_tokens_per_s": median("hf_tokens_per_s")}
+
+
+def _agreement(choices: list[int], ref: list[int]) -> float:
+    return sum(a == b for a, b in zip(choices, ref)) / len(ref)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -116,11 +143,13 @@ def main(argv=None) -> int:
     (out / "agreement.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.model or 'embedded model'} on {args.device}, {results['dtype']}, {args.new_tokens} new tokens, greedy, "
           f"kernel {args.kernel}")
-    print("| layers | identical prompts | transformers reproducible | teacher-forced agreement % | engine tok/s "
-          "(median) | transformers tok/s (median) |\n|---|---|---|---|---|---|")
+    print("| layers | identical prompts | transformers reproducible | teacher-forced agreement %: engine | "
+          "transformers eager attention | engine tok/s (median) | transformers tok/s (median) |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
         print(f"| {name} | {r['identical']}/{r['prompts']} | {r['hf_reproducible']}/{r['prompts']} | "
-              f"{100 * r['forced_agreement']:.1f} | {r['engine_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} |")
+              f"{100 * r['forced_agreement']:.1f} | {100 * r['hf_eager_forced_agreement']:.1f} | "
+              f"{r['engine_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} |")
     return 0 if all(r["identical"] == r["prompts"] for r in results["runs"].values()) else 1
 
 
