@@ -50,14 +50,14 @@ def phase(name: str, fn):
         stack.append(full)
         if full not in order:
             order.append(full)
-        start = _rss_mb()
+        start, t0 = _rss_mb(), time.time()
         try:
             return fn(*args, **kwargs)
         finally:
             _boundary()
             stack.pop()
-            print(f"[memory] {full}: peak {peaks[full]:.0f} MB (RSS {start:.0f} -> {_rss_mb():.0f} MB)",
-                  file=sys.stderr)
+            print(f"[memory] {full}: peak {peaks[full]:.0f} MB (RSS {start:.0f} -> {_rss_mb():.0f} MB, "
+                  f"{time.time() - t0:.0f} s)", file=sys.stderr)
     return wrapped
 
 
@@ -95,7 +95,7 @@ def main() -> int:
     patch(gguf_utils, "load_gguf_checkpoint", "gguf_read")
     patch(data, "load_windows", "load_windows", cli_compress)
     patch(calibrate, "collect_activations", "collect_activations")
-    patch(methods_rsparse, "collect_activations", "collect_activations")
+    patch(calibrate, "_sample_group", "sample")  # each pass over the calibration windows
     patch(methods_rsparse, "sparsify_rsparse_", "sparsify")
     patch(methods_rsparse, "refine_thresholds_", "refine")
     patch(perplexity, "evaluate_perplexity", "perplexity")
