@@ -3,7 +3,11 @@
 1. `collect_activations`: the calibration windows go through the dense model with forward
    pre-hooks on the 7 projections of every block, keeping a seeded random sample of token rows
    of each layer's input (the same token positions for every layer). They are reused for every
-   method and recipe, so they are collected once.
+   method and recipe, so they are collected once. Projections reading one input (q/k/v,
+   gate/up) share their rows; every pass stops at the last projection it samples (no logits).
+   Where nobody else needs the rows (sparsify_ given windows, the refinement pass), they are
+   sampled a group of layers at a time (`sample_module_groups`), each group used and freed
+   before the next: the same rows, at a fraction of the memory.
 2. `calibrate_threshold`: the one threshold rule: the (1-k) quantile of a layer's calibration
    scores, so that a fraction k of them is kept.
 3. `LayerPlanner`: per layer and budget, the method, score scale, threshold and low-rank factors
@@ -80,10 +84,10 @@ def sample_module_inputs(model: nn.Module, modules: dict[str, nn.Module], window
 
 
 def sample_budget(model: nn.Module) -> int:
-    """Bytes of sampled rows held at once when they can be taken a group of layers at a time: the
-    model's own size. (SmolLM2's rows, 2048 per layer, take 1.5 times its weights; a 7B model's a
-    third of them.)"""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of sampled rows held at once where they can be taken a group of layers at a time:
+    half the model's own size. SmolLM2-135M's rows (2048 per layer) take 1.5 times its float32
+    weights, so they come in three groups; a 7B model's take well under half its weights: one group."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) // 2
 
 
 def sample_module_groups(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
