@@ -3,7 +3,11 @@
 1. `collect_activations`: the calibration windows go through the dense model with forward
    pre-hooks on the 7 projections of every block, keeping a seeded random sample of token rows
    of each layer's input (the same token positions for every layer). They are reused for every
-   method and recipe, so they are collected once.
+   method and recipe, so they are collected once. Projections reading one input (q/k/v,
+   gate/up) share their rows; every pass stops at the last projection it samples (no logits).
+   Where nobody else needs the rows (sparsify_ given windows, the refinement pass), they are
+   sampled a group of layers at a time (`sample_module_groups`), each group used and freed
+   before the next: the same rows, at a fraction of the memory.
 2. `calibrate_threshold`: the one threshold rule: the (1-k) quantile of a layer's calibration
    scores, so that a fraction k of them is kept.
 3. `LayerPlanner`: per layer and budget, the method, score scale, threshold and low-rank factors
@@ -30,7 +34,8 @@ from rsparse.errors import BadInputError
 
 @dataclass
 class CalibrationActivations:
-    """Sampled input rows (n_rows, in) of every decoder projection, keyed by module name."""
+    """Sampled input rows (n_rows, in) of every decoder projection, keyed by module name
+    (projections reading the same input, such as q/k/v, share one tensor: read-only)."""
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     windows: torch.Tensor | None = None  # the calibration token windows (n, seq_len)
@@ -72,7 +77,28 @@ def sample_module_inputs(model: nn.Module, modules: dict[str, nn.Module], window
                          second_half: bool = False) -> dict[str, torch.Tensor]:
     """Input rows reaching each of `modules` while the model runs the windows, at the same seeded
     random token positions for every module (only positions >= seq_len//2 of each window if
-    second_half); float32 on the CPU, keyed like `modules`."""
+    second_half); float32 on the CPU, keyed like `modules`. Modules that read the very same input
+    tensor (q/k/v, gate/up of a Llama block) get one shared tensor of rows: treat them as read-only."""
+    rows = next(sample_module_groups(model, modules, windows, max_rows, seed, batch_size, second_half))
+    return {name: rows[name] for name in modules}
+
+
+def sample_budget(model: nn.Module) -> int:
+    """Bytes of sampled rows held at once where they can be taken a group of layers at a time:
+    half the model's own size. SmolLM2-135M's rows (2048 per layer) take 1.5 times its float32
+    weights, so they come in three groups; a 7B model's take well under half its weights: one group."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) // 2
+
+
+def sample_module_groups(model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
+                         max_rows: int, seed: int, batch_size: int = 4, second_half: bool = False,
+                         budget: int | None = None):
+    """Yields the input rows of `modules` (as sample_module_inputs) a group of consecutive modules
+    at a time, each group's rows taking about `budget` bytes or less (None: one group). Every group
+    runs the windows through the model again, up to its last module only (n groups cost about
+    (n + 1) / 2 passes), and its rows are sampled at the same positions, so they are the rows one
+    pass would give. A caller that is done with a group's rows before taking the next one holds
+    one group's rows at a time."""
     n, seq_len = windows.shape
     total = n * seq_len
     gen = torch.Generator().manual_seed(seed)
@@ -80,27 +106,132 @@ def sample_module_inputs(model: nn.Module, modules: dict[str, nn.Module], window
     if second_half:
         candidates = candidates[candidates % seq_len >= seq_len // 2]
     picked = candidates[torch.randperm(len(candidates), generator=gen)[:max_rows]].sort().values
-    store: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    current = {"rows": None}  # row indices (into the flattened batch) sampled from the current batch
+    device = next(model.parameters()).device
+    layout = _input_layout(model, modules, windows[:1, :2].to(device))
+    for group in _groups(layout, len(picked) * 4, budget):
+        yield _sample_group(model, {name: modules[name] for name in group}, group, windows, picked, batch_size, device)
+
+
+class _Sampled(Exception):
+    """Raised by the last hook of a forward pass: every module wanted has its input, the rest of
+    the model need not run."""
+
+
+def _run_to_last_hook(model: nn.Module, ids: torch.Tensor) -> None:
+    try:
+        # if it does run to the end: the logits of one position, not (batch, seq_len, vocab)
+        model(ids, use_cache=False, **logits_kwargs(model, 1))
+    except _Sampled:
+        pass
+
+
+def _input_layout(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor) -> dict[str, tuple[str, int]]:
+    """{module: (owner, width)} in call order, from a forward pass over a couple of tokens: the
+    width of each module's input, and the owner of its rows: the module called just before it if
+    that one read the very same input tensor (q/k/v, gate/up), else itself."""
+    layout: dict[str, tuple[str, int]] = {}
+    last = {}
 
     def hook(name):
         def fn(module, args):
             x = args[0]
-            store[name].append(x.reshape(-1, x.shape[-1])[current["rows"]].detach().to("cpu", torch.float32))
+            if name not in layout:
+                shared = last.get("input") is x
+                layout[name] = (last["owner"] if shared else name, x.shape[-1])
+                if not shared:
+                    last.update(input=x, owner=name)
+            if len(layout) == len(modules):
+                raise _Sampled
         return fn
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
-    device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, n, batch_size), desc="calibration", unit="batch", leave=False):
-            lo, hi = start * seq_len, min(start + batch_size, n) * seq_len
-            sel = picked[(picked >= lo) & (picked < hi)] - lo
-            current["rows"] = sel.to(device)
-            model(windows[start:start + batch_size].to(device), use_cache=False)
+        _run_to_last_hook(model, ids)
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in store.items()}
+    missing = [name for name in modules if name not in layout]
+    if missing:
+        raise RuntimeError(f"{missing[0]} was not called when the model ran (calibration hooks)")
+    return layout
+
+
+def _groups(layout: dict[str, tuple[str, int]], row_bytes: int, budget: int | None) -> list[dict[str, tuple[str, int]]]:
+    """Consecutive modules of `layout` in about equal groups of at most ~budget bytes of rows;
+    a group starts only at an owner, so modules sharing rows stay together."""
+    sizes = {name: row_bytes * width if owner == name else 0 for name, (owner, width) in layout.items()}
+    n_groups = 1 if budget is None else max(1, math.ceil(sum(sizes.values()) / max(budget, 1)))
+    target = sum(sizes.values()) / n_groups
+    groups, held = [{}], 0
+    for name, entry in layout.items():
+        if entry[0] == name and groups[-1] and held + sizes[name] > target * 1.001 and len(groups) < n_groups:
+            groups.append({})
+            held = 0
+        groups[-1][name] = entry
+        held += sizes[name]
+    return groups
+
+
+def _sample_group(model: nn.Module, modules: dict[str, nn.Module], layout: dict[str, tuple[str, int]],
+                  windows: torch.Tensor, picked: torch.Tensor, batch_size: int, device) -> dict[str, torch.Tensor]:
+    n_rows, seq_len = len(picked), windows.shape[1]
+    owner = {name: entry[0] for name, entry in layout.items()}
+    # One allocation for all the group's rows, filled in place batch by batch: no per-batch pieces
+    # to concatenate (that doubled the peak), and a block this large is mapped by malloc on its
+    # own, so the forward passes' temporaries do not fragment the heap around it for good.
+    flat = torch.empty(n_rows * sum(w for name, (o, w) in layout.items() if o == name), dtype=torch.float32)
+    rows, offset = {}, 0
+    for name, (o, width) in layout.items():
+        if o == name:
+            rows[name] = flat[offset:offset + n_rows * width].view(n_rows, width)
+            offset += n_rows * width
+    for name, o in owner.items():
+        rows[name] = rows[o]
+    del flat
+    batch = {"rows": None, "at": 0, "last": None, "seen": set()}  # this batch's sampled rows, where they go
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            last = batch["last"]
+            if owner[name] != name and not (last is not None and last[1] == owner[name] and last[0] is x):
+                rows[name] = rows[name].clone()  # shared in the layout's pass, not in this one: rows of its own
+                owner[name] = name
+            if owner[name] == name:
+                sel, at = batch["rows"], batch["at"]
+                rows[name][at:at + len(sel)] = x.detach().reshape(-1, x.shape[-1])[sel]
+                batch["last"] = (x, name)
+            batch["seen"].add(name)
+            if len(batch["seen"]) == len(modules):
+                raise _Sampled
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibration", unit="batch", leave=False):
+            lo, hi = start * seq_len, min(start + batch_size, windows.shape[0]) * seq_len
+            sel = picked[(picked >= lo) & (picked < hi)] - lo
+            batch.update(rows=sel.to(device), last=None, seen=set())
+            _run_to_last_hook(model, windows[start:start + batch_size].to(device))
+            batch["at"] += len(sel)
+    finally:
+        for h in handles:
+            h.remove()
+    batch["last"] = None
+    return {name: rows[name] for name in modules}
+
+
+def logits_kwargs(model: nn.Module, positions: int) -> dict:
+    """Forward arguments that make the model compute logits for its last `positions` positions
+    only, where it takes them (transformers' `logits_to_keep`): the rest of the full-vocabulary
+    logits is never materialised."""
+    import inspect
+
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": positions} if takes else {}
 
 
 def calibrate_threshold(scores: torch.Tensor, keep_fraction):

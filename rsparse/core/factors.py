@@ -49,9 +49,12 @@ def whitened_factors(weight: torch.Tensor, residual: torch.Tensor, rank: int,
     """
     w = weight.detach().to(torch.float64)
     x = residual.to(w.device, torch.float64)
-    cov = x.t() @ x / max(x.shape[0], 1)
-    cov += (damp * cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(cov.shape[0], dtype=torch.float64, device=w.device)
+    cov = x.t() @ x
+    cov /= max(x.shape[0], 1)
+    del x  # in place from here on: no (in, in) temporaries beside cov and chol
+    cov.diagonal().add_(damp * cov.diagonal().mean().clamp_min(1e-12))
     chol = torch.linalg.cholesky(cov)
+    del cov
     u, s, vh = weight_svd(w @ chol)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root  # (out, r)
@@ -63,5 +66,5 @@ def dropped_input_factors(weight: torch.Tensor, rows: torch.Tensor, scale: torch
                           rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Whitened rank-r factors fitted to the calibration inputs the threshold drops (score
     |x| * scale <= threshold): what reaches the layer's low-rank path."""
-    scores = rows.abs() * (scale.cpu() if scale is not None else 1.0)
-    return whitened_factors(weight, rows * (scores <= threshold), rank)
+    dropped = rows.abs() * (scale.cpu() if scale is not None else 1.0) <= threshold
+    return whitened_factors(weight, rows * dropped, rank)

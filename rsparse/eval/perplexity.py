@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from rsparse.core.calibrate import logits_kwargs
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_linears
 from rsparse.core.sparse_modules import token_mode
@@ -63,6 +64,14 @@ def measured_sparsity(model: nn.Module) -> dict:
     return {"achieved_sparsity": 0.0}
 
 
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of targets (B, N) under logits (B, N, vocab). One window at a
+    time, so that cross-entropy's log-softmax copy is one window's, not the whole batch's; summed
+    in float64, so the total does not depend on how the windows are batched."""
+    return sum(float(F.cross_entropy(row.float(), t, reduction="none").double().sum())
+               for row, t in zip(logits, targets))
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, tokens: str = "second_half",
                         batch_size: int = 4, desc: str = "perplexity") -> dict:
@@ -76,13 +85,17 @@ def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, tokens: str = "
     T = windows.shape[1]
     first = T // 2 if tokens == "second_half" else 0  # first logit position scored
     device = next(model.parameters()).device
+    # logits of the scored positions only (and the last one, dropped): the rest of the
+    # (batch, T, vocab) logits is never computed
+    kwargs = logits_kwargs(model, T - first)
     nll, count = 0.0, 0
     with token_mode(model, tokens, track=True):
         for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
             ids = windows[start:start + batch_size].to(device)
-            logits = model(ids, use_cache=False).logits[:, first:-1].float()
+            logits = model(ids, use_cache=False, **kwargs).logits
+            logits = logits[:, logits.shape[1] - (T - first):-1]  # predictions of targets first+1 .. T-1
             targets = ids[:, first + 1:]
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            nll += window_nll(logits, targets)
             count += targets.numel()
         read = measured_read(model)
         result = {"ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rsparse.core.calibrate import (CalibrationActivations, LayerPlanner, sample_layer_inputs, calibrate_threshold,
-                                    collect_activations)
+from rsparse.core.calibrate import (CalibrationActivations, LayerPlan, LayerPlanner, _check_windows, calibrate_threshold,
+                                    sample_budget, sample_module_groups)
 from rsparse.core.config import RSparseConfig, layer_budgets
 from rsparse.core.layer import RSparseLinear, rsparse_layers
-from rsparse.core.models import decoder_linears, replace_module
+from rsparse.core.models import DecoderLinear, decoder_linears, replace_module
 from rsparse.core.sparse_modules import restore_, token_mode
 from rsparse.errors import BadInputError
 
@@ -30,48 +30,70 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
     config.validate()
     restore_(model)
     linears = decoder_linears(model)
-    budgets = layer_budgets(config, linears)  # validates the recipe before any work
-    if not isinstance(calibration, CalibrationActivations):
-        calibration = collect_activations(model, calibration, config.max_rows_per_layer, config.seed)
-    missing = [l.name for l in linears if l.name not in calibration.rows]
-    if missing:
-        raise BadInputError(f"calibration activations do not cover layer {missing[0]} (collected on another model?)")
+    budgets = dict(zip((l.name for l in linears), layer_budgets(config, linears)))  # validates the recipe first
+    if isinstance(calibration, CalibrationActivations):
+        missing = [l.name for l in linears if l.name not in calibration.rows]
+        if missing:
+            raise BadInputError(f"calibration activations do not cover layer {missing[0]} (collected on another model?)")
+        windows, groups = calibration.windows, [calibration.rows]
+    else:
+        # Rows nobody else sees: sampled a group of layers at a time, each group planned and its
+        # rows freed before the next is sampled (the same rows as collect_activations gives).
+        windows = _check_windows(calibration)
+        groups = sample_module_groups(model, {l.name: l.module for l in linears}, windows,
+                                      config.max_rows_per_layer, config.seed, budget=sample_budget(model))
+        calibration = CalibrationActivations(windows=windows)
 
-    report = []
-    for lin, budget in tqdm(list(zip(linears, budgets)), desc=f"sparsify ({config.method})", unit="layer", leave=False):
-        weight = lin.module.weight
-        rows = calibration.rows[lin.name]
-        if rows.shape[1] != lin.module.in_features:
-            raise BadInputError(f"calibration activations for {lin.name} have {rows.shape[1]} channels, "
-                                f"the layer has {lin.module.in_features}")
-        svd = calibration.svd.get(lin.name)
-        if svd is None and budget.rank and config.factors == "svd" and config.method != "dense":
-            from rsparse.core.factors import weight_svd
-
-            svd = weight_svd(weight)
-            if calibration.cache_svd:
-                calibration.svd[lin.name] = tuple(t.float().cpu() for t in svd)
-        planner = LayerPlanner(weight, rows, config.score, config.factors, svd=svd)
-        plan = planner.plan(budget, dense=config.method == "dense")
-        layer = plan.apply(RSparseLinear.from_linear(lin.module, name=lin.name))
+    plans, report = {}, {}
+    progress = tqdm(total=len(linears), desc=f"sparsify ({config.method})", unit="layer", leave=False)
+    for rows in groups:
+        for lin in [l for l in linears if l.name in rows]:
+            plans[lin.name], report[lin.name] = _plan_layer(lin, budgets[lin.name], rows[lin.name], config, calibration)
+            progress.update()
+        del rows
+    progress.close()
+    report = [report[l.name] for l in linears]
+    # Layers are swapped in once all are planned (the later groups were sampled on the dense
+    # model), each dense module dropped as its sparse copy replaces it.
+    for i, lin in enumerate(linears):
+        layer = plans.pop(lin.name).apply(RSparseLinear.from_linear(lin.module, name=lin.name))
         layer.tokens = config.tokens
         replace_module(model, lin.name, layer)
-        dense = plan.method == "dense"
-        report.append({
-            "name": lin.name, "block": lin.block, "type": lin.kind,
-            "shape": [lin.module.out_features, lin.module.in_features],
-            "method": plan.method, "sparsity": budget.sparsity, "rho": budget.rho,
-            "keep": budget.keep_fraction, "rank": budget.rank, "threshold": plan.threshold,
-            "score": "weighted" if plan.weighted else "abs",
-            "calibration_kept": 1.0 if dense else float((planner.scores(plan.score_scale) > plan.threshold).float().mean()),
-            "read_fraction": 1.0 if dense else budget.read_fraction(),
-        })
-    if config.refine and calibration.windows is not None and config.method != "dense":
-        refine_thresholds_(model, config, calibration.windows, report)
+        linears[i] = lin = None
+    if config.refine and windows is not None and config.method != "dense":
+        refine_thresholds_(model, config, windows, report)
     from rsparse.io.transformers_format import attach
 
     attach(model, config, report)  # model.save_pretrained writes the rsparse transformers format
     return report
+
+
+def _plan_layer(lin: DecoderLinear, budget, rows: torch.Tensor, config: RSparseConfig,
+                calibration: CalibrationActivations) -> tuple[LayerPlan, dict]:
+    """One layer's plan from its calibration rows, and its line of the report."""
+    weight = lin.module.weight
+    if rows.shape[1] != lin.module.in_features:
+        raise BadInputError(f"calibration activations for {lin.name} have {rows.shape[1]} channels, "
+                            f"the layer has {lin.module.in_features}")
+    svd = calibration.svd.get(lin.name)
+    if svd is None and budget.rank and config.factors == "svd" and config.method != "dense":
+        from rsparse.core.factors import weight_svd
+
+        svd = weight_svd(weight)
+        if calibration.cache_svd:
+            calibration.svd[lin.name] = tuple(t.float().cpu() for t in svd)
+    planner = LayerPlanner(weight, rows, config.score, config.factors, svd=svd)
+    plan = planner.plan(budget, dense=config.method == "dense")
+    dense = plan.method == "dense"
+    return plan, {
+        "name": lin.name, "block": lin.block, "type": lin.kind,
+        "shape": [lin.module.out_features, lin.module.in_features],
+        "method": plan.method, "sparsity": budget.sparsity, "rho": budget.rho,
+        "keep": budget.keep_fraction, "rank": budget.rank, "threshold": plan.threshold,
+        "score": "weighted" if plan.weighted else "abs",
+        "calibration_kept": 1.0 if dense else float((planner.scores(plan.score_scale) > plan.threshold).float().mean()),
+        "read_fraction": 1.0 if dense else budget.read_fraction(),
+    }
 
 
 @torch.no_grad()
@@ -85,15 +107,22 @@ def refine_thresholds_(model: nn.Module, config: RSparseConfig, windows: torch.T
     text back to the target.
     """
     layers = {l.name: l for l in rsparse_layers(model)}
+    refined = {e["name"]: e for e in report if layers[e["name"]].method not in ("dense", "lowrank")}
+    if not refined:
+        return
     mode = "all" if config.tokens == "all" else "second_half"
+    thresholds = {}
     with token_mode(model, mode):
-        rows = sample_layer_inputs(model, windows, config.max_rows_per_layer, config.seed + 1,
-                              second_half=mode == "second_half")
-    for entry in report:
-        layer = layers[entry["name"]]
-        if layer.method in ("dense", "lowrank"):
-            continue
-        scores = rows[entry["name"]].abs() * layer.score_scale.cpu()
-        entry["threshold"] = calibrate_threshold(scores, layer.keep_fraction)
-        entry["calibration_kept"] = float((scores > entry["threshold"]).float().mean())
-        layer.threshold.fill_(entry["threshold"])
+        # a group of layers at a time (see sparsify_rsparse_); the thresholds change only once
+        # every group is sampled, so that all see the model the first calibration made
+        for rows in sample_module_groups(model, {name: layers[name] for name in refined}, windows,
+                                         config.max_rows_per_layer, config.seed + 1,
+                                         second_half=mode == "second_half", budget=sample_budget(model)):
+            for name in rows:
+                scores = rows[name].abs() * layers[name].score_scale.cpu()
+                thresholds[name] = calibrate_threshold(scores, layers[name].keep_fraction)
+                refined[name]["calibration_kept"] = float((scores > thresholds[name]).float().mean())
+            del rows, scores
+    for name, threshold in thresholds.items():
+        refined[name]["threshold"] = threshold
+        layers[name].threshold.fill_(threshold)

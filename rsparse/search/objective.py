@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rsparse.core.budget import layer_budget
-from rsparse.core.calibrate import CalibrationActivations, LayerPlanner
+from rsparse.core.calibrate import CalibrationActivations, LayerPlanner, logits_kwargs
 from rsparse.core.config import RSparseConfig
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_blocks
@@ -82,9 +82,12 @@ def _fitness(model: nn.Module, windows: torch.Tensor, start_block: int, cache: d
         for i in range(start_block):
             blocks[i] = _Passthrough()
         device = next(model.parameters()).device
+        scored = windows.shape[1] - first
+        kwargs = logits_kwargs(model, scored)  # no logits for the unscored positions
         for current in range(0, windows.shape[0], batch_size):
             ids = windows[current:current + batch_size].to(device)
-            logits = model(ids, use_cache=False).logits[:, first:-1].float()
+            logits = model(ids, use_cache=False, **kwargs).logits
+            logits = logits[:, logits.shape[1] - scored:-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, first + 1:], reduction="none").mean(dim=1)
             ppls.extend(nll.exp().tolist())
     finally:
