@@ -1,4 +1,4 @@
-"""Triton decode kernels for R-Sparse linear layers (kernel v4).
+"""Triton decode kernels for R-Sparse linear layers (kernel v5).
 
 Math (per input row ``b``; ``W ~= A B``, ``w_t = W^T`` (in, out), ``lr_down = B^T`` (in, r),
 ``lr_up = A^T`` (r, out)):
@@ -12,9 +12,9 @@ Public functions: :func:`rsparse_decode_linear` (one layer) and
 each with its own threshold, score_scale, factors and bias: one set of launches for all of
 them), plus their torch references.
 
-Design v4 (no host synchronisation, no memset, CUDA-graph safe; all scratch is zero again
-after each call). Launches per call, all chained with programmatic dependent launch (PDL) on
-the GPU so each one is resident before its predecessor ends:
+Design (no host synchronisation, no memset, CUDA-graph safe; all scratch is zero again after
+each call). Launches per call, chained with programmatic dependent launch (PDL) on the GPU so
+each one is resident before its predecessor ends:
 
 1. ``_z_kernel`` (only if some part has a low-rank term): split-k over ``lr_down`` rows; each
    program adds (fp32 atomics) the partial ``z`` of a chunk of input channels (the DROPPED
@@ -28,17 +28,22 @@ the GPU so each one is resident before its predecessor ends:
    the slot), or loads whole row tiles predicated on the mask (plain, "TEAL-style").
    Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
    that need no z pass; measured slower, kept as an option.)
-3. ``_epilogue_kernel``: waits (``gdc_wait``) for the main kernel, y = cast(ws + bias) in x's
-   dtype, and zeroes ws and z for the next call.
+3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call:
+   EPI "tile" (default, v5): inside the main kernel, by the last program to finish each column
+   tile. Every program of a tile counts itself in at the tile's int32 counter once its partial
+   sums are in: each THREAD waits for the results of its atomics and executes
+   ``fence.acq_rel.gpu``, a CTA reduction (barrier) follows, and only then does one thread add
+   to the counter (acq_rel); the program that sees the count complete reads ws from L2 (.cg),
+   writes y, zeroes ws and resets the counter. (Kernel v1 raced because one thread's fence
+   after a barrier did not order the other warps' ``red.add``s.) The low-rank programs count
+   themselves in at a second counter per part once they have read z; the last zeroes z.
+   EPI "launch" (v4): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the main grid.
 
-Why kernel boundaries (and PDL) instead of a last-arriving-program epilogue: the one-launch v1
-design raced (docs/kernel-notes.md). ``griddepcontrol.wait`` waits for the whole preceding grid
-to complete and its memory to be visible, so every cross-program dependency here is ordered by
-a grid boundary. Rules that make the PDL chain safe whatever kernel precedes a call: every
-kernel that reads or writes data another grid produced calls ``gdc_wait`` first (the main
-kernel's sparse tiles skip it only when the z kernel precedes them in the same call: that
-kernel waited for everything before it before it let the main kernel start), and
-``gdc_launch_dependents`` only lets the next grid be scheduled, never lets it read.
+PDL rules that make the chain safe whatever kernel precedes a call: every kernel that reads or
+writes data another grid produced calls ``gdc_wait`` first (the main kernel's sparse tiles skip
+it only when the z kernel precedes them in the same call: that kernel waited for everything
+before it before it let the main kernel start), and ``gdc_launch_dependents`` only lets the
+next grid be scheduled, never lets it read.
 
 Batch (M > 1, at most 8 rows): every row has its own mask (exact per-row semantics); a row of
 ``w_t`` is read if ANY batch row keeps the channel (union) and rows that do not keep it add
@@ -162,6 +167,63 @@ if _HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def _fenced(done, NT: tl.constexpr, FENCE: tl.constexpr):
+        """An int32 zero that exists only once every thread of the program holds its `done`
+        values (results of its workspace atomics, or loads) and has executed fence.acq_rel.gpu:
+        added to a counter increment (done by one thread), it orders that increment after every
+        thread's memory operations (the v1 race: one thread's fence does not order the other
+        warps' atomics). NT: threads per program (one fence each). Without FENCE (the
+        interpreter runs programs one after another), 0."""
+        if FENCE:
+            s = tl.sum(done.to(tl.int32, bitcast=True))  # every thread waits for its results
+            f = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, 0;", "=r,r",
+                                          [tl.zeros([NT], dtype=tl.int32) + s],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+            return tl.sum(f)  # a CTA barrier: every thread has fenced
+        else:
+            return 0
+
+    @triton.jit
+    def _round_out(v, RTNE_FIX: tl.constexpr):
+        if RTNE_FIX:
+            # the triton interpreter truncates fp32 -> bf16; round to nearest even by hand
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _finish_tile(tok, n, cnt_ptr, expected, ws_ptr, y_ptr, stride_ym, bias_ptr, M, N,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     RTNE_FIX: tl.constexpr):
+        """In-kernel epilogue of column tile n: the program that arrives last at the tile's
+        counter (every contributor counts itself in after its partial sums, see _fenced) writes
+        y = cast(ws + bias) for the tile, zeroes its ws and resets the counter."""
+        old = tl.atomic_add(cnt_ptr + n, tok + 1, sem="acq_rel", scope="gpu")
+        if old == expected - 1:
+            offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            if M_PAD == 1:
+                v = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    v += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                v = _round_out(v, RTNE_FIX)
+                tl.store(y_ptr + offs_n, v.to(y_ptr.dtype.element_ty), mask=n_ok)
+                tl.store(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_ok)
+            else:
+                offs_m = tl.arange(0, M_PAD)
+                ok = (offs_m < M)[:, None] & n_ok[None, :]
+                w_offs = offs_m[:, None] * N + offs_n[None, :]
+                v = tl.load(ws_ptr + w_offs, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    v += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                v = _round_out(v, RTNE_FIX)
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         v.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.store(ws_ptr + w_offs, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=ok)
+            tl.store(cnt_ptr + n, 0)
+
+    @triton.jit
     def _load_thr(thr_ptr, thr_val, THR_IS_PTR: tl.constexpr):
         if THR_IS_PTR:
             return tl.load(thr_ptr).to(tl.float32)
@@ -258,10 +320,24 @@ if _HAS_TRITON:
                           mask=(offs_m < M)[:, None] & r_ok[None, :], sem="relaxed")
 
     @triton.jit
-    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R,
+    def _z_release(tok, zcnt_ptr, n_lr, z_ptr, ZN):
+        """Count a low-rank program in once it has read z; the last of the n_lr zeroes z (ZN
+        floats) for the next call and resets the counter."""
+        old = tl.atomic_add(zcnt_ptr, tok + 1, sem="acq_rel", scope="gpu")
+        if old == n_lr - 1:
+            for z0 in range(0, ZN, 128):
+                zo = z0 + tl.arange(0, 128)
+                tl.store(z_ptr + zo, tl.zeros([128], dtype=tl.float32), mask=zo < ZN)
+            tl.store(zcnt_ptr, 0)
+
+    @triton.jit
+    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr):
-        """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile]."""
+                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
+                      FENCE: tl.constexpr):
+        """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile].
+        EPI_TILE: the last of the part's n_lr low-rank programs to have read z zeroes it (the
+        counter at zcnt_ptr). Returns the token of _fenced for the column tile's counter."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         rc = q // n_tiles
@@ -272,17 +348,24 @@ if _HAS_TRITON:
         up_ptrs = up_ptr + offs_c[:, None] * stride_ur + offs_n[None, :]
         if M_PAD == 1:
             zin = tl.load(z_ptr + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
+            if EPI_TILE:
+                _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc1 = _mac1(tl.zeros([BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok)
-            tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed")
+            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed"), NT,
+                          FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             m_ok = offs_m < M
             zin = tl.load(z_ptr + offs_m[:, None] * R + offs_c[None, :],
                           mask=m_ok[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+            if EPI_TILE:
+                _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc = _macm(tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok,
                         True, DOT_UPCAST)
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                          mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+            tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                                        mask=m_ok[:, None] & n_ok[None, :], sem="relaxed"),
+                          NT, FENCE)
+        return tok
 
     @triton.jit
     def _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
@@ -345,26 +428,31 @@ if _HAS_TRITON:
 
     @triton.jit
     def _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
-                          stride_dk, up_ptr, stride_ur, z_ptr, ws_ptr, N, R,
+                          stride_dk, up_ptr, stride_ur, z_ptr, ws_ptr, N, R, zcnt_ptr, n_lr,
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                           LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                           THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          DOT_UPCAST: tl.constexpr):
+                          DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
+                          FENCE: tl.constexpr):
+        """The part's low-rank program q; returns the token of _fenced (0 for LR_FUSED, which
+        runs with the epilogue launch)."""
+        tok = 0
         if LR_FUSED:
             _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
                                 stride_dk, up_ptr, stride_ur, ws_ptr, N, R, M_PAD, BLOCK_R,
                                 BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, THR_IS_PTR, HAS_SCALE,
                                 DOT_UPCAST)
         else:
-            _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, M_PAD, BLOCK_N, BLOCK_KR,
-                          DOT_UPCAST)
+            tok = _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
+                                M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST, EPI_TILE, NT, FENCE)
+        return tok
 
     @triton.jit
     def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
                            N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                           DOT_UPCAST: tl.constexpr):
+                           DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr):
         """Tile (n, kc): row tiles of w_t loaded predicated on the mask (TEAL-style: dropped
         rows cost no traffic, but the tile arithmetic runs over every row)."""
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -379,7 +467,8 @@ if _HAS_TRITON:
                 xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
                 acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
                              w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
-            tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed")
+            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed"), NT,
+                          FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -391,8 +480,10 @@ if _HAS_TRITON:
                 acc = _macm(acc, tl.where(keep, xv, 0.0),
                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                             row_any, n_ok, False, DOT_UPCAST)
-            tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                          mask=(offs_m < M)[:, None] & n_ok[None, :], sem="relaxed")
+            tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                                        mask=(offs_m < M)[:, None] & n_ok[None, :],
+                                        sem="relaxed"), NT, FENCE)
+        return tok
 
     @triton.jit
     def _group_select(g0, pos_k, offs_c, xc, cnt, G: tl.constexpr):
@@ -407,7 +498,8 @@ if _HAS_TRITON:
     def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                             DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                             NT: tl.constexpr, FENCE: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
@@ -447,7 +539,8 @@ if _HAS_TRITON:
                 acc2 += w.to(tl.float32) * xg[:, None]
                 w = w_n
                 xg = xg_n
-            tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
+            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok,
+                                        sem="relaxed"), NT, FENCE)
         else:
             tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
             # the slot is written and read back by different threads of this program: a CTA
@@ -477,7 +570,8 @@ if _HAS_TRITON:
                                         mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                         eviction_policy="evict_first")
                             acc2 += w.to(tl.float32) * xv[:, None]
-                tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok, sem="relaxed")
+                tok = _fenced(tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok,
+                                            sem="relaxed"), NT, FENCE)
             else:
                 offs_m = tl.arange(0, M_PAD)
                 m_ok = offs_m < M
@@ -498,8 +592,10 @@ if _HAS_TRITON:
                         acc = _macm(acc, tl.where(keep, xv, 0.0),
                                     w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
                                     r_ok, n_ok, False, DOT_UPCAST)
-                tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                              mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+                tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                                            mask=m_ok[:, None] & n_ok[None, :], sem="relaxed"),
+                              NT, FENCE)
+        return tok
 
     @triton.jit
     def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
@@ -507,16 +603,18 @@ if _HAS_TRITON:
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
                      REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr):
+                     DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr):
+        """The part's sparse program q; returns the token of _fenced."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
-            _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
-                                 scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
-                                 REGIDX, DOT_UPCAST)
+            tok = _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk,
+                                       thr, scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G,
+                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE)
         else:
-            _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
-                               ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
-                               DOT_UPCAST)
+            tok = _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
+                                     ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
+                                     DOT_UPCAST, NT, FENCE)
+        return tok
 
     @triton.jit
     def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, BLOCK_E: tl.constexpr,
@@ -527,11 +625,7 @@ if _HAS_TRITON:
         v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             v += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if RTNE_FIX:
-            # the triton interpreter truncates fp32 -> bf16; round to nearest even by hand
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
+        v = _round_out(v, RTNE_FIX)
         tl.store(y_ptr + b * stride_ym + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
 
@@ -583,21 +677,65 @@ if _HAS_TRITON:
                             z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST)
 
     @triton.jit
-    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr,
-                     w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
-                     w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
-                     w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2, LE2,
+    def _lowrank_tile(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_ptr,
+                      N, R, cnt_ptr, ex, zcnt_ptr, n_lr, y_ptr, sy, b_ptr,
+                      TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
+                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
+                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
+                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
+                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr):
+        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival."""
+        tok = _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr,
+                                ws_ptr, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
+                                BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST,
+                                EPI_TILE, NT, FENCE)
+        if EPI_TILE:
+            _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
+                         N, M_PAD, BLOCK_N, HB, RTNE_FIX)
+
+    @triton.jit
+    def _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_ptr, N,
+                     cnt_ptr, ex, y_ptr, sy, b_ptr,
+                     TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
+                     COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
+                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr):
+        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival."""
+        tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_ptr, N, M_PAD,
+                           BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS,
+                           DOT_UPCAST, NT, FENCE)
+        if EPI_TILE:
+            _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
+                         N, M_PAD, BLOCK_N, HB, RTNE_FIX)
+
+    @triton.jit
+    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, cnt_ptr,
+                     w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0,
+                     y0, sy0, b0, co0, ex0, zc0, nl0, LE0, SE0,
+                     w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1,
+                     y1, sy1, b1, co1, ex1, zc1, nl1, LE1, SE1,
+                     w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2,
+                     y2, sy2, b2, co2, ex2, zc2, nl2, LE2,
                      TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
                      TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
                      TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
+                     HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
                      DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
-        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
+                     DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
+                     EPI_TILE: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
+                     RTNE_FIX: tl.constexpr):
+        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws.
+        EPI_TILE: the last program to finish a column tile writes y for it (per-part counters
+        from cnt_ptr + co_p, ex_p programs per tile; z counters at cnt_ptr + zc_p, nl_p
+        low-rank programs)."""
         pid = tl.program_id(0)
         if pid < LE2:
             # low-rank tiles read z, written by the z kernel just before (or, LR_FUSED, x and
@@ -606,24 +744,29 @@ if _HAS_TRITON:
             _pdl_release(USE_PDL)
             if pid < LE0:
                 if HL0:
-                    _lowrank_any_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0,
-                                      up0, sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, M_PAD,
-                                      BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG,
-                                      BLOCK_NL, LR_FUSED, TP0, HS0, DOT_UPCAST)
+                    _lowrank_tile(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
+                                  sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, cnt_ptr + co0, ex0,
+                                  cnt_ptr + zc0, nl0, y0, sy0, b0, TP0, HS0, HB0, M_PAD,
+                                  BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
+                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
-                        _lowrank_any_part(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
-                                          sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1,
-                                          M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS,
-                                          LR_NG, BLOCK_NL, LR_FUSED, TP1, HS1, DOT_UPCAST)
+                        _lowrank_tile(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
+                                      sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1,
+                                      cnt_ptr + co1, ex1, cnt_ptr + zc1, nl1, y1, sy1, b1, TP1,
+                                      HS1, HB1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
+                                      FENCE, RTNE_FIX)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
-                        _lowrank_any_part(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
-                                          sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2,
-                                          M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS,
-                                          LR_NG, BLOCK_NL, LR_FUSED, TP2, HS2, DOT_UPCAST)
+                        _lowrank_tile(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
+                                      sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2,
+                                      cnt_ptr + co2, ex2, cnt_ptr + zc2, nl2, y2, sy2, b2, TP2,
+                                      HS2, HB2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
+                                      FENCE, RTNE_FIX)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
             # grid that precedes this one. Without a z kernel in between, that grid may still be
@@ -635,19 +778,22 @@ if _HAS_TRITON:
             q = pid - LE2
             slot = slot_ptr + q * CH
             if q < SE0:
-                _sparse_part(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
-                             ws_ptr + wo0, N0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT,
-                             DYN, REGIDX, TP0, HS0, DOT_UPCAST)
+                _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
+                             ws_ptr + wo0, N0, cnt_ptr + co0, ex0, y0, sy0, b0, TP0, HS0, HB0,
+                             M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX,
+                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
             elif q < SE1:
                 if NUM_PARTS > 1:
-                    _sparse_part(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
-                                 ws_ptr + wo1, N1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, DYN, REGIDX, TP1, HS1, DOT_UPCAST)
+                    _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
+                                 ws_ptr + wo1, N1, cnt_ptr + co1, ex1, y1, sy1, b1, TP1, HS1,
+                                 HB1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
             else:
                 if NUM_PARTS > 2:
-                    _sparse_part(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
-                                 ws_ptr + wo2, N2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                                 COMPACT, DYN, REGIDX, TP2, HS2, DOT_UPCAST)
+                    _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
+                                 ws_ptr + wo2, N2, cnt_ptr + co2, ex2, y2, sy2, b2, TP2, HS2,
+                                 HB2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,
@@ -722,8 +868,10 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
+# EPI "tile": the last program to finish a column tile writes y (per-tile counters; no epilogue
+# launch); "launch": the v4 epilogue kernel (LR_FUSED always uses it).
 _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton")
+                      PDL=True, PATH="triton", EPI="tile")
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
@@ -848,6 +996,8 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict],
         cfg.update(override)
     if cfg["PATH"] not in ("triton", "cublas"):
         raise ValueError(f"PATH must be 'triton' or 'cublas', got {cfg['PATH']!r}")
+    if cfg["EPI"] not in ("tile", "launch"):
+        raise ValueError(f"EPI must be 'tile' or 'launch', got {cfg['EPI']!r}")
     return cfg
 
 
@@ -859,16 +1009,17 @@ _SCRATCH: dict = {}
 _SCRATCH_LOCK = threading.Lock()
 
 
-def _scratch(device: torch.device, n_ws: int, n_z: int):
-    """fp32 workspace ws and z, both zero; the epilogue leaves them zero again."""
-    key = (device.type, device.index, n_ws, n_z)
+def _scratch(device: torch.device, n_ws: int, n_z: int, n_cnt: int):
+    """fp32 workspace ws and z, int32 tile counters cnt, all zero; each call leaves them zero."""
+    key = (device.type, device.index, n_ws, n_z, n_cnt)
     with _SCRATCH_LOCK:
         ent = _SCRATCH.get(key)
         if ent is None:
             ent = dict(ws=torch.zeros(max(n_ws, 1), dtype=torch.float32, device=device),
-                       z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device))
+                       z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device),
+                       cnt=torch.zeros(max(n_cnt, 1), dtype=torch.int32, device=device))
             _SCRATCH[key] = ent
-    return ent["ws"], ent["z"]
+    return ent["ws"], ent["z"], ent["cnt"]
 
 
 def _slot_scratch(device: torch.device, n: int):
@@ -1006,26 +1157,37 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     lr_fused = bool(cfg["LR_FUSED"]) and any_lr
     LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
     LR_NG, BLOCK_NL = cfg["LR_NG"], cfg["BLOCK_NL"]
+    epi_tile = cfg["EPI"] == "tile" and not lr_fused
+    nt = 32 * cfg["num_warps"]
 
-    # per-part offsets into the shared scratch and program-id ranges of each kernel
-    ws_off, z_off, z_end, lr_end, sp_end = [], [], [], [], []
-    n_ws = n_z = zc = lc = sc = 0
+    # per-part offsets into the shared scratch and program-id ranges of each kernel; EPI tile:
+    # per part, counters of its column tiles (co: first; ex: programs per tile) and of its
+    # low-rank programs (zc, after every tile counter; nl: how many)
+    ws_off, z_off, z_end, lr_end, sp_end, cnt_off, expect, n_lr = [], [], [], [], [], [], [], []
+    n_ws = n_z = zc = lc = sc = n_cnt = 0
     for p in parts:
         ws_off.append(n_ws)
         z_off.append(n_z)
+        cnt_off.append(n_cnt)
         n_ws += M * p.N
         n_z += M * p.R
         n_tiles = triton.cdiv(p.N, BN)
+        n_cnt += n_tiles
+        n_rc = triton.cdiv(p.R, BLOCK_KR) if p.R else 0
+        expect.append(n_kc + n_rc)
+        n_lr.append(n_tiles * n_rc)
         if p.R and lr_fused:
             lc += triton.cdiv(p.R, BLOCK_R) * triton.cdiv(K, LR_KS) * LR_NG
         elif p.R:
             zc += triton.cdiv(K, BLOCK_KP) * triton.cdiv(p.R, BLOCK_R)
-            lc += n_tiles * triton.cdiv(p.R, BLOCK_KR)
+            lc += n_tiles * n_rc
         sc += n_tiles * n_kc
         z_end.append(zc)
         lr_end.append(lc)
         sp_end.append(sc)
-    ws, zbuf = _scratch(dev, n_ws, n_z)
+    z_cnt = [n_cnt + i for i in range(len(parts))]
+    n_cnt += len(parts)
+    ws, zbuf, cnt = _scratch(dev, n_ws, n_z, n_cnt)
     slots = _slot_scratch(dev, sc * CH) if compact else ws
     dummy = ws
 
@@ -1035,10 +1197,12 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         vals = []
         for nm in names:
             if p is None:
-                vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "end")
+                vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "co", "ex",
+                                        "zc", "nl")
                             else 0.0 if nm == "tv" else dummy)
                 continue
             vals.append({
+                "co": cnt_off[i], "ex": expect[i], "zc": z_cnt[i], "nl": n_lr[i],
                 "w": p.w_t, "sw": p.w_t.stride(0), "thr": p.thr_t if p.thr_t is not None else dummy,
                 "tv": p.thr_val, "sc": p.scale if p.scale is not None else dummy,
                 "dn": p.lr_down if p.R else dummy, "sdn": p.lr_down.stride(0) if p.R else 0,
@@ -1072,21 +1236,26 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R,
             DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, num_warps=cfg["Z_WARPS"], num_stages=1,
             **pdl_kw)
+    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
+    rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     margs = []
     for i in range(MAX_PARTS):
         margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "dn", "sdn", "up", "sup", "N", "R",
-                               "wo", "zo"))
+                               "wo", "zo", "y", "sy", "b", "co", "ex", "zc", "nl"))
         margs.append(le[i])
         if i < MAX_PARTS - 1:
             margs.append(se[i])
     _main_kernel[(last(lr_end) + last(sp_end),)](
-        x2, x2.stride(0), M, K, ws, zbuf, slots, *margs, *all_flags,
+        x2, x2.stride(0), M, K, ws, zbuf, slots, cnt, *margs, *all_flags, *has_bias,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
-        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, num_warps=cfg["num_warps"],
+        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, EPI_TILE=epi_tile, NT=nt,
+        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
+    if epi_tile:
+        return
     BLOCK_E = cfg["BLOCK_E"]
     eargs, e_end, ec = [], [], 0
     for p in parts:
@@ -1097,11 +1266,9 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         eargs += part_args(i, ("y", "sy", "b", "N", "wo"))
         if i < MAX_PARTS - 1:
             eargs.append(e_end[i])
-    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
     _epilogue_kernel[(e_end[-1], M)](
         ws, zbuf, 0 if lr_fused else n_z, *eargs, *has_bias, NUM_PARTS=n_parts, BLOCK_E=BLOCK_E,
-        RTNE_FIX=bool(x2.dtype == torch.bfloat16 and interp), USE_PDL=use_pdl, num_warps=4,
-        **pdl_kw)
+        RTNE_FIX=rtne_fix, USE_PDL=use_pdl, num_warps=4, **pdl_kw)
 
 
 def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional[torch.Tensor]],
