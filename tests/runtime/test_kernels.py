@@ -312,9 +312,9 @@ VARIANTS = {
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
     "cublas": dict(PATH="cublas"),
-    # the v4 epilogue launch instead of the last program of each column tile
-    "compact_regidx_launch": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, EPI="launch"),
-    "plain_dot_launch": dict(SMALL, M1_DOT=True, K_ITERS=2, EPI="launch"),
+    # the last program of each column tile writes y, instead of the epilogue launch
+    "compact_regidx_tile": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, EPI="tile"),
+    "plain_dot_tile": dict(SMALL, M1_DOT=True, K_ITERS=2, EPI="tile"),
 }
 # the cuBLAS path rounds the sparse product and the low-rank product to 16 bits separately
 TOL_CUBLAS = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
@@ -505,7 +505,7 @@ def test_back_to_back_calls_replayed_stay_exact():
         parts.append((w_t, torch.zeros(1, device=DEV), (torch.rand(Kin, generator=g) + 0.5).to(DEV),
                       d, u, torch.randn(N, generator=g).to(DEV, dtype)))
     small = None if gpu else dict(SMALL, COMPACT=True, CH=32, G=16)
-    cfgs = [small, dict(small or {}, EPI="launch")]
+    cfgs = [small, dict(small or {}, EPI="tile")]
     xs = {M: torch.zeros(M, Kin, device=DEV, dtype=dtype) for M in (1, 3)}
 
     def calls():  # 3 x 2 x 2 calls into the same scratch per shape

@@ -313,8 +313,8 @@ def main(argv=None):
     p.add_argument("--no-bench", action="store_true", help="only --tune")
     p.add_argument("--table-json", default="",
                    help="use this tuned table (OUT/tuned_table.json of a --tune run)")
-    p.add_argument("--epi", choices=("tile", "launch"), default="tile",
-                   help="epilogue: the last program of each column tile (default) or a launch")
+    p.add_argument("--epi", choices=("launch", "tile"), default="launch",
+                   help="epilogue: a launch (default) or the last program of each column tile")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
     args = p.parse_args(argv)

@@ -29,15 +29,15 @@ each one is resident before its predecessor ends:
    Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
    that need no z pass; measured slower, kept as an option.)
 3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call:
-   EPI "tile" (default, v5): inside the main kernel, by the last program to finish each column
-   tile. Every program of a tile counts itself in at the tile's int32 counter once its partial
+   EPI "launch" (default): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the
+   main grid. EPI "tile" (v5, an option: measured slower, see docs/kernel-notes.md): inside the
+   main kernel, by the last program to finish each column tile. Every program of a tile counts itself in at the tile's int32 counter once its partial
    sums are in: each THREAD waits for the results of its atomics and executes
    ``fence.acq_rel.gpu``, a CTA reduction (barrier) follows, and only then does one thread add
    to the counter (acq_rel); the program that sees the count complete reads ws from L2 (.cg),
    writes y, zeroes ws and resets the counter. (Kernel v1 raced because one thread's fence
    after a barrier did not order the other warps' ``red.add``s.) The low-rank programs count
    themselves in at a second counter per part once they have read z; the last zeroes z.
-   EPI "launch" (v4): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the main grid.
 
 PDL rules that make the chain safe whatever kernel precedes a call: every kernel that reads or
 writes data another grid produced calls ``gdc_wait`` first (the main kernel's sparse tiles skip
@@ -868,10 +868,11 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
-# EPI "tile": the last program to finish a column tile writes y (per-tile counters; no epilogue
-# launch); "launch": the v4 epilogue kernel (LR_FUSED always uses it).
+# EPI "launch": the epilogue kernel; "tile": the last program to finish a column tile writes y
+# (per-tile counters, no epilogue launch; correct, but measured 1.1-1.6x slower per call on the
+# H200 in CUDA graphs: docs/kernel-notes.md, v5). LR_FUSED always uses the launch.
 _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton", EPI="tile")
+                      PDL=True, PATH="triton", EPI="launch")
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
