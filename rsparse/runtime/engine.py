@@ -38,7 +38,7 @@ from torch import nn
 from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
 from rsparse.errors import BadInputError
-from rsparse.runtime.ops import MAX_PARTS, fused_projections
+from rsparse.runtime.ops import MAX_PARTS, decode_attention, fused_projections, kernel_runs_on
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
@@ -95,15 +95,18 @@ class Engine:
 
     model: a causal LM rsparse.core.models accepts, on its device and dtype.
     batch_size: rows per step (1-8); fewer prompts are padded with finished dummy rows.
-    max_seq_len: KV-cache slots per row (prompt + new tokens must fit); attention reads all of
-        them each step, so size it to the work (default: the model's context, capped at 2048).
+    max_seq_len: KV-cache slots per row (prompt + new tokens must fit).
     compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
         backend ("inductor" when True; tests trace with "aot_eager").
     fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each.
+    attention: decode attention, "kernel" (split-KV Triton kernel that reads only the visible
+        slots: rsparse.runtime.kernels.decode_attention), "sdpa" (SDPA with a mask over every
+        slot of the cache) or "auto" (the kernel on CUDA, SDPA elsewhere).
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int | None = None,
-                 compile: bool | str | None = None, cuda_graph: bool | None = None, fuse: bool = True):
+                 compile: bool | str | None = None, cuda_graph: bool | None = None, fuse: bool = True,
+                 attention: str = "auto"):
         cfg = model.config
         if not 1 <= batch_size <= MAX_BATCH:
             raise EngineError(f"batch_size must be 1-{MAX_BATCH}, got {batch_size}")
@@ -134,6 +137,11 @@ class Engine:
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not on_cuda:
             raise EngineError("cuda_graph needs the model on a CUDA device")
+        if attention not in ("auto", "kernel", "sdpa"):
+            raise EngineError(f"attention must be auto, kernel or sdpa, got {attention!r}")
+        if attention == "kernel" and not kernel_runs_on(self.device):
+            raise EngineError(f"the attention kernel needs triton and a CUDA device, not {self.device}")
+        self.attention_kernel = attention == "kernel" or (attention == "auto" and on_cuda and kernel_runs_on(self.device))
 
         dev, b, s = self.device, batch_size, max_seq_len
         shape = (b, self.n_kv, s, self.head_dim)
@@ -166,6 +174,8 @@ class Engine:
     # -- the model ------------------------------------------------------------------------
     def _attention(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None, write_at: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """mask: prefill, SDPA's mask (None: causal); decode, SDPA's mask over the cache, or with
+        the attention kernel the first visible slot of each row (the last is write_at)."""
         attn = self.attn[i]
         b, t, _ = h.shape
         q, k, v = self._project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -178,11 +188,14 @@ class Engine:
         k = k * cos + _rotate_half(k) * sin
         self.k_cache[i].index_copy_(2, write_at, k)
         self.v_cache[i].index_copy_(2, write_at, v)
-        # decode: SDPA over the whole cache (cuDNN's kernel on the H200, ~10 us per block at 640
-        # slots); plain matmuls and flex_attention measured 4% and 17% slower end to end
-        kk, vv = (k, v) if prefill else (self.k_cache[i], self.v_cache[i])
-        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=prefill and mask is None,
-                                           scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        if prefill or not self.attention_kernel:
+            # SDPA over the whole cache when decoding (cuDNN's kernel on the H200, ~10 us per 7B
+            # block at 640 slots; plain matmuls and flex_attention measured 4% and 17% slower)
+            kk, vv = (k, v) if prefill else (self.k_cache[i], self.v_cache[i])
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=prefill and mask is None,
+                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            o = decode_attention(q, self.k_cache[i], self.v_cache[i], mask, write_at, self.scale)
         return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -208,6 +221,9 @@ class Engine:
         """Logits (B, V) after the token at cache slot `pos` (one token per row)."""
         rope_pos = (pos - self.pad).clamp(min=0)  # left-padded rows start their positions later
         cos, sin = self.cos[rope_pos][:, None, None], self.sin[rope_pos][:, None, None]
+        if self.attention_kernel:  # the kernel takes the visible range [first, pos] per row
+            first = self.pad if not self.window else torch.maximum(self.pad, pos - self.window + 1)
+            return self._blocks(self.embed(token), cos, sin, first, pos, prefill=False)
         visible = (self.slots <= pos) & (self.slots[None] >= self.pad[:, None])
         if self.window:
             visible = visible & (self.slots > pos - self.window)

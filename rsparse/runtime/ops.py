@@ -10,6 +10,11 @@ as q/k/v or gate/up, in one set of launches; one output per layer). Each op is o
 that gives the output's shape and dtype); on a device where Triton cannot run (a CPU without
 TRITON_INTERPRET) it computes the torch reference, so the same traced graph runs everywhere.
 Dense layers need no op: they stay `F.linear`, which Inductor already understands.
+
+    torch.ops.rsparse.decode_attention(q, k_cache, v_cache, lo, hi, scale)
+
+is the split-KV decode attention over a static cache (`rsparse.runtime.kernels.decode_attention`),
+which the decode engine uses on CUDA instead of SDPA with a mask.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 
 from rsparse.runtime.kernels import (
     MAX_BATCH_ROWS,  # noqa: F401 (RSparseLinear reads the row limit from here)
+    decode_attention as _decode_attention_kernel,
+    decode_attention_reference,
     MAX_PARTS,
     rsparse_decode_linear,
     rsparse_decode_linear_multi,
@@ -69,6 +76,22 @@ def decode_linear_multi(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: l
 def _decode_linear_multi_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases):
     torch._check(1 <= len(w_ts) <= MAX_PARTS, lambda: f"1-{MAX_PARTS} parts, got {len(w_ts)}")
     return [x.new_empty(*x.shape[:-1], w_t.shape[1]) for w_t in w_ts]
+
+
+@torch.library.custom_op("rsparse::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per row (q: B, H, 1, D) over the cache slots lo[b] <= slot <= hi of
+    k_cache / v_cache (B, H_kv, S, D): split-KV Triton kernel, or SDPA with a mask where the
+    kernel does not run."""
+    if kernel_runs_on(q.device):
+        return _decode_attention_kernel(q, k_cache, v_cache, lo, hi, scale)
+    return decode_attention_reference(q, k_cache, v_cache, lo, hi, scale).contiguous()
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, lo, hi, scale):
+    return q.new_empty(q.shape)
 
 
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor]:

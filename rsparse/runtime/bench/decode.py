@@ -194,13 +194,14 @@ def profile_step(engine, prompt: list[int], steps: int = 16) -> dict:
                             for n, t in top]}
 
 
-def time_engine(model, prompt: list[int], gen: int, repeats: int, profile: bool = False) -> dict:
+def time_engine(model, prompt: list[int], gen: int, repeats: int, profile: bool = False,
+                attention: str = "auto") -> dict:
     """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats`
     runs (and, with profile, where a step's device time goes)."""
     from rsparse.runtime.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine(model, max_seq_len=-(-(len(prompt) + gen) // 128) * 128)
+    engine = Engine(model, max_seq_len=-(-(len(prompt) + gen) // 128) * 128, attention=attention)
     first = engine.generate([prompt], gen)
     warmup = time.perf_counter() - t0
     runs = [engine.generate([prompt], gen) for _ in range(repeats)]
@@ -226,6 +227,11 @@ def time_hf_generate(model, prompt: list[int], gen: int) -> dict:
     return {"tokens_per_s": gen / sec, "ms_per_token": 1e3 * sec / gen, "first_tokens": out[0, len(prompt):][:8].tolist()}
 
 
+def _suffix(args, attention: str) -> str:
+    """Row label suffix when several decode attentions are compared."""
+    return f" ({attention} attention)" if len(args.attention) > 1 else ""
+
+
 def _methods(args) -> list[tuple[float, str]]:
     """(rho, row name) of the sparse rows asked for."""
     return [(rho, name) for rho, name in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")) if name in args.methods]
@@ -246,19 +252,25 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
     if args.hf_tokens:
         hf = time_hf_generate(model, prompt, args.hf_tokens)
         rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
-    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile)
-    rows.append(_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"]))
-    print(f"{name} engine dense: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)", flush=True)
+    dense_tps = {}
+    for attn in args.attention:
+        dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, attn)
+        dense_tps[attn] = dense["tokens_per_s"]
+        rows.append(_row("engine dense" + _suffix(args, attn), "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0),
+                         bandwidth, dense["tokens_per_s"]))
+        print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
+              flush=True)
     scores = calibration_scores(model)
     for ratio, method in _methods(args):
         for s in args.sparsities:
             make_rsparse(model, s, ratio, scores)
             achieved = measure_sparsity(model, prompt)
-            t = time_engine(model, prompt, args.gen, args.repeats, args.profile)
-            rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
-                             weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
-            print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
-                  f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+            for attn in args.attention:  # speed-up over engine dense with the same attention
+                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, attn)
+                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, attn), method, s, t, achieved,
+                                 weight_bytes(model, achieved), bandwidth, dense_tps[attn]))
+                print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
+                      f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     assert rsparse_layers(model)
     del model
     torch.cuda.empty_cache()
@@ -280,9 +292,9 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     saved = None
     if rsparse_layers(model):  # a checkpoint: time it as saved, then its dense layers
         achieved = measure_sparsity(model, prompt)
-        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats, args.profile))
+        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0]))
         restore_(model)
-    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile)
+    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0])
     rows = [_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"])]
     if saved is not None:
         achieved, t = saved
@@ -295,7 +307,7 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
             restore_(model)
             sparsify_(model, RSparseConfig(sparsity=s, ratio=ratio), calib)
             achieved = measure_sparsity(model, prompt)
-            t = time_engine(model, prompt, args.gen, args.repeats, args.profile)
+            t = time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0])
             rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
                              weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
     return rows
@@ -338,8 +350,13 @@ def main(argv=None) -> int:
     p.add_argument("--hf-tokens", type=int, default=16, help="tokens for the transformers eager row (0: skip)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick checks)")
     p.add_argument("--profile", action="store_true", help="also profile each engine row's decode step by kernel group")
+    p.add_argument("--attention", default="auto",
+                   help="decode attention of the engine rows: auto, kernel, sdpa, or a comma list to compare")
     p.add_argument("--out", default="out/bench-decode")
     args = p.parse_args(argv)
+    args.attention = [a for a in args.attention.split(",") if a]
+    if not args.attention or not set(args.attention) <= {"auto", "kernel", "sdpa"}:
+        raise SystemExit("error: --attention takes auto, kernel and/or sdpa")
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]

@@ -1,5 +1,6 @@
 """GPU decode kernels for R-Sparse (Triton; optional dependency)."""
 
+from .triton_attention import decode_attention, decode_attention_reference
 from .triton_rsparse import (
     MAX_BATCH_ROWS,
     MAX_PARTS,
@@ -11,6 +12,8 @@ from .triton_rsparse import (
 )
 
 __all__ = [
+    "decode_attention",
+    "decode_attention_reference",
     "MAX_BATCH_ROWS",
     "MAX_PARTS",
     "rsparse_decode_linear",
