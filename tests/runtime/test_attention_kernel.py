@@ -80,8 +80,10 @@ def test_engine_with_the_kernel_gives_transformers_tokens(arch, monkeypatch):
     monkeypatch.setattr("rsparse.runtime.engine.decode_attention", lambda *a: calls.append(1) or real(*a))
     if DEVICE == "cpu":  # the interpreter runs the kernel behind the op on the CPU
         monkeypatch.setattr("rsparse.runtime.engine.kernel_runs_on", lambda device: True)
-    got = Engine(model, batch_size=3, max_seq_len=40, attention="kernel").generate(rows, 10).tokens
-    assert got == expected
+    # eager steps, so that every call reaches the counter (on CUDA the compiled, graph-captured
+    # engine runs the kernel by default: test_engine's greedy tests check its tokens there)
+    engine = Engine(model, batch_size=3, max_seq_len=40, attention="kernel", compile=False, cuda_graph=False)
+    assert engine.generate(rows, 10).tokens == expected
     assert len(calls) >= 9 * len(model.model.layers)  # every decode step of every block
 
 
