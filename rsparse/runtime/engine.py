@@ -95,7 +95,9 @@ class Engine:
 
     model: a causal LM rsparse.core.models accepts, on its device and dtype.
     batch_size: rows per step (1-8); fewer prompts are padded with finished dummy rows.
-    max_seq_len: KV-cache slots per row (prompt + new tokens must fit).
+    max_seq_len: KV-cache slots per row (prompt + new tokens must fit; default: the model's
+        context, capped at 2048). The attention kernel reads only the filled slots; SDPA reads
+        all of them each step.
     compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
         backend ("inductor" when True; tests trace with "aot_eager").
     fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each.
