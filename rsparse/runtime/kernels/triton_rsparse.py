@@ -31,8 +31,9 @@ each one is resident before its predecessor ends:
 3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call:
    EPI "launch" (default): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the
    main grid. EPI "tile" (v5, an option: measured slower, see docs/kernel-notes.md): inside the
-   main kernel, by the last program to finish each column tile. Every program of a tile counts itself in at the tile's int32 counter once its partial
-   sums are in: each THREAD waits for the results of its atomics and executes
+   main kernel, by the last program to finish each column tile. Every program of a tile counts
+   itself in at the tile's int32 counter once its partial sums are in: each THREAD waits for
+   the results of its atomics and executes
    ``fence.acq_rel.gpu``, a CTA reduction (barrier) follows, and only then does one thread add
    to the counter (acq_rel); the program that sees the count complete reads ws from L2 (.cg),
    writes y, zeroes ws and resets the counter. (Kernel v1 raced because one thread's fence
