@@ -113,7 +113,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="rsparse bench agreement", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="rsparse checkpoint or model (default: the embedded SmolLM2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32: in 16 bits the last-bit differences that flip a "
+                        "greedy choice are ~65000x larger)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--kernel", default="auto", choices=["auto", "never"],
