@@ -1,4 +1,4 @@
-"""`rsparse bench kernel|decode|agreement`: the benchmarks of rsparse.runtime.bench (their own flags)."""
+"""`rsparse bench kernel|attention|decode|agreement`: the benchmarks of rsparse.runtime.bench (their own flags)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: `kernel` (one layer), `decode` (tokens/s), `agreement` "
-                                            "(engine vs transformers tokens on a real model); --help for each")
-    p.add_argument("what", choices=["kernel", "decode", "agreement"])
+    p = subparsers.add_parser("bench", help="benchmarks: `kernel` (one layer), `attention` (decode attention), "
+                                            "`decode` (tokens/s), `agreement` (engine vs transformers tokens on a "
+                                            "real model); --help for each")
+    p.add_argument("what", choices=["kernel", "attention", "decode", "agreement"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)

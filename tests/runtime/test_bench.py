@@ -26,6 +26,18 @@ def test_bench_kernel_smoke_runs_and_checks_every_op(how, tmp_path):
     assert "smoke qkv" in (tmp_path / "kernel_bench.txt").read_text()
 
 
+def test_bench_attention_smoke_checks_sdpa_and_every_split(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "rsparse.cli", "bench", "attention", "--smoke", "--tune",
+                           "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "attention_bench.json").read_text())["records"]
+    ops = {r["op"] for r in records}
+    assert ops == {"sdpa", "kernel"} | {f"kernel split {s}" for s in (16, 32, 64, 128, 256)}
+    assert all(r["rel_err"] < 2e-2 and r["us"] > 0 for r in records)
+    assert "| smoke | 2 | 64 | 40 |" in done.stdout
+
+
 @pytest.mark.cli
 def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path):
     """Engine vs transformers on a saved R-Sparse checkpoint (CPU): both runs reported, the dense

@@ -134,7 +134,8 @@ def _split_size(programs_per_split: int, slots: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
+                     lo: torch.Tensor, hi: torch.Tensor, scale: float,
+                     split: int | None = None) -> torch.Tensor:
     """Attention of one query token per row over the slots lo[b] <= slot <= hi of a static cache.
 
     Args:
@@ -144,6 +145,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lo: (B,) integer tensor, first visible slot per row (left padding, sliding window).
         hi: one-element integer tensor, last visible slot (the current position), < S.
         scale: softmax scale.
+        split: slots per program (a power of two >= 16; default: _split_size, measured choices
+            come from `rsparse bench attention --tune`).
 
     Returns (B, H, 1, D) in q's dtype. No host synchronisation (CUDA-graph safe); rows with no
     visible slot get zeros.
@@ -162,7 +165,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q = q.contiguous()
     dev = q.device
     GQ = H // HKV
-    split = _split_size(B * HKV, S)
+    split = split or _split_size(B * HKV, S)
+    if split < 16 or split & (split - 1):
+        raise ValueError(f"decode_attention: split must be a power of two >= 16, got {split}")
     nsplit = triton.cdiv(S, split)
     m = torch.empty(B * H * nsplit, device=dev, dtype=torch.float32)
     l = torch.empty_like(m)
