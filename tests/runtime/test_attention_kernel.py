@@ -51,6 +51,11 @@ def test_reads_only_the_visible_slots_and_empty_rows_are_zero():
     assert torch.equal(out2[1], torch.zeros_like(out2[1]))  # lo > hi: nothing visible
     with pytest.raises(ValueError, match="does not fit"):
         decode_attention(q, k[:, :, :, :8], v, lo, hi, 0.25)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q, k, v, lo, hi, 0.25, split=24)
+    # any valid split gives the same result (up to the order of the partial sums)
+    for split in (16, 64):
+        torch.testing.assert_close(decode_attention(q, k, v, lo, hi, 0.25, split=split), out)
 
 
 def test_op_fake_and_schema():
