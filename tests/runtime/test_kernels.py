@@ -82,7 +82,7 @@ def _check(y, x, w_t, thr, s, d, u, b, dtype):
 
 def _assert_scratch_clean():
     for key, ent in K._SCRATCH.items():
-        if "ws" in ent:  # (the compacted row lists are rewritten by every call)
+        if "ws" in ent and not ent["det"]:  # (row lists and DET slots: rewritten by every call)
             assert not ent["ws"].any() and not ent["z"].any() and not ent["cnt"].any(), key
 
 
@@ -312,6 +312,11 @@ VARIANTS = {
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
     "cublas": dict(PATH="cublas"),
+    # deterministic sums: per-program slots added in a fixed order (LR_FUSED is then off)
+    "plain_det": dict(SMALL, DET=True),
+    "compact_regidx_det": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, DET=True),
+    "compact_g8_dyn_det": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True, DET=True),
+    "lr_fused_det": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, DET=True),
     # the last program of each column tile writes y, instead of the epilogue launch
     "compact_regidx_tile": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, EPI="tile"),
     "plain_dot_tile": dict(SMALL, M1_DOT=True, K_ITERS=2, EPI="tile"),
@@ -542,3 +547,29 @@ def test_back_to_back_calls_replayed_stay_exact():
             for y_p, r_p in zip(got, ref):
                 assert torch.equal(y_p, r_p) or _relerr(y_p, r_p.double()) < 1e-2, (rep, j)
         _assert_scratch_clean()
+
+
+def test_deterministic_algorithms_give_the_same_bits_every_call():
+    # torch.use_deterministic_algorithms(True) switches the kernel to per-program slots summed
+    # in a fixed order: repeated calls (fused q/k/v groups and single layers, batch 1 and 3,
+    # R-Sparse and sparse-only parts) give identical bits, and the same values as the default
+    # atomic sums up to rounding. (The atomics' order varies from run to run on a GPU only.)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    before = torch.are_deterministic_algorithms_enabled()
+    for M in (1, 3):
+        x, parts = _make_parts("qkv", M, dtype, seed=950 + M)
+        default = K.rsparse_decode_linear_multi(x, parts)
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            runs = [K.rsparse_decode_linear_multi(x, parts) for _ in range(3)]
+            singles = [K.rsparse_decode_linear(x, *parts[0]) for _ in range(2)]
+        finally:
+            torch.use_deterministic_algorithms(before)
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+        assert torch.equal(singles[0], singles[1])
+        _check_parts(runs[0], x, parts, dtype, TOL64)
+        for a, b in zip(runs[0], default):
+            assert _relerr(a, b.double()) < TOL64[dtype]
+    assert any(ent["det"] for ent in K._SCRATCH.values())  # the slotted scratch was used
+    _assert_scratch_clean()  # and the default calls still leave theirs clean

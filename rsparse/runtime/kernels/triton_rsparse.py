@@ -185,6 +185,30 @@ if _HAS_TRITON:
             return 0
 
     @triton.jit
+    def _put(ptrs, val, mask, DET: tl.constexpr):
+        """Add a partial sum into the fp32 workspace: a relaxed atomic add, or (DET) a plain store
+        into this program's own slot (the caller points ptrs there), summed in a fixed order
+        later. Returns what _fenced waits for."""
+        if DET:
+            tl.store(ptrs, val, mask=mask)
+            return val
+        else:
+            return tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def _slot_sum(ptr, n_slots, slot_stride, offs, mask, SLOTS: tl.constexpr):
+        """sum_j ptr[j * slot_stride + offs] over j < n_slots, in a fixed order (SLOTS slots per
+        step, a tree inside a step, steps in sequence): the deterministic reduction. offs, mask:
+        1-D."""
+        acc = tl.zeros(offs.shape, dtype=tl.float32)
+        for j0 in range(0, n_slots, SLOTS):
+            j = j0 + tl.arange(0, SLOTS)
+            v = tl.load(ptr + j[:, None] * slot_stride + offs[None, :],
+                        mask=(j < n_slots)[:, None] & mask[None, :], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(v, axis=0)
+        return acc
+
+    @triton.jit
     def _round_out(v, RTNE_FIX: tl.constexpr):
         if RTNE_FIX:
             # the triton interpreter truncates fp32 -> bf16; round to nearest even by hand
@@ -293,8 +317,10 @@ if _HAS_TRITON:
     @triton.jit
     def _z_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr, stride_dk,
                 z_ptr, R, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
-                THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr):
-        """z[b, r-tile] += sum over the DROPPED channels of chunk kp of x[b, j] lr_down[j, :]."""
+                THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                DET: tl.constexpr):
+        """z[b, r-tile] += sum over the DROPPED channels of chunk kp of x[b, j] lr_down[j, :]
+        (DET: stored into slot kp of z, (n_kp, M, R))."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         n_rt = tl.cdiv(R, BLOCK_R)
         rt = q % n_rt
@@ -303,12 +329,14 @@ if _HAS_TRITON:
         r_ok = offs_r < R
         offs_k = kp * BLOCK_KP + tl.arange(0, BLOCK_KP)
         d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :]
+        if DET:
+            z_ptr += kp * M * R  # this chunk's slot
         if M_PAD == 1:
             xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
             drop = ok & (~keep)
             acc = _mac1(tl.zeros([BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
                         d_ptrs, drop, r_ok)
-            tl.atomic_add(z_ptr + offs_r, acc, mask=r_ok, sem="relaxed")
+            _put(z_ptr + offs_r, acc, r_ok, DET)
         else:
             offs_m = tl.arange(0, M_PAD)
             xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
@@ -317,8 +345,8 @@ if _HAS_TRITON:
             row_any = tl.max(drop.to(tl.int32), axis=0) > 0
             acc = _macm(tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
                         d_ptrs, row_any, r_ok, False, DOT_UPCAST)
-            tl.atomic_add(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
-                          mask=(offs_m < M)[:, None] & r_ok[None, :], sem="relaxed")
+            _put(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                 (offs_m < M)[:, None] & r_ok[None, :], DET)
 
     @triton.jit
     def _z_release(tok, zcnt_ptr, n_lr, z_ptr, ZN):
@@ -332,13 +360,14 @@ if _HAS_TRITON:
             tl.store(zcnt_ptr, 0)
 
     @triton.jit
-    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
+    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr, n_kp,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr):
+                      FENCE: tl.constexpr, DET: tl.constexpr):
         """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile].
         EPI_TILE: the last of the part's n_lr low-rank programs to have read z zeroes it (the
-        counter at zcnt_ptr). Returns the token of _fenced for the column tile's counter."""
+        counter at zcnt_ptr). DET: z is the fixed-order sum of its n_kp slots, and ws_ptr points
+        at this program's slot. Returns the token of _fenced for the column tile's counter."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         rc = q // n_tiles
@@ -348,24 +377,31 @@ if _HAS_TRITON:
         c_ok = offs_c < R
         up_ptrs = up_ptr + offs_c[:, None] * stride_ur + offs_n[None, :]
         if M_PAD == 1:
-            zin = tl.load(z_ptr + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
+            if DET:
+                zin = _slot_sum(z_ptr, n_kp, M * R, offs_c, c_ok, 16)
+            else:
+                zin = tl.load(z_ptr + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
             if EPI_TILE:
                 _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc1 = _mac1(tl.zeros([BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok)
-            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed"), NT,
-                          FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             m_ok = offs_m < M
-            zin = tl.load(z_ptr + offs_m[:, None] * R + offs_c[None, :],
-                          mask=m_ok[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
+            if DET:  # rows one at a time: _slot_sum is 1-D
+                zin = tl.zeros([M_PAD, BLOCK_KR], dtype=tl.float32)
+                for b in range(0, M):
+                    zb = _slot_sum(z_ptr + b * R, n_kp, M * R, offs_c, c_ok, 16)
+                    zin = tl.where((offs_m == b)[:, None], zb[None, :], zin)
+            else:
+                zin = tl.load(z_ptr + offs_m[:, None] * R + offs_c[None, :],
+                              mask=m_ok[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
             if EPI_TILE:
                 _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc = _macm(tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok,
                         True, DOT_UPCAST)
-            tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                                        mask=m_ok[:, None] & n_ok[None, :], sem="relaxed"),
-                          NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                               m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -435,7 +471,7 @@ if _HAS_TRITON:
                           LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                           THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                           DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                          FENCE: tl.constexpr):
+                          FENCE: tl.constexpr, DET: tl.constexpr):
         """The part's low-rank program q; returns the token of _fenced (0 for LR_FUSED, which
         runs with the epilogue launch)."""
         tok = 0
@@ -446,14 +482,16 @@ if _HAS_TRITON:
                                 DOT_UPCAST)
         else:
             tok = _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
-                                M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST, EPI_TILE, NT, FENCE)
+                                tl.cdiv(K, BLOCK_KP), M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST,
+                                EPI_TILE, NT, FENCE, DET)
         return tok
 
     @triton.jit
     def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
                            N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                           DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr):
+                           DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
+                           DET: tl.constexpr):
         """Tile (n, kc): row tiles of w_t loaded predicated on the mask (TEAL-style: dropped
         rows cost no traffic, but the tile arithmetic runs over every row)."""
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -468,8 +506,7 @@ if _HAS_TRITON:
                 xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
                 acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
                              w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
-            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, acc1, mask=n_ok, sem="relaxed"), NT,
-                          FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -481,9 +518,8 @@ if _HAS_TRITON:
                 acc = _macm(acc, tl.where(keep, xv, 0.0),
                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                             row_any, n_ok, False, DOT_UPCAST)
-            tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                                        mask=(offs_m < M)[:, None] & n_ok[None, :],
-                                        sem="relaxed"), NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                               (offs_m < M)[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -500,7 +536,7 @@ if _HAS_TRITON:
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
                              DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                             NT: tl.constexpr, FENCE: tl.constexpr):
+                             NT: tl.constexpr, FENCE: tl.constexpr, DET: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
@@ -540,8 +576,7 @@ if _HAS_TRITON:
                 acc2 += w.to(tl.float32) * xg[:, None]
                 w = w_n
                 xg = xg_n
-            tok = _fenced(tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok,
-                                        sem="relaxed"), NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
         else:
             tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
             # the slot is written and read back by different threads of this program: a CTA
@@ -571,8 +606,7 @@ if _HAS_TRITON:
                                         mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                         eviction_policy="evict_first")
                             acc2 += w.to(tl.float32) * xv[:, None]
-                tok = _fenced(tl.atomic_add(ws_ptr + offs_n, tl.sum(acc2, axis=0), mask=n_ok,
-                                            sem="relaxed"), NT, FENCE)
+                tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
             else:
                 offs_m = tl.arange(0, M_PAD)
                 m_ok = offs_m < M
@@ -593,9 +627,8 @@ if _HAS_TRITON:
                         acc = _macm(acc, tl.where(keep, xv, 0.0),
                                     w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
                                     r_ok, n_ok, False, DOT_UPCAST)
-                tok = _fenced(tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                                            mask=m_ok[:, None] & n_ok[None, :], sem="relaxed"),
-                              NT, FENCE)
+                tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                                   m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -604,31 +637,38 @@ if _HAS_TRITON:
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
                      REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr):
+                     DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
+                     DET: tl.constexpr):
         """The part's sparse program q; returns the token of _fenced."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             tok = _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk,
                                        thr, scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G,
-                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE)
+                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE, DET)
         else:
             tok = _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
                                      ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
-                                     DOT_UPCAST, NT, FENCE)
+                                     DOT_UPCAST, NT, FENCE, DET)
         return tok
 
     @triton.jit
-    def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, BLOCK_E: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr):
-        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0."""
+    def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, n_slots,
+                       BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr,
+                       DET: tl.constexpr):
+        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0. DET: ws holds n_slots
+        partial sums (n_slots, M, N), added in a fixed order, and every call rewrites them."""
         offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = offs < N
-        v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        if DET:
+            v = _slot_sum(ws_ptr + b * N, n_slots, tl.num_programs(1) * N, offs, ok, 8)
+        else:
+            v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             v += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         v = _round_out(v, RTNE_FIX)
         tl.store(y_ptr + b * stride_ym + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
-        tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
+        if not DET:
+            tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
 
     @triton.jit
     def _split_part(xv, offs, ok, b, thr_ptr, thr_val, scale_ptr, xk_ptr, xd_ptr, K,
@@ -658,39 +698,46 @@ if _HAS_TRITON:
                   TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
                   TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
                   NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr,
-                  BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+                  BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+                  DET: tl.constexpr):
         _pdl_wait(USE_PDL)  # x, the threshold and the zeroed z come from earlier grids
         _pdl_release(USE_PDL)
         pid = tl.program_id(0)
         if pid < ZE0:
             if HL0:
                 _z_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, z_ptr + zo0, R0,
-                        M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST)
+                        M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST, DET)
         elif pid < ZE1:
             if NUM_PARTS > 1:
                 if HL1:
                     _z_part(pid - ZE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1, sdn1,
-                            z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST)
+                            z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST,
+                            DET)
         else:
             if NUM_PARTS > 2:
                 if HL2:
                     _z_part(pid - ZE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2, sdn2,
-                            z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST)
+                            z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST,
+                            DET)
 
     @triton.jit
     def _lowrank_tile(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_ptr,
-                      N, R, cnt_ptr, ex, zcnt_ptr, n_lr, y_ptr, sy, b_ptr,
+                      N, R, cnt_ptr, ex, zcnt_ptr, n_lr, y_ptr, sy, b_ptr, n_kc,
                       TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                       LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                       DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr):
-        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival."""
+                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
+        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
+        partial sums go to workspace slot n_kc + (its rank chunk)."""
+        ws_out = ws_ptr
+        if DET:
+            ws_out += (n_kc + q // tl.cdiv(N, BLOCK_N)) * M * N
         tok = _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr,
-                                ws_ptr, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
+                                ws_out, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
                                 BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST,
-                                EPI_TILE, NT, FENCE)
+                                EPI_TILE, NT, FENCE, DET)
         if EPI_TILE:
             _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
                          N, M_PAD, BLOCK_N, HB, RTNE_FIX)
@@ -703,17 +750,21 @@ if _HAS_TRITON:
                      K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                      COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr):
-        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival."""
-        tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_ptr, N, M_PAD,
+                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
+        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
+        partial sums go to workspace slot (its input chunk)."""
+        ws_out = ws_ptr
+        if DET:
+            ws_out += (q // tl.cdiv(N, BLOCK_N)) * M * N
+        tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
                            BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS,
-                           DOT_UPCAST, NT, FENCE)
+                           DOT_UPCAST, NT, FENCE, DET)
         if EPI_TILE:
             _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
                          N, M_PAD, BLOCK_N, HB, RTNE_FIX)
 
     @triton.jit
-    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, cnt_ptr,
+    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, cnt_ptr, n_kc,
                      w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0,
                      y0, sy0, b0, co0, ex0, zc0, nl0, LE0, SE0,
                      w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1,
@@ -732,7 +783,7 @@ if _HAS_TRITON:
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
                      EPI_TILE: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                     RTNE_FIX: tl.constexpr):
+                     RTNE_FIX: tl.constexpr, DET: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws.
         EPI_TILE: the last program to finish a column tile writes y for it (per-part counters
         from cnt_ptr + co_p, ex_p programs per tile; z counters at cnt_ptr + zc_p, nl_p
@@ -747,27 +798,27 @@ if _HAS_TRITON:
                 if HL0:
                     _lowrank_tile(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
                                   sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, cnt_ptr + co0, ex0,
-                                  cnt_ptr + zc0, nl0, y0, sy0, b0, TP0, HS0, HB0, M_PAD,
+                                  cnt_ptr + zc0, nl0, y0, sy0, b0, n_kc, TP0, HS0, HB0, M_PAD,
                                   BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
-                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
+                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
                         _lowrank_tile(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
                                       sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1,
-                                      cnt_ptr + co1, ex1, cnt_ptr + zc1, nl1, y1, sy1, b1, TP1,
+                                      cnt_ptr + co1, ex1, cnt_ptr + zc1, nl1, y1, sy1, b1, n_kc, TP1,
                                       HS1, HB1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX)
+                                      FENCE, RTNE_FIX, DET)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
                         _lowrank_tile(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
                                       sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2,
-                                      cnt_ptr + co2, ex2, cnt_ptr + zc2, nl2, y2, sy2, b2, TP2,
+                                      cnt_ptr + co2, ex2, cnt_ptr + zc2, nl2, y2, sy2, b2, n_kc, TP2,
                                       HS2, HB2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX)
+                                      FENCE, RTNE_FIX, DET)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
             # grid that precedes this one. Without a z kernel in between, that grid may still be
@@ -782,43 +833,44 @@ if _HAS_TRITON:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, cnt_ptr + co0, ex0, y0, sy0, b0, TP0, HS0, HB0,
                              M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX,
-                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
+                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, cnt_ptr + co1, ex1, y1, sy1, b1, TP1, HS1,
                                  HB1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             else:
                 if NUM_PARTS > 2:
                     _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, cnt_ptr + co2, ex2, y2, sy2, b2, TP2, HS2,
                                  HB2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX)
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,
-                         y0, sy0, b0, N0, wo0, EE0,
-                         y1, sy1, b1, N1, wo1, EE1,
-                         y2, sy2, b2, N2, wo2,
+                         y0, sy0, b0, N0, wo0, ns0, EE0,
+                         y1, sy1, b1, N1, wo1, ns1, EE1,
+                         y2, sy2, b2, N2, wo2, ns2,
                          HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
                          NUM_PARTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                         RTNE_FIX: tl.constexpr, USE_PDL: tl.constexpr):
-        """grid (EE_last, M): y_p = cast(ws_p + bias_p); ws = 0; z = 0."""
+                         RTNE_FIX: tl.constexpr, USE_PDL: tl.constexpr, DET: tl.constexpr):
+        """grid (EE_last, M): y_p = cast(ws_p + bias_p); ws = 0; z = 0 (ZN floats; DET: 0)."""
         _pdl_wait(USE_PDL)  # every partial sum of the main grid has landed
         _pdl_release(USE_PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         if pid < EE0:
-            _epilogue_part(pid, b, ws_ptr + wo0, y0, sy0, b0, N0, BLOCK_E, HB0, RTNE_FIX)
+            _epilogue_part(pid, b, ws_ptr + wo0, y0, sy0, b0, N0, ns0, BLOCK_E, HB0, RTNE_FIX,
+                           DET)
         elif pid < EE1:
             if NUM_PARTS > 1:
-                _epilogue_part(pid - EE0, b, ws_ptr + wo1, y1, sy1, b1, N1, BLOCK_E, HB1,
-                               RTNE_FIX)
+                _epilogue_part(pid - EE0, b, ws_ptr + wo1, y1, sy1, b1, N1, ns1, BLOCK_E, HB1,
+                               RTNE_FIX, DET)
         else:
             if NUM_PARTS > 2:
-                _epilogue_part(pid - EE1, b, ws_ptr + wo2, y2, sy2, b2, N2, BLOCK_E, HB2,
-                               RTNE_FIX)
+                _epilogue_part(pid - EE1, b, ws_ptr + wo2, y2, sy2, b2, N2, ns2, BLOCK_E, HB2,
+                               RTNE_FIX, DET)
         if b == 0:
             step = tl.num_programs(0) * BLOCK_E
             for z0 in range(pid * BLOCK_E, ZN, step):
@@ -872,8 +924,12 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # EPI "launch": the epilogue kernel; "tile": the last program to finish a column tile writes y
 # (per-tile counters, no epilogue launch; correct, but measured 1.1-1.6x slower per call on the
 # H200 in CUDA graphs: docs/kernel-notes.md, v5). LR_FUSED always uses the launch.
+# DET: deterministic sums (set when torch.use_deterministic_algorithms(True) is on): every
+# program stores its partial sums in its own slot and the epilogue (and, for z, the low-rank
+# programs) adds the slots in a fixed order, so a call gives the same bits every time; with
+# the epilogue launch and without LR_FUSED.
 _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton", EPI="launch")
+                      PDL=True, PATH="triton", EPI="launch", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
@@ -1011,15 +1067,16 @@ _SCRATCH: dict = {}
 _SCRATCH_LOCK = threading.Lock()
 
 
-def _scratch(device: torch.device, n_ws: int, n_z: int, n_cnt: int):
-    """fp32 workspace ws and z, int32 tile counters cnt, all zero; each call leaves them zero."""
-    key = (device.type, device.index, n_ws, n_z, n_cnt)
+def _scratch(device: torch.device, n_ws: int, n_z: int, n_cnt: int, det: bool = False):
+    """fp32 workspace ws and z, int32 tile counters cnt, all zero; each call leaves them zero
+    (det: ws and z hold per-program slots that every call rewrites, left as they are)."""
+    key = (device.type, device.index, n_ws, n_z, n_cnt, det)
     with _SCRATCH_LOCK:
         ent = _SCRATCH.get(key)
         if ent is None:
             ent = dict(ws=torch.zeros(max(n_ws, 1), dtype=torch.float32, device=device),
                        z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device),
-                       cnt=torch.zeros(max(n_cnt, 1), dtype=torch.int32, device=device))
+                       cnt=torch.zeros(max(n_cnt, 1), dtype=torch.int32, device=device), det=det)
             _SCRATCH[key] = ent
     return ent["ws"], ent["z"], ent["cnt"]
 
@@ -1156,32 +1213,35 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     BLOCK_R = min(cfg["BLOCK_R"], max(16, _next_pow2(R_max)))
     BLOCK_KP = cfg["BLOCK_KP"]
     BLOCK_KR = min(cfg["BLOCK_KR"] or BK, max(16, _next_pow2(R_max)))
-    lr_fused = bool(cfg["LR_FUSED"]) and any_lr
+    det = bool(cfg["DET"])
+    lr_fused = bool(cfg["LR_FUSED"]) and any_lr and not det
     LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
     LR_NG, BLOCK_NL = cfg["LR_NG"], cfg["BLOCK_NL"]
-    epi_tile = cfg["EPI"] == "tile" and not lr_fused
+    epi_tile = cfg["EPI"] == "tile" and not lr_fused and not det
+    n_kp = triton.cdiv(K, BLOCK_KP)
     nt = 32 * cfg["num_warps"]
 
     # per-part offsets into the shared scratch and program-id ranges of each kernel; EPI tile:
     # per part, counters of its column tiles (co: first; ex: programs per tile) and of its
-    # low-rank programs (zc, after every tile counter; nl: how many)
+    # low-rank programs (zc, after every tile counter; nl: how many). DET: a part's ws holds
+    # ex slots (one per input chunk, then one per rank chunk) and its z n_kp slots.
     ws_off, z_off, z_end, lr_end, sp_end, cnt_off, expect, n_lr = [], [], [], [], [], [], [], []
     n_ws = n_z = zc = lc = sc = n_cnt = 0
     for p in parts:
         ws_off.append(n_ws)
         z_off.append(n_z)
         cnt_off.append(n_cnt)
-        n_ws += M * p.N
-        n_z += M * p.R
         n_tiles = triton.cdiv(p.N, BN)
         n_cnt += n_tiles
         n_rc = triton.cdiv(p.R, BLOCK_KR) if p.R else 0
+        n_ws += M * p.N * ((n_kc + n_rc) if det else 1)
+        n_z += M * p.R * (n_kp if det else 1)
         expect.append(n_kc + n_rc)
         n_lr.append(n_tiles * n_rc)
         if p.R and lr_fused:
             lc += triton.cdiv(p.R, BLOCK_R) * triton.cdiv(K, LR_KS) * LR_NG
         elif p.R:
-            zc += triton.cdiv(K, BLOCK_KP) * triton.cdiv(p.R, BLOCK_R)
+            zc += n_kp * triton.cdiv(p.R, BLOCK_R)
             lc += n_tiles * n_rc
         sc += n_tiles * n_kc
         z_end.append(zc)
@@ -1189,7 +1249,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         sp_end.append(sc)
     z_cnt = [n_cnt + i for i in range(len(parts))]
     n_cnt += len(parts)
-    ws, zbuf, cnt = _scratch(dev, n_ws, n_z, n_cnt)
+    ws, zbuf, cnt = _scratch(dev, n_ws, n_z, n_cnt, det)
     slots = _slot_scratch(dev, sc * CH) if compact else ws
     dummy = ws
 
@@ -1200,11 +1260,11 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         for nm in names:
             if p is None:
                 vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "co", "ex",
-                                        "zc", "nl")
+                                        "zc", "nl", "ns")
                             else 0.0 if nm == "tv" else dummy)
                 continue
             vals.append({
-                "co": cnt_off[i], "ex": expect[i], "zc": z_cnt[i], "nl": n_lr[i],
+                "co": cnt_off[i], "ex": expect[i], "zc": z_cnt[i], "nl": n_lr[i], "ns": expect[i],
                 "w": p.w_t, "sw": p.w_t.stride(0), "thr": p.thr_t if p.thr_t is not None else dummy,
                 "tv": p.thr_val, "sc": p.scale if p.scale is not None else dummy,
                 "dn": p.lr_down if p.R else dummy, "sdn": p.lr_down.stride(0) if p.R else 0,
@@ -1236,8 +1296,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         _z_kernel[(last(z_end),)](
             x2, x2.stride(0), M, K, zbuf, *zargs, *all_flags,
             NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R,
-            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, num_warps=cfg["Z_WARPS"], num_stages=1,
-            **pdl_kw)
+            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, DET=det, num_warps=cfg["Z_WARPS"],
+            num_stages=1, **pdl_kw)
     has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
     rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     margs = []
@@ -1248,13 +1308,13 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         if i < MAX_PARTS - 1:
             margs.append(se[i])
     _main_kernel[(last(lr_end) + last(sp_end),)](
-        x2, x2.stride(0), M, K, ws, zbuf, slots, cnt, *margs, *all_flags, *has_bias,
+        x2, x2.stride(0), M, K, ws, zbuf, slots, cnt, n_kc, *margs, *all_flags, *has_bias,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, EPI_TILE=epi_tile, NT=nt,
-        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, num_warps=cfg["num_warps"],
+        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
     if epi_tile:
         return
@@ -1265,12 +1325,12 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         e_end.append(ec)
     e_end = pad_ends(e_end)
     for i in range(MAX_PARTS):
-        eargs += part_args(i, ("y", "sy", "b", "N", "wo"))
+        eargs += part_args(i, ("y", "sy", "b", "N", "wo", "ns"))
         if i < MAX_PARTS - 1:
             eargs.append(e_end[i])
     _epilogue_kernel[(e_end[-1], M)](
-        ws, zbuf, 0 if lr_fused else n_z, *eargs, *has_bias, NUM_PARTS=n_parts, BLOCK_E=BLOCK_E,
-        RTNE_FIX=rtne_fix, USE_PDL=use_pdl, num_warps=4, **pdl_kw)
+        ws, zbuf, 0 if lr_fused or det else n_z, *eargs, *has_bias, NUM_PARTS=n_parts,
+        BLOCK_E=BLOCK_E, RTNE_FIX=rtne_fix, USE_PDL=use_pdl, DET=det, num_warps=4, **pdl_kw)
 
 
 def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional[torch.Tensor]],
@@ -1312,6 +1372,8 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
         x2 = x2.contiguous()
     cfg = _pick_config(M, K, sum(p.N for p in parts), x.element_size(), _config,
                        has_lr=any(p.R for p in parts))
+    if torch.are_deterministic_algorithms_enabled():
+        cfg["DET"] = True
     run_parts, run_ys = [parts[i] for i in live], [ys[i] for i in live]
     if cfg["PATH"] == "cublas":
         _run_cublas(x2, run_parts, run_ys)
