@@ -39,9 +39,12 @@ def test_bench_attention_smoke_checks_sdpa_and_every_split(tmp_path):
 
 
 @pytest.mark.cli
-def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path, monkeypatch, deterministic):
     """Engine vs transformers on a saved R-Sparse checkpoint (CPU): both runs reported, the dense
-    run identical, transformers reproducible, the teacher-forced engine agreeing."""
+    run identical, transformers reproducible, the teacher-forced engine agreeing; the same with
+    --deterministic (the kernel's fixed-order sums)."""
+    import torch
     from conftest import tiny_model
     from rsparse import RSparseConfig, save_pretrained, sparsify_
     from rsparse.core.data import calibration_windows
@@ -50,9 +53,17 @@ def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path):
     model = tiny_model()
     sparsify_(model, RSparseConfig(sparsity=0.5, ratio=0.8), calibration_windows(windows, 64, 4))
     save_pretrained(model, tokenizer, tmp_path / "ck")
-    code = agreement.main(["--model", str(tmp_path / "ck"), "--device", "cpu", "--new-tokens", "8",
-                           "--prompts", "3", "--out", str(tmp_path / "out")])
-    runs = json.loads((tmp_path / "out" / "agreement.json").read_text())["runs"]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored after the test
+    try:
+        code = agreement.main(["--model", str(tmp_path / "ck"), "--device", "cpu", "--new-tokens", "8",
+                               "--prompts", "3", "--out", str(tmp_path / "out")]
+                              + ["--deterministic"] * deterministic)
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+    results = json.loads((tmp_path / "out" / "agreement.json").read_text())
+    assert results["deterministic"] == deterministic and results["dtype"] == "torch.float32"
+    runs = results["runs"]
     assert set(runs) == {"as saved", "dense"}
     assert runs["dense"]["identical"] == runs["dense"]["hf_reproducible"] == 3
     assert runs["dense"]["forced_agreement"] == 1.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,8 +122,14 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="auto", choices=["auto", "never"],
                    help="never: R-Sparse layers compute with the torch reference on both sides (no fp32 atomics: "
                         "run to run deterministic), to tell the kernel's summation order from the engine's numerics")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): the kernel adds its partial sums in a fixed order, "
+                        "so each side repeats itself bit for bit")
     p.add_argument("--out", default="out/agreement")
     args = p.parse_args(argv)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspaces
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: index_copy_ has no such kernel
     from rsparse.core.layer import rsparse_layers
     from rsparse.io.checkpoint import load_any
     from rsparse.methods import restore_
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
                if getattr(tok, "chat_template", None) else tok(q).input_ids for q in PROMPTS[: args.prompts]]
     prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
     results = {"model": args.model, "device": args.device, "dtype": str(next(model.parameters()).dtype),
-               "kernel": args.kernel,
+               "kernel": args.kernel, "deterministic": args.deterministic,
                "new_tokens": args.new_tokens, "runs": {}}
     if rsparse_layers(model):
         results["runs"]["as saved"] = compare(model, prompts, args.new_tokens)
@@ -144,7 +151,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.json").write_text(json.dumps(results, indent=2))
     print(f"\n{args.model or 'embedded model'} on {args.device}, {results['dtype']}, {args.new_tokens} new tokens, greedy, "
-          f"kernel {args.kernel}")
+          f"kernel {args.kernel}" + (", deterministic" if args.deterministic else ""))
     print("| layers | identical prompts | transformers reproducible | teacher-forced agreement %: engine | "
           "transformers eager attention | engine tok/s (median) | transformers tok/s (median) |\n"
           "|---|---|---|---|---|---|---|")
