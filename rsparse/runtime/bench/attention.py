@@ -113,6 +113,15 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1, tiny shapes)")
     p.add_argument("--out", default="out/attention-bench")
     args = p.parse_args(argv)
+    unknown = set(args.models.split(",")) - set(SHAPES)
+    if unknown:
+        raise SystemExit(f"error: unknown --models {','.join(sorted(unknown))} (known: {','.join(SHAPES)})")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or not all(1 <= b <= 64 for b in batches):
+        raise SystemExit(f"error: --batches takes a comma list of batch sizes 1-64, got {args.batches!r}")
     from rsparse.runtime.bench.kernel_harness import Timer
     from rsparse.runtime import kernels as K
 
