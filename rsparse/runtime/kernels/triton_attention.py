@@ -17,27 +17,16 @@ Public: :func:`decode_attention` and its torch reference :func:`decode_attention
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # triton is optional: the module must import without it
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+# triton stays optional (the module imports without it): the R-Sparse kernels' module holds the
+# guarded import and the interpreter switch
+from .triton_rsparse import _HAS_TRITON, _interpret_mode, tl, triton
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def decode_attention_reference(q, k_cache, v_cache, lo, hi, scale: float) -> torch.Tensor:

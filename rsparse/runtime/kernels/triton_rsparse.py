@@ -721,6 +721,14 @@ if _HAS_TRITON:
                             DET)
 
     @triton.jit
+    def _own_slot(ws_ptr, first, q, M, N, BLOCK_N: tl.constexpr, DET: tl.constexpr):
+        """Where program q (column tile q % tiles, chunk q // tiles) puts its partial sums: DET,
+        its own workspace slot first + chunk of (M, N) floats; else the shared ws (atomics)."""
+        if DET:
+            ws_ptr += (first + q // tl.cdiv(N, BLOCK_N)) * M * N
+        return ws_ptr
+
+    @triton.jit
     def _lowrank_tile(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_ptr,
                       N, R, cnt_ptr, ex, zcnt_ptr, n_lr, y_ptr, sy, b_ptr, n_kc,
                       TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
@@ -731,9 +739,7 @@ if _HAS_TRITON:
                       FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
         """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
         partial sums go to workspace slot n_kc + (its rank chunk)."""
-        ws_out = ws_ptr
-        if DET:
-            ws_out += (n_kc + q // tl.cdiv(N, BLOCK_N)) * M * N
+        ws_out = _own_slot(ws_ptr, n_kc, q, M, N, BLOCK_N, DET)
         tok = _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr,
                                 ws_out, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
                                 BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST,
@@ -753,9 +759,7 @@ if _HAS_TRITON:
                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
         """Sparse program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
         partial sums go to workspace slot (its input chunk)."""
-        ws_out = ws_ptr
-        if DET:
-            ws_out += (q // tl.cdiv(N, BLOCK_N)) * M * N
+        ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, DET)
         tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
                            BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS,
                            DOT_UPCAST, NT, FENCE, DET)
