@@ -82,3 +82,20 @@ def test_decode_profile_groups_kernels_by_name():
     assert _group("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
     assert _group("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_12") == "fused glue"
     assert _group("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+@pytest.mark.parametrize("verb,argv,message", [
+    ("attention", ["--models", "llama2-7b,foo"], "error: unknown --models foo"),
+    ("attention", ["--batches", "1,x"], "error: --batches takes a comma list"),
+    ("attention", ["--batches", "0"], "error: --batches takes a comma list"),
+    ("decode", ["--attention", "flash"], "error: --attention takes auto, kernel and/or sdpa"),
+])
+def test_bench_bad_flags_end_in_one_error_line(verb, argv, message, tmp_path):
+    # checked before any model is built or GPU looked for; the CLI prints the one line, exit 1
+    import importlib
+
+    mod = importlib.import_module(f"rsparse.runtime.bench.{verb}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv + ["--out", str(tmp_path / "out")])
+    assert isinstance(e.value.code, str) and e.value.code.startswith(message) and "\n" not in e.value.code
+    assert not (tmp_path / "out").exists()
