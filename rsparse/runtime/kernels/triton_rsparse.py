@@ -336,39 +336,33 @@ if _HAS_TRITON:
     def _z_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr, stride_dk,
                 z_ptr, R, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
                 THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                SUM: tl.constexpr, Z_ITERS: tl.constexpr):
-        """z[b, r-tile] += sum over the DROPPED channels of chunk kp (Z_ITERS x BLOCK_KP input
-        channels) of x[b, j] lr_down[j, :] (SUM 1: stored into slot kp of z, (n_kp, M, R);
-        the only modes the z kernel runs)."""
+                SUM: tl.constexpr):
+        """z[b, r-tile] += sum over the DROPPED channels of chunk kp of x[b, j] lr_down[j, :]
+        (SUM 1: stored into slot kp of z, (n_kp, M, R); the only modes the z kernel runs)."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         n_rt = tl.cdiv(R, BLOCK_R)
         rt = q % n_rt
         kp = q // n_rt
         offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
+        offs_k = kp * BLOCK_KP + tl.arange(0, BLOCK_KP)
+        d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :]
         if SUM:
             z_ptr += kp * M * R  # this chunk's slot
         if M_PAD == 1:
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for it in tl.static_range(Z_ITERS):
-                offs_k = (kp * Z_ITERS + it) * BLOCK_KP + tl.arange(0, BLOCK_KP)
-                xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
-                drop = ok & (~keep)
-                acc = _mac1(acc, tl.where(drop, xv, 0.0),
-                            down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :], drop, r_ok)
+            xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
+            drop = ok & (~keep)
+            acc = _mac1(tl.zeros([BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
+                        d_ptrs, drop, r_ok)
             _put(z_ptr + offs_r, acc, r_ok, SUM)
         else:
             offs_m = tl.arange(0, M_PAD)
-            acc = tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32)
-            for it in tl.static_range(Z_ITERS):
-                offs_k = (kp * Z_ITERS + it) * BLOCK_KP + tl.arange(0, BLOCK_KP)
-                xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
-                                        HAS_SCALE)
-                drop = ok & (~keep)
-                row_any = tl.max(drop.to(tl.int32), axis=0) > 0
-                acc = _macm(acc, tl.where(drop, xv, 0.0),
-                            down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :], row_any,
-                            r_ok, False, DOT_UPCAST)
+            xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
+                                    HAS_SCALE)
+            drop = ok & (~keep)
+            row_any = tl.max(drop.to(tl.int32), axis=0) > 0
+            acc = _macm(tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
+                        d_ptrs, row_any, r_ok, False, DOT_UPCAST)
             _put(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
                  (offs_m < M)[:, None] & r_ok[None, :], SUM)
 
@@ -735,7 +729,7 @@ if _HAS_TRITON:
                     HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
                     NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                    USE_PDL: tl.constexpr, SUM: tl.constexpr, Z_ITERS: tl.constexpr):
+                    USE_PDL: tl.constexpr, SUM: tl.constexpr):
         """[z programs p0 | p1 | p2][output-init programs p0 | p1 | p2] (ends ZE*, then IE*
         counted after ZE2; calls without a low-rank term have no z programs, calls with the
         epilogue launch no init programs). z: partial sums of the dropped channels' z, added
@@ -748,19 +742,19 @@ if _HAS_TRITON:
             if pid < ZE0:
                 if HL0:
                     _z_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, z_ptr + zo0,
-                            R0, M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST, SUM, Z_ITERS)
+                            R0, M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST, SUM)
             elif pid < ZE1:
                 if NUM_PARTS > 1:
                     if HL1:
                         _z_part(pid - ZE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1, sdn1,
                                 z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST,
-                                SUM, Z_ITERS)
+                                SUM)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
                         _z_part(pid - ZE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2, sdn2,
                                 z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST,
-                                SUM, Z_ITERS)
+                                SUM)
         else:
             q = pid - ZE2
             if q < IE0:
@@ -971,9 +965,7 @@ _DEFAULT_CONFIGS = {
     "mm": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=1, num_warps=4, num_stages=1),
 }
 # z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block.
-# Z_ITERS: BLOCK_KP chunks per z program when z goes to slots (deterministic sums, fp32 outputs).
-_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512,  # KR 0: = BLOCK_K
-                    Z_ITERS=4)
+_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512)  # KR 0: = BLOCK_K
 # LR_FUSED: no z kernel; low-rank programs (r-tile, K-slice of LR_KS channels, one of LR_NG
 # column groups) multiply their partial z straight into lr_up, BLOCK_NL columns at a time.
 _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
@@ -1292,10 +1284,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     # pre kernel initialised (after the PDL wait for it), or atomics into the zeroed workspace
     sum_mode = 1 if det else (3 if use_pdl else 2) if init else 0
     z_slots = det or init  # z in per-chunk slots: nothing to zero after the call
-    # slots: each z program covers Z_ITERS chunks of BLOCK_KP channels, so that the low-rank
-    # programs have fewer slots to add
-    z_iters = cfg["Z_ITERS"] if z_slots and not lr_fused else 1
-    n_kp = triton.cdiv(K, BLOCK_KP * z_iters)
+    n_kp = triton.cdiv(K, BLOCK_KP)
     nt = 32 * cfg["num_warps"]
 
     # per-part offsets into the shared scratch and program-id ranges of each kernel; EPI tile:
@@ -1386,8 +1375,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         _pre_kernel[(last(z_end) + i_end[-1],)](
             x2, x2.stride(0), M, K, zbuf, ws, *pargs, *all_flags, *has_bias,
             NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
-            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, SUM=int(z_slots), Z_ITERS=z_iters,
-            num_warps=cfg["Z_WARPS"], num_stages=1, **pdl_kw)
+            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, SUM=int(z_slots), num_warps=cfg["Z_WARPS"],
+            num_stages=1, **pdl_kw)
     rtne_fix = bool(ys[0].dtype == torch.bfloat16 and interp)
     margs = []
     for i in range(MAX_PARTS):
@@ -1400,7 +1389,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         x2, x2.stride(0), M, K, ws, zbuf, slots, cnt, n_kc, *margs, *all_flags, *has_bias,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
-        REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP * z_iters, LR_KS=LR_KS,
+        REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_PRE=pre, EPI_TILE=epi_tile, NT=nt,
         FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, SUM=sum_mode, num_warps=cfg["num_warps"],
