@@ -77,7 +77,7 @@ def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path, monkeypat
 def test_decode_profile_groups_kernels_by_name():
     from rsparse.runtime.bench.decode import _group
 
-    assert _group("_main_kernel") == _group("_epilogue_kernel") == _group("_pre_kernel") == "R-Sparse kernels"
+    assert _group("_main_kernel") == _group("_epilogue_kernel") == "R-Sparse kernels"
     assert _group("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT") == "cuBLAS products"
     assert _group("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
     assert _group("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_12") == "fused glue"

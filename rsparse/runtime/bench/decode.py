@@ -138,7 +138,7 @@ def weight_bytes(model, achieved_sparsity: float) -> float:
 
 
 # Kernel groups of a decode step, by kernel name (first match wins; the rest is "other").
-KERNEL_GROUPS = (("R-Sparse kernels", ("_pre_kernel", "_main_kernel", "_epilogue_kernel", "_split_input_kernel")),
+KERNEL_GROUPS = (("R-Sparse kernels", ("_z_kernel", "_main_kernel", "_epilogue_kernel", "_split_input_kernel")),
                  ("attention", ("attention", "fmha", "flash", "flex", "attn", "sdpa", "cudnn")),
                  ("cuBLAS products", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")),
                  ("fused glue", ("triton_",)))
