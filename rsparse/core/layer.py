@@ -217,7 +217,7 @@ class RSparseLinear(SparseModule, nn.Linear):
             self.stat_kept = self.stat_kept + keep.sum()
         if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= MAX_BATCH_ROWS):
             if kernel_runs_on(x.device):  # a torch.library op: torch.compile traces through it
-                return ops.sparse_linear(x, self.kernel_args())
+                return ops.decode_linear(x, *self.kernel_args())
             if self.kernel == "always":
                 raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
         keep = self.mask(x) if keep is None else keep

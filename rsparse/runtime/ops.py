@@ -5,14 +5,9 @@ through `RSparseLinear` without a graph break and Inductor fuses the elementwise
     torch.ops.rsparse.decode_linear_multi(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases)
 
 are `rsparse.runtime.kernels.rsparse_decode_linear` (one R-Sparse or sparse-only layer, up to
-MAX_BATCH_ROWS rows) and `rsparse_decode_sums` (2-3 layers that share their input, such as
-q/k/v or gate/up, in one set of launches). Both return the fp32 sums (bias included), not
-rounded: the kernel then needs no epilogue launch, and the rounding to the model's dtype
-(`sparse_linear`, `fused_projections` below) is an ordinary op that Inductor fuses into the
-kernel that consumes y (rotary, SiLU x up, residual add + RMSNorm). decode_linear_multi returns
-the parts' sums in one flat tensor (an op's outputs may not share storage); fused_projections
-splits it. Each op is opaque to the compiler (`custom_op` with a fake implementation that gives
-the output's shape and dtype); on a device where Triton cannot run (a CPU without
+MAX_BATCH_ROWS rows) and `rsparse_decode_linear_multi` (2-3 layers that share their input, such
+as q/k/v or gate/up, in one set of launches; one output per layer). Each op is opaque to the compiler (`custom_op` with a fake implementation
+that gives the output's shape and dtype); on a device where Triton cannot run (a CPU without
 TRITON_INTERPRET) it computes the torch reference, so the same traced graph runs everywhere.
 Dense layers need no op: they stay `F.linear`, which Inductor already understands.
 
@@ -35,9 +30,9 @@ from rsparse.runtime.kernels import (
     decode_attention_reference,
     MAX_PARTS,
     rsparse_decode_linear,
+    rsparse_decode_linear_multi,
     rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
-    rsparse_decode_sums,
     triton_available,
 )
 
@@ -53,39 +48,34 @@ def kernel_runs_on(device: torch.device) -> bool:
 def decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
                   score_scale: Optional[torch.Tensor], lr_down: Optional[torch.Tensor],
                   lr_up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y = m(x) W^T + (x - m(x)) (A B)^T + bias in fp32 (not rounded) for x (..., in), w_t = W^T
-    (in, out) row-contiguous, m(x) = |x| * score_scale > threshold; lr_down = B^T (in, r),
-    lr_up = A^T (r, out) or None."""
-    args = (x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+    """y = m(x) W^T + (x - m(x)) (A B)^T + bias for x (..., in), w_t = W^T (in, out) row-contiguous,
+    m(x) = |x| * score_scale > threshold; lr_down = B^T (in, r), lr_up = A^T (r, out) or None."""
     if kernel_runs_on(x.device):
-        return rsparse_decode_linear(*args, out_dtype=torch.float32)
-    return rsparse_decode_linear_reference(*args, out_dtype=torch.float32)
+        return rsparse_decode_linear(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
+    return rsparse_decode_linear_reference(x, w_t, threshold, score_scale, lr_down, lr_up, bias)
 
 
 @decode_linear.register_fake
 def _decode_linear_fake(x, w_t, threshold, score_scale, lr_down, lr_up, bias):
     torch._check(x.shape[-1] == w_t.shape[0], lambda: f"x has {x.shape[-1]} features, w_t expects {w_t.shape[0]}")
-    return x.new_empty(*x.shape[:-1], w_t.shape[1], dtype=torch.float32)
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
 
 
 @torch.library.custom_op("rsparse::decode_linear_multi", mutates_args=())
 def decode_linear_multi(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: list[torch.Tensor],
                         score_scales: list[Optional[torch.Tensor]], lr_downs: list[Optional[torch.Tensor]],
-                        lr_ups: list[Optional[torch.Tensor]], biases: list[Optional[torch.Tensor]]) -> torch.Tensor:
-    """decode_linear for each part i (w_ts[i], thresholds[i], ...) of layers sharing x, as one
-    flat fp32 tensor: part i's (rows, out_i) sums after those of the parts before it."""
+                        lr_ups: list[Optional[torch.Tensor]], biases: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """decode_linear for each part i (w_ts[i], thresholds[i], ...) of layers sharing x."""
     parts = list(zip(w_ts, thresholds, score_scales, lr_downs, lr_ups, biases))
     if kernel_runs_on(x.device):
-        return rsparse_decode_sums(x, parts)
-    refs = rsparse_decode_linear_multi_reference(x, parts, out_dtype=torch.float32)
-    return torch.cat([y.reshape(-1) for y in refs])
+        return list(rsparse_decode_linear_multi(x, parts))
+    return list(rsparse_decode_linear_multi_reference(x, parts))
 
 
 @decode_linear_multi.register_fake
 def _decode_linear_multi_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases):
     torch._check(1 <= len(w_ts) <= MAX_PARTS, lambda: f"1-{MAX_PARTS} parts, got {len(w_ts)}")
-    rows = x.numel() // x.shape[-1]
-    return x.new_empty(rows * sum(w_t.shape[1] for w_t in w_ts), dtype=torch.float32)
+    return [x.new_empty(*x.shape[:-1], w_t.shape[1]) for w_t in w_ts]
 
 
 @torch.library.custom_op("rsparse::decode_attention", mutates_args=())
@@ -104,17 +94,9 @@ def _decode_attention_fake(q, k_cache, v_cache, lo, hi, scale):
     return q.new_empty(q.shape)
 
 
-def sparse_linear(x: torch.Tensor, args: tuple) -> torch.Tensor:
-    """One R-Sparse layer's output in x's dtype; args as RSparseLinear.kernel_args()."""
-    return decode_linear(x, *args).to(x.dtype)
-
-
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor]:
-    """The outputs (x's dtype) of RSparseLinear layers that share the input x (q/k/v, gate/up)
-    from ONE fused kernel call; the caller checks that each layer would run the kernel on x
+    """The outputs of RSparseLinear layers that share the input x (q/k/v, gate/up) from ONE
+    fused kernel call; the caller checks that each layer would run the kernel on x
     (RSparseLinear.runs_kernel)."""
     args = [layer.kernel_args() for layer in layers]
-    flat = decode_linear_multi(x, *[list(a) for a in zip(*args)])
-    lead, rows = x.shape[:-1], x.numel() // x.shape[-1]
-    sizes = [rows * layer.out_features for layer in layers]
-    return [y.view(*lead, layer.out_features).to(x.dtype) for y, layer in zip(flat.split(sizes), layers)]
+    return decode_linear_multi(x, *[list(a) for a in zip(*args)])

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 
+
 def _load_kernels(fresh: bool = False):
     """The kernel module, without needing the rest of the package to import. fresh: load a new
     copy from the file (triton picks interpreter vs compiled when the module is executed, so the
@@ -69,7 +70,6 @@ GROUPS = [
 ]
 SMOKE_SHAPES = [("smoke a", 64, (96,)), ("smoke b", 150, (40,)), ("smoke qkv", 64, (48, 16, 16))]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OUT_DTYPES = {"model": None, "fp32": torch.float32}  # --out-dtype: the kernels' outputs
 
 # --tune candidates (16-bit). Batch 1: sparse-tile variants; then low-rank variants on the best.
 # (Measured once and dropped from the sweep, run 1 of docs/kernel-notes.md: LR_FUSED low-rank
@@ -122,7 +122,7 @@ def run_bench(args, K, timer, dev, records, log, bw):
             shape = "+".join(str(o) for o in outs) + f"x{in_f}"
             for M in batches:
                 xs = sets.inputs(M)
-                fac = OpFactory(K, sets, xs, args.s, args.rho, OUT_DTYPES[args.out_dtype])
+                fac = OpFactory(K, sets, xs, args.s, args.rho)
                 base = dict(label=label, shape=shape, outs=list(outs), **{"in": in_f},
                             dtype=dname, batch=M, nsets=sets.n, calls=args.calls, s=args.s,
                             rho=args.rho, ranks=fac.ranks)
@@ -172,7 +172,7 @@ def run_tune(args, K, timer, dev, records, log, out_dir):
         out_f = sum(outs)
         for M in [1] + ([] if fused else tune_batches):  # groups: batch 1 only (time)
             xs = sets.inputs(M)
-            fac = OpFactory(K, sets, xs, args.s, args.rho, OUT_DTYPES[args.out_dtype])
+            fac = OpFactory(K, sets, xs, args.s, args.rho)
             t_dense = timer(fac.build("dense", False)[0])[0]
             cls = K._batch_class(M)
 
@@ -228,8 +228,7 @@ def run_tune(args, K, timer, dev, records, log, out_dir):
                         for i in range(sets.n):
                             ps = [(p[0], thr) + tuple(p[2:]) for p in fac.parts(i, op)]
                             fns.append(lambda ps=ps, x=xs[i], cfg=cfg: [
-                                K.rsparse_decode_linear(x, *p, out_dtype=fac.out_dtype, _config=cfg)
-                                for p in ps])
+                                K.rsparse_decode_linear(x, *p, _config=cfg) for p in ps])
                         try:
                             diag[f"{op}_{thr_name}"] = timer(fns)[0]
                         except Exception as e:
@@ -314,12 +313,8 @@ def main(argv=None):
     p.add_argument("--no-bench", action="store_true", help="only --tune")
     p.add_argument("--table-json", default="",
                    help="use this tuned table (OUT/tuned_table.json of a --tune run)")
-    p.add_argument("--out-dtype", choices=tuple(OUT_DTYPES), default="model",
-                   help="outputs in the model's dtype (the epilogue rounds them) or the fp32 sums "
-                        "(no epilogue launch: what the decode engine runs)")
-    p.add_argument("--epi", choices=("auto", "launch", "tile"), default="auto",
-                   help="epilogue: auto (none for fp32 outputs, else a launch), a launch, or the "
-                        "last program of each column tile")
+    p.add_argument("--epi", choices=("launch", "tile"), default="launch",
+                   help="epilogue: a launch (default) or the last program of each column tile")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
     args = p.parse_args(argv)

@@ -88,15 +88,12 @@ def pdl_selftest(K, dev, log) -> bool:
         d = (torch.randn(4096, 40, device=dev, generator=g) / 64).to(torch.bfloat16)
         u = (torch.randn(40, 1024, device=dev, generator=g) / 7).to(torch.bfloat16)
         thr = torch.full((1,), 0.7, device=dev)
-        # R-Sparse and sparse-only, rounded by the epilogue and as fp32 sums (no epilogue)
-        cases = [((x, w_t, thr, None, d, u), od) for od in (None, torch.float32)]
-        cases += [((x, w_t, thr), od) for od in (None, torch.float32)]
-        refs = [K.rsparse_decode_linear_reference(*c) for c, _ in cases]
-        outs = [K.rsparse_decode_linear(*c, out_dtype=od) for c, od in cases]
+        cases = [(x, w_t, thr, None, d, u), (x, w_t, thr)]
+        refs = [K.rsparse_decode_linear_reference(*c) for c in cases]
+        outs = [K.rsparse_decode_linear(*c) for c in cases]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            gouts = [K.rsparse_decode_linear(*c, out_dtype=od) for c, od in cases
-                     for _ in range(3)][::3]
+            gouts = [K.rsparse_decode_linear(*c) for c in cases for _ in range(3)][::3]
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
@@ -189,10 +186,8 @@ def _union_frac(x, scale, thr):
 class OpFactory:
     """Builds, per op kind, the per-set call closures, the reference and the byte count."""
 
-    def __init__(self, K, sets, xs, s, rho, out_dtype=None):
-        """out_dtype: the kernels' outputs (None: the inputs' dtype; torch.float32: the sums)."""
+    def __init__(self, K, sets, xs, s, rho):
         self.K, self.sets, self.xs, self.s, self.rho = K, sets, xs, s, rho
-        self.out_dtype = out_dtype
         in_f = sets.in_f
         self.ranks = [rank_for(s, rho, o, in_f) for o in sets.outs]
         self.fac = sets.factors(self.ranks)
@@ -224,12 +219,9 @@ class OpFactory:
         parts = [self.parts(i, op) for i in range(S.n)]
 
         def mk(i):
-            od = self.out_dtype
             if fused:
-                return lambda: list(K.rsparse_decode_linear_multi(xs[i], parts[i], out_dtype=od,
-                                                                  _config=cfg))
-            return lambda: [K.rsparse_decode_linear(xs[i], *p, out_dtype=od, _config=cfg)
-                            for p in parts[i]]
+                return lambda: list(K.rsparse_decode_linear_multi(xs[i], parts[i], _config=cfg))
+            return lambda: [K.rsparse_decode_linear(xs[i], *p, _config=cfg) for p in parts[i]]
         refs = [K.rsparse_decode_linear_reference(xs[0], *p) for p in parts[0]]
         return [mk(i) for i in range(S.n)], refs
 

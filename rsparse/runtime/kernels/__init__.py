@@ -8,7 +8,6 @@ from .triton_rsparse import (
     rsparse_decode_linear_multi,
     rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
-    rsparse_decode_sums,
     triton_available,
 )
 
@@ -21,6 +20,5 @@ __all__ = [
     "rsparse_decode_linear_multi",
     "rsparse_decode_linear_multi_reference",
     "rsparse_decode_linear_reference",
-    "rsparse_decode_sums",
     "triton_available",
 ]

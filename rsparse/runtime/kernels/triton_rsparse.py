@@ -10,19 +10,15 @@ Math (per input row ``b``; ``W ~= A B``, ``w_t = W^T`` (in, out), ``lr_down = B^
 Public functions: :func:`rsparse_decode_linear` (one layer) and
 :func:`rsparse_decode_linear_multi` (2-3 layers that share the input x, e.g. q/k/v or gate/up,
 each with its own threshold, score_scale, factors and bias: one set of launches for all of
-them), :func:`rsparse_decode_sums` (the multi call's fp32 sums in one flat tensor, for the
-`torch.library` op), plus their torch references.
+them), plus their torch references.
 
 Design (no host synchronisation, no memset, CUDA-graph safe; all scratch is zero again after
 each call). Launches per call, chained with programmatic dependent launch (PDL) on the GPU so
 each one is resident before its predecessor ends:
 
-1. ``_pre_kernel``: z programs (if some part has a low-rank term): split-k over ``lr_down``
-   rows; each program adds (fp32 atomics) the partial ``z`` of a chunk of input channels (the
-   DROPPED ones; rows nobody drops are not fetched) into a zeroed ``z`` buffer, or stores it in
-   the chunk's own slot of z (deterministic sums, and fp32 outputs). For fp32 outputs (the
-   sums, ``out_dtype=torch.float32``: what the decode engine asks for) its init programs also
-   set each output to its bias (or 0).
+1. ``_z_kernel`` (only if some part has a low-rank term): split-k over ``lr_down`` rows; each
+   program adds (fp32 atomics) the partial ``z`` of a chunk of input channels (the DROPPED
+   ones; rows nobody drops are not fetched) into a zeroed ``z`` buffer.
 2. ``_main_kernel``: program ids [low-rank tiles of every part][sparse tiles of every part].
    The low-rank tiles (lowest ids, so they are scheduled first) wait for ``z`` (``gdc_wait``)
    and add ``z @ lr_up[chunk, tile]``. Each sparse tile (column tile n, chunk kc of CH input
@@ -32,14 +28,8 @@ each one is resident before its predecessor ends:
    the slot), or loads whole row tiles predicated on the mask (plain, "TEAL-style").
    Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
    that need no z pass; measured slower, kept as an option.)
-3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call.
-   EPI "init" (the default for fp32 outputs): none. The main kernel adds straight into the
-   output that the pre kernel initialised: a sparse program waits for the pre kernel
-   (``gdc_wait``) only before its first add, so its weight loads overlap the pre kernel; the
-   call's last launch is the main kernel, and the caller's next kernel rounds the sums (in the
-   engine, Inductor fuses that into the consumer: rotary, SiLU x up, residual + RMSNorm).
-   Measured against the epilogue launch in docs/kernel-notes.md (v6).
-   EPI "launch" (the default for 16-bit outputs): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the
+3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call:
+   EPI "launch" (default): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the
    main grid. EPI "tile" (v5, an option: measured slower, see docs/kernel-notes.md): inside the
    main kernel, by the last program to finish each column tile. Every program of a tile counts
    itself in at the tile's int32 counter once its partial sums are in: each THREAD waits for
