@@ -87,7 +87,6 @@ __all__ = [
     "rsparse_decode_linear_multi",
     "rsparse_decode_linear_multi_reference",
     "rsparse_decode_linear_reference",
-    "rsparse_decode_sums",
     "triton_available",
 ]
 
@@ -116,10 +115,10 @@ def _threshold_f32(threshold, device) -> torch.Tensor:
 
 
 def rsparse_decode_linear_reference(x, w_t, threshold, score_scale=None, lr_down=None, lr_up=None,
-                                    bias=None, out_dtype=None) -> torch.Tensor:
+                                    bias=None) -> torch.Tensor:
     """Plain torch version of :func:`rsparse_decode_linear` (same semantics, fp32 accumulate).
 
-    Works for any number of rows and on any device; output in out_dtype (default: x's dtype).
+    Works for any number of rows and on any device; output in ``x``'s dtype.
     """
     K = x.shape[-1]
     lead = x.shape[:-1]
@@ -134,7 +133,7 @@ def rsparse_decode_linear_reference(x, w_t, threshold, score_scale=None, lr_down
         y = y + z @ lr_up.float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype or x.dtype).reshape(*lead, w_t.shape[1])
+    return y.to(x.dtype).reshape(*lead, w_t.shape[1])
 
 
 def _part_tuple(part) -> tuple:
@@ -145,9 +144,9 @@ def _part_tuple(part) -> tuple:
     return part + (None,) * (6 - len(part))
 
 
-def rsparse_decode_linear_multi_reference(x, parts, out_dtype=None) -> tuple:
+def rsparse_decode_linear_multi_reference(x, parts) -> tuple:
     """Plain torch version of :func:`rsparse_decode_linear_multi`: one reference call per part."""
-    return tuple(rsparse_decode_linear_reference(x, *_part_tuple(p), out_dtype=out_dtype) for p in parts)
+    return tuple(rsparse_decode_linear_reference(x, *_part_tuple(p)) for p in parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,21 +185,14 @@ if _HAS_TRITON:
             return 0
 
     @triton.jit
-    def _put(ptrs, val, mask, SUM: tl.constexpr):
-        """Add a partial sum into the fp32 sums. SUM (how a call adds its partial sums):
-        0: a relaxed atomic add into the zeroed workspace (the epilogue rounds it into y);
-        1: deterministic: a plain store into this program's own slot (the caller points ptrs
-           there), the slots summed in a fixed order later;
-        2: a relaxed atomic add straight into the fp32 output, which the pre kernel of the call
-           set to the bias (or 0); 3: the same after gdc_wait, the wait for that pre kernel
-           (PDL: this program may have started before it finished).
-        Returns what _fenced waits for."""
-        if SUM == 1:
+    def _put(ptrs, val, mask, DET: tl.constexpr):
+        """Add a partial sum into the fp32 workspace: a relaxed atomic add, or (DET) a plain store
+        into this program's own slot (the caller points ptrs there), summed in a fixed order
+        later. Returns what _fenced waits for."""
+        if DET:
             tl.store(ptrs, val, mask=mask)
             return val
         else:
-            if SUM == 3:
-                tl.extra.cuda.gdc_wait()
             return tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
 
     @triton.jit
@@ -326,9 +318,9 @@ if _HAS_TRITON:
     def _z_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr, stride_dk,
                 z_ptr, R, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_R: tl.constexpr,
                 THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                SUM: tl.constexpr):
+                DET: tl.constexpr):
         """z[b, r-tile] += sum over the DROPPED channels of chunk kp of x[b, j] lr_down[j, :]
-        (SUM 1: stored into slot kp of z, (n_kp, M, R); the only modes the z kernel runs)."""
+        (DET: stored into slot kp of z, (n_kp, M, R))."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         n_rt = tl.cdiv(R, BLOCK_R)
         rt = q % n_rt
@@ -337,14 +329,14 @@ if _HAS_TRITON:
         r_ok = offs_r < R
         offs_k = kp * BLOCK_KP + tl.arange(0, BLOCK_KP)
         d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :]
-        if SUM:
+        if DET:
             z_ptr += kp * M * R  # this chunk's slot
         if M_PAD == 1:
             xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
             drop = ok & (~keep)
             acc = _mac1(tl.zeros([BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
                         d_ptrs, drop, r_ok)
-            _put(z_ptr + offs_r, acc, r_ok, SUM)
+            _put(z_ptr + offs_r, acc, r_ok, DET)
         else:
             offs_m = tl.arange(0, M_PAD)
             xv, keep, ok = _load_xm(x_ptr, stride_xm, scale_ptr, offs_k, K, M, thr, M_PAD,
@@ -354,7 +346,7 @@ if _HAS_TRITON:
             acc = _macm(tl.zeros([M_PAD, BLOCK_R], dtype=tl.float32), tl.where(drop, xv, 0.0),
                         d_ptrs, row_any, r_ok, False, DOT_UPCAST)
             _put(z_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
-                 (offs_m < M)[:, None] & r_ok[None, :], SUM)
+                 (offs_m < M)[:, None] & r_ok[None, :], DET)
 
     @triton.jit
     def _z_release(tok, zcnt_ptr, n_lr, z_ptr, ZN):
@@ -371,11 +363,11 @@ if _HAS_TRITON:
     def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr, n_kp,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr, SUM: tl.constexpr):
+                      FENCE: tl.constexpr, DET: tl.constexpr):
         """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile].
         EPI_TILE: the last of the part's n_lr low-rank programs to have read z zeroes it (the
-        counter at zcnt_ptr). SUM != 0: z is the fixed-order sum of its n_kp slots (and, SUM 1,
-        ws_ptr points at this program's slot). Returns the token of _fenced for the column tile's counter."""
+        counter at zcnt_ptr). DET: z is the fixed-order sum of its n_kp slots, and ws_ptr points
+        at this program's slot. Returns the token of _fenced for the column tile's counter."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         rc = q // n_tiles
@@ -385,18 +377,18 @@ if _HAS_TRITON:
         c_ok = offs_c < R
         up_ptrs = up_ptr + offs_c[:, None] * stride_ur + offs_n[None, :]
         if M_PAD == 1:
-            if SUM:
+            if DET:
                 zin = _slot_sum(z_ptr, n_kp, M * R, offs_c, c_ok, 16)
             else:
                 zin = tl.load(z_ptr + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
             if EPI_TILE:
                 _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc1 = _mac1(tl.zeros([BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok)
-            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, SUM), NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             m_ok = offs_m < M
-            if SUM:  # rows one at a time: _slot_sum is 1-D
+            if DET:  # rows one at a time: _slot_sum is 1-D
                 zin = tl.zeros([M_PAD, BLOCK_KR], dtype=tl.float32)
                 for b in range(0, M):
                     zb = _slot_sum(z_ptr + b * R, n_kp, M * R, offs_c, c_ok, 16)
@@ -409,7 +401,7 @@ if _HAS_TRITON:
             acc = _macm(tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok,
                         True, DOT_UPCAST)
             tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                               m_ok[:, None] & n_ok[None, :], SUM), NT, FENCE)
+                               m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -479,7 +471,7 @@ if _HAS_TRITON:
                           LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                           THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                           DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                          FENCE: tl.constexpr, SUM: tl.constexpr):
+                          FENCE: tl.constexpr, DET: tl.constexpr):
         """The part's low-rank program q; returns the token of _fenced (0 for LR_FUSED, which
         runs with the epilogue launch)."""
         tok = 0
@@ -491,7 +483,7 @@ if _HAS_TRITON:
         else:
             tok = _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
                                 tl.cdiv(K, BLOCK_KP), M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST,
-                                EPI_TILE, NT, FENCE, SUM)
+                                EPI_TILE, NT, FENCE, DET)
         return tok
 
     @triton.jit
@@ -499,7 +491,7 @@ if _HAS_TRITON:
                            N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
                            DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                           SUM: tl.constexpr):
+                           DET: tl.constexpr):
         """Tile (n, kc): row tiles of w_t loaded predicated on the mask (TEAL-style: dropped
         rows cost no traffic, but the tile arithmetic runs over every row)."""
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -514,7 +506,7 @@ if _HAS_TRITON:
                 xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
                 acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
                              w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
-            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, SUM), NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
         else:
             offs_m = tl.arange(0, M_PAD)
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -527,7 +519,7 @@ if _HAS_TRITON:
                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                             row_any, n_ok, False, DOT_UPCAST)
             tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                               (offs_m < M)[:, None] & n_ok[None, :], SUM), NT, FENCE)
+                               (offs_m < M)[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -544,7 +536,7 @@ if _HAS_TRITON:
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
                              DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                             NT: tl.constexpr, FENCE: tl.constexpr, SUM: tl.constexpr):
+                             NT: tl.constexpr, FENCE: tl.constexpr, DET: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
@@ -584,7 +576,7 @@ if _HAS_TRITON:
                 acc2 += w.to(tl.float32) * xg[:, None]
                 w = w_n
                 xg = xg_n
-            tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, SUM), NT, FENCE)
+            tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
         else:
             tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
             # the slot is written and read back by different threads of this program: a CTA
@@ -614,7 +606,7 @@ if _HAS_TRITON:
                                         mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                         eviction_policy="evict_first")
                             acc2 += w.to(tl.float32) * xv[:, None]
-                tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, SUM), NT, FENCE)
+                tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
             else:
                 offs_m = tl.arange(0, M_PAD)
                 m_ok = offs_m < M
@@ -636,7 +628,7 @@ if _HAS_TRITON:
                                     w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
                                     r_ok, n_ok, False, DOT_UPCAST)
                 tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                                   m_ok[:, None] & n_ok[None, :], SUM), NT, FENCE)
+                                   m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
         return tok
 
     @triton.jit
@@ -646,28 +638,28 @@ if _HAS_TRITON:
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
                      REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                     SUM: tl.constexpr):
+                     DET: tl.constexpr):
         """The part's sparse program q; returns the token of _fenced."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             tok = _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk,
                                        thr, scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G,
-                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE, SUM)
+                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE, DET)
         else:
             tok = _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
                                      ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
-                                     DOT_UPCAST, NT, FENCE, SUM)
+                                     DOT_UPCAST, NT, FENCE, DET)
         return tok
 
     @triton.jit
     def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, n_slots,
                        BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr,
-                       SUM: tl.constexpr):
-        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0. SUM 1: ws holds n_slots
+                       DET: tl.constexpr):
+        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0. DET: ws holds n_slots
         partial sums (n_slots, M, N), added in a fixed order, and every call rewrites them."""
         offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
         ok = offs < N
-        if SUM == 1:
+        if DET:
             v = _slot_sum(ws_ptr + b * N, n_slots, tl.num_programs(1) * N, offs, ok, 8)
         else:
             v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
@@ -675,7 +667,7 @@ if _HAS_TRITON:
             v += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         v = _round_out(v, RTNE_FIX)
         tl.store(y_ptr + b * stride_ym + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
-        if SUM == 0:
+        if not DET:
             tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
 
     @triton.jit
@@ -698,69 +690,41 @@ if _HAS_TRITON:
     # beyond NUM_PARTS are never compiled.
 
     @triton.jit
-    def _init_part(q, ws_ptr, bias_ptr, MN, N, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Block q of a part's fp32 output (M rows of N, flat): bias, or 0, for the main
-        kernel's atomic adds (SUM 2/3)."""
-        offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
-        ok = offs < MN
-        v = tl.zeros([BLOCK_E], dtype=tl.float32)
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ws_ptr + offs, v, mask=ok)
-
-    @triton.jit
-    def _pre_kernel(x_ptr, stride_xm, M, K, z_ptr, ws_ptr,
-                    thr0, tv0, sc0, dn0, sdn0, R0, zo0, ZE0, b0, N0, wo0, IE0,
-                    thr1, tv1, sc1, dn1, sdn1, R1, zo1, ZE1, b1, N1, wo1, IE1,
-                    thr2, tv2, sc2, dn2, sdn2, R2, zo2, ZE2, b2, N2, wo2,
-                    TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
-                    TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
-                    TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
-                    HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
-                    NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                    USE_PDL: tl.constexpr, SUM: tl.constexpr):
-        """[z programs p0 | p1 | p2][output-init programs p0 | p1 | p2] (ends ZE*, then IE*
-        counted after ZE2; calls without a low-rank term have no z programs, calls with the
-        epilogue launch no init programs). z: partial sums of the dropped channels' z, added
-        (SUM 0) or stored in slots (SUM 1). Init: the part's fp32 output (at ws_ptr + wo_p)
-        set to its bias or 0, for the main kernel to add into."""
+    def _z_kernel(x_ptr, stride_xm, M, K, z_ptr,
+                  thr0, tv0, sc0, dn0, sdn0, R0, zo0, ZE0,
+                  thr1, tv1, sc1, dn1, sdn1, R1, zo1, ZE1,
+                  thr2, tv2, sc2, dn2, sdn2, R2, zo2,
+                  TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
+                  TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
+                  TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
+                  NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_KP: tl.constexpr,
+                  BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
+                  DET: tl.constexpr):
         _pdl_wait(USE_PDL)  # x, the threshold and the zeroed z come from earlier grids
         _pdl_release(USE_PDL)
         pid = tl.program_id(0)
-        if pid < ZE2:
-            if pid < ZE0:
-                if HL0:
-                    _z_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, z_ptr + zo0,
-                            R0, M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST, SUM)
-            elif pid < ZE1:
-                if NUM_PARTS > 1:
-                    if HL1:
-                        _z_part(pid - ZE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1, sdn1,
-                                z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST,
-                                SUM)
-            else:
-                if NUM_PARTS > 2:
-                    if HL2:
-                        _z_part(pid - ZE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2, sdn2,
-                                z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST,
-                                SUM)
+        if pid < ZE0:
+            if HL0:
+                _z_part(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, z_ptr + zo0, R0,
+                        M_PAD, BLOCK_KP, BLOCK_R, TP0, HS0, DOT_UPCAST, DET)
+        elif pid < ZE1:
+            if NUM_PARTS > 1:
+                if HL1:
+                    _z_part(pid - ZE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1, sdn1,
+                            z_ptr + zo1, R1, M_PAD, BLOCK_KP, BLOCK_R, TP1, HS1, DOT_UPCAST,
+                            DET)
         else:
-            q = pid - ZE2
-            if q < IE0:
-                _init_part(q, ws_ptr + wo0, b0, M * N0, N0, BLOCK_E, HB0)
-            elif q < IE1:
-                if NUM_PARTS > 1:
-                    _init_part(q - IE0, ws_ptr + wo1, b1, M * N1, N1, BLOCK_E, HB1)
-            else:
-                if NUM_PARTS > 2:
-                    _init_part(q - IE1, ws_ptr + wo2, b2, M * N2, N2, BLOCK_E, HB2)
+            if NUM_PARTS > 2:
+                if HL2:
+                    _z_part(pid - ZE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2, sdn2,
+                            z_ptr + zo2, R2, M_PAD, BLOCK_KP, BLOCK_R, TP2, HS2, DOT_UPCAST,
+                            DET)
 
     @triton.jit
-    def _own_slot(ws_ptr, first, q, M, N, BLOCK_N: tl.constexpr, SUM: tl.constexpr):
-        """Where program q (column tile q % tiles, chunk q // tiles) puts its partial sums: SUM 1,
+    def _own_slot(ws_ptr, first, q, M, N, BLOCK_N: tl.constexpr, DET: tl.constexpr):
+        """Where program q (column tile q % tiles, chunk q // tiles) puts its partial sums: DET,
         its own workspace slot first + chunk of (M, N) floats; else the shared ws (atomics)."""
-        if SUM == 1:
+        if DET:
             ws_ptr += (first + q // tl.cdiv(N, BLOCK_N)) * M * N
         return ws_ptr
 
@@ -772,14 +736,14 @@ if _HAS_TRITON:
                       BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                       LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                       DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, SUM: tl.constexpr):
-        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival. SUM 1: its
+                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
+        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
         partial sums go to workspace slot n_kc + (its rank chunk)."""
-        ws_out = _own_slot(ws_ptr, n_kc, q, M, N, BLOCK_N, SUM)
+        ws_out = _own_slot(ws_ptr, n_kc, q, M, N, BLOCK_N, DET)
         tok = _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr,
                                 ws_out, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
                                 BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST,
-                                EPI_TILE, NT, FENCE, SUM)
+                                EPI_TILE, NT, FENCE, DET)
         if EPI_TILE:
             _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
                          N, M_PAD, BLOCK_N, HB, RTNE_FIX)
@@ -792,13 +756,13 @@ if _HAS_TRITON:
                      K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                      COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, SUM: tl.constexpr):
-        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival. SUM 1: its
+                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
+        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
         partial sums go to workspace slot (its input chunk)."""
-        ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, SUM)
+        ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, DET)
         tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
                            BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS,
-                           DOT_UPCAST, NT, FENCE, SUM)
+                           DOT_UPCAST, NT, FENCE, DET)
         if EPI_TILE:
             _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
                          N, M_PAD, BLOCK_N, HB, RTNE_FIX)
@@ -821,9 +785,9 @@ if _HAS_TRITON:
                      DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_PRE: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
                      EPI_TILE: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                     RTNE_FIX: tl.constexpr, SUM: tl.constexpr):
+                     RTNE_FIX: tl.constexpr, DET: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws.
         EPI_TILE: the last program to finish a column tile writes y for it (per-part counters
         from cnt_ptr + co_p, ex_p programs per tile; z counters at cnt_ptr + zc_p, nl_p
@@ -840,7 +804,7 @@ if _HAS_TRITON:
                                   sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, cnt_ptr + co0, ex0,
                                   cnt_ptr + zc0, nl0, y0, sy0, b0, n_kc, TP0, HS0, HB0, M_PAD,
                                   BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
-                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, SUM)
+                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
@@ -849,7 +813,7 @@ if _HAS_TRITON:
                                       cnt_ptr + co1, ex1, cnt_ptr + zc1, nl1, y1, sy1, b1, n_kc, TP1,
                                       HS1, HB1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX, SUM)
+                                      FENCE, RTNE_FIX, DET)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
@@ -858,14 +822,13 @@ if _HAS_TRITON:
                                       cnt_ptr + co2, ex2, cnt_ptr + zc2, nl2, y2, sy2, b2, n_kc, TP2,
                                       HS2, HB2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX, SUM)
+                                      FENCE, RTNE_FIX, DET)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
-            # grid that precedes this one. Without a pre kernel in between, that grid may still
-            # be running: wait. After the pre kernel, they are complete (it waited for them
-            # before it released this grid), so these tiles overlap the pre kernel; with SUM 3
-            # they wait for it (its output init) just before their first add (_put).
-            if not AFTER_PRE:
+            # grid that precedes this one. Without a z kernel in between, that grid may still be
+            # running: wait. After the z kernel, they are complete (the z kernel waited for them
+            # before it released this grid), so these tiles overlap the z kernel.
+            if not AFTER_Z:
                 _pdl_wait(USE_PDL)
             _pdl_release(USE_PDL)
             q = pid - LE2
@@ -874,19 +837,19 @@ if _HAS_TRITON:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, cnt_ptr + co0, ex0, y0, sy0, b0, TP0, HS0, HB0,
                              M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX,
-                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, SUM)
+                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, cnt_ptr + co1, ex1, y1, sy1, b1, TP1, HS1,
                                  HB1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, SUM)
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
             else:
                 if NUM_PARTS > 2:
                     _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, cnt_ptr + co2, ex2, y2, sy2, b2, TP2, HS2,
                                  HB2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, SUM)
+                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,
@@ -895,23 +858,23 @@ if _HAS_TRITON:
                          y2, sy2, b2, N2, wo2, ns2,
                          HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
                          NUM_PARTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                         RTNE_FIX: tl.constexpr, USE_PDL: tl.constexpr, SUM: tl.constexpr):
-        """grid (EE_last, M): y_p = cast(ws_p + bias_p); ws = 0; z = 0 (ZN floats; SUM 1: 0)."""
+                         RTNE_FIX: tl.constexpr, USE_PDL: tl.constexpr, DET: tl.constexpr):
+        """grid (EE_last, M): y_p = cast(ws_p + bias_p); ws = 0; z = 0 (ZN floats; DET: 0)."""
         _pdl_wait(USE_PDL)  # every partial sum of the main grid has landed
         _pdl_release(USE_PDL)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         if pid < EE0:
             _epilogue_part(pid, b, ws_ptr + wo0, y0, sy0, b0, N0, ns0, BLOCK_E, HB0, RTNE_FIX,
-                           SUM)
+                           DET)
         elif pid < EE1:
             if NUM_PARTS > 1:
                 _epilogue_part(pid - EE0, b, ws_ptr + wo1, y1, sy1, b1, N1, ns1, BLOCK_E, HB1,
-                               RTNE_FIX, SUM)
+                               RTNE_FIX, DET)
         else:
             if NUM_PARTS > 2:
                 _epilogue_part(pid - EE1, b, ws_ptr + wo2, y2, sy2, b2, N2, ns2, BLOCK_E, HB2,
-                               RTNE_FIX, SUM)
+                               RTNE_FIX, DET)
         if b == 0:
             step = tl.num_programs(0) * BLOCK_E
             for z0 in range(pid * BLOCK_E, ZN, step):
@@ -962,19 +925,15 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
-# EPI "init": no epilogue: the output is fp32 (the sums), set to the bias by the pre kernel and
-# added into by the main kernel (z in per-chunk slots); "launch": the epilogue kernel rounds a
-# zeroed workspace into y; "tile": the last program to finish a column tile writes y
+# EPI "launch": the epilogue kernel; "tile": the last program to finish a column tile writes y
 # (per-tile counters, no epilogue launch; correct, but measured 1.1-1.6x slower per call on the
-# H200 in CUDA graphs: docs/kernel-notes.md, v5); "auto": init for fp32 outputs, else launch.
-# LR_FUSED always uses the launch or init.
+# H200 in CUDA graphs: docs/kernel-notes.md, v5). LR_FUSED always uses the launch.
 # DET: deterministic sums (set when torch.use_deterministic_algorithms(True) is on): every
 # program stores its partial sums in its own slot and the epilogue (and, for z, the low-rank
 # programs) adds the slots in a fixed order, so a call gives the same bits every time; with
 # the epilogue launch and without LR_FUSED.
 _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton", EPI="auto", DET=False)
-EPILOGUES = ("auto", "init", "launch", "tile")
+                      PDL=True, PATH="triton", EPI="launch", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
@@ -1099,8 +1058,8 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict],
         cfg.update(override)
     if cfg["PATH"] not in ("triton", "cublas"):
         raise ValueError(f"PATH must be 'triton' or 'cublas', got {cfg['PATH']!r}")
-    if cfg["EPI"] not in EPILOGUES:
-        raise ValueError(f"EPI must be one of {', '.join(EPILOGUES)}, got {cfg['EPI']!r}")
+    if cfg["EPI"] not in ("tile", "launch"):
+        raise ValueError(f"EPI must be 'tile' or 'launch', got {cfg['EPI']!r}")
     return cfg
 
 
@@ -1232,21 +1191,15 @@ def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     _split_input_kernel[(triton.cdiv(K, BLOCK), M)](
         x2, x2.stride(0), K, *args, *flags, NUM_PARTS=len(parts), BLOCK=BLOCK, num_warps=4)
     for i, p in enumerate(parts):
-        y = ys[i] if ys[i].dtype == x2.dtype else torch.empty(M, p.N, dtype=x2.dtype, device=x2.device)
         if p.bias is not None:
-            torch.addmm(p.bias.to(x2.dtype), xk[i], p.w_t, out=y)
+            torch.addmm(p.bias.to(x2.dtype), xk[i], p.w_t, out=ys[i])
         else:
-            torch.mm(xk[i], p.w_t, out=y)
+            torch.mm(xk[i], p.w_t, out=ys[i])
         if p.R:
-            y.addmm_(xd[i] @ p.lr_down, p.lr_up)
-        if y is not ys[i]:  # fp32 outputs (out_dtype): the 16-bit result, widened
-            ys[i].copy_(y)
+            ys[i].addmm_(xd[i] @ p.lr_down, p.lr_up)
 
 
-def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor], cfg: dict,
-                flat: Optional[torch.Tensor] = None):
-    """The Triton path. EPI "init": ys are fp32 views into `flat` (part after part), which the
-    main kernel adds into directly; otherwise ys have any dtype and the epilogue writes them."""
+def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor], cfg: dict):
     M, K = x2.shape
     dev = x2.device
     interp = _interpret_mode()
@@ -1269,11 +1222,6 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
     LR_NG, BLOCK_NL = cfg["LR_NG"], cfg["BLOCK_NL"]
     epi_tile = cfg["EPI"] == "tile" and not lr_fused and not det
-    init = cfg["EPI"] == "init"
-    # how partial sums are added (_put): deterministic slots, atomics into the output that the
-    # pre kernel initialised (after the PDL wait for it), or atomics into the zeroed workspace
-    sum_mode = 1 if det else (3 if use_pdl else 2) if init else 0
-    z_slots = det or init  # z in per-chunk slots: nothing to zero after the call
     n_kp = triton.cdiv(K, BLOCK_KP)
     nt = 32 * cfg["num_warps"]
 
@@ -1291,7 +1239,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         n_cnt += n_tiles
         n_rc = triton.cdiv(p.R, BLOCK_KR) if p.R else 0
         n_ws += M * p.N * ((n_kc + n_rc) if det else 1)
-        n_z += M * p.R * (n_kp if z_slots else 1)
+        n_z += M * p.R * (n_kp if det else 1)
         expect.append(n_kc + n_rc)
         n_lr.append(n_tiles * n_rc)
         if p.R and lr_fused:
@@ -1305,9 +1253,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         sp_end.append(sc)
     z_cnt = [n_cnt + i for i in range(len(parts))]
     n_cnt += len(parts)
-    ws, zbuf, cnt = _scratch(dev, 0 if init else n_ws, n_z, n_cnt, z_slots)
-    if init:
-        ws = flat  # part p's sums at ws_off[p], as in the workspace
+    ws, zbuf, cnt = _scratch(dev, n_ws, n_z, n_cnt, det)
     slots = _slot_scratch(dev, sc * CH) if compact else ws
     dummy = ws
 
@@ -1345,29 +1291,19 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     ze, le, se = pad_ends(z_end), pad_ends(lr_end), pad_ends(sp_end)
     pdl_kw = dict(launch_pdl=True) if use_pdl else {}
 
-    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
-    BLOCK_E = cfg["BLOCK_E"]
-    with_z = any_lr and not lr_fused
-    pre = with_z or init
-    if pre:
-        i_end, ic = [], 0
-        for p in parts:
-            ic += triton.cdiv(M * p.N, BLOCK_E) if init else 0
-            i_end.append(ic)
-        i_end = pad_ends(i_end)
-        pargs = []
+    if any_lr and not lr_fused:
+        zargs = []
         for i in range(MAX_PARTS):
-            pargs += part_args(i, ("thr", "tv", "sc", "dn", "sdn", "R", "zo"))
-            pargs.append(ze[i])
-            pargs += part_args(i, ("b", "N", "wo"))
+            zargs += part_args(i, ("thr", "tv", "sc", "dn", "sdn", "R", "zo"))
             if i < MAX_PARTS - 1:
-                pargs.append(i_end[i])
-        _pre_kernel[(last(z_end) + i_end[-1],)](
-            x2, x2.stride(0), M, K, zbuf, ws, *pargs, *all_flags, *has_bias,
-            NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
-            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, SUM=int(z_slots), num_warps=cfg["Z_WARPS"],
+                zargs.append(ze[i])
+        _z_kernel[(last(z_end),)](
+            x2, x2.stride(0), M, K, zbuf, *zargs, *all_flags,
+            NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R,
+            DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, DET=det, num_warps=cfg["Z_WARPS"],
             num_stages=1, **pdl_kw)
-    rtne_fix = bool(ys[0].dtype == torch.bfloat16 and interp)
+    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
+    rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     margs = []
     for i in range(MAX_PARTS):
         margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "dn", "sdn", "up", "sup", "N", "R",
@@ -1381,11 +1317,12 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
-        USE_PDL=use_pdl, AFTER_PRE=pre, EPI_TILE=epi_tile, NT=nt,
-        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, SUM=sum_mode, num_warps=cfg["num_warps"],
+        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, EPI_TILE=epi_tile, NT=nt,
+        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
-    if epi_tile or init:
+    if epi_tile:
         return
+    BLOCK_E = cfg["BLOCK_E"]
     eargs, e_end, ec = [], [], 0
     for p in parts:
         ec += triton.cdiv(p.N, BLOCK_E)
@@ -1397,13 +1334,12 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             eargs.append(e_end[i])
     _epilogue_kernel[(e_end[-1], M)](
         ws, zbuf, 0 if lr_fused or det else n_z, *eargs, *has_bias, NUM_PARTS=n_parts,
-        BLOCK_E=BLOCK_E, RTNE_FIX=rtne_fix, USE_PDL=use_pdl, SUM=int(det), num_warps=4, **pdl_kw)
+        BLOCK_E=BLOCK_E, RTNE_FIX=rtne_fix, USE_PDL=use_pdl, DET=det, num_warps=4, **pdl_kw)
 
 
 def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional[torch.Tensor]],
-            _config: Optional[dict], out_dtype: Optional[torch.dtype] = None) -> tuple:
-    """Shared body of the public functions: validate, allocate, dispatch. Returns the (M, N_p)
-    outputs and, for fp32 outputs the call allocated, the flat buffer they are views of."""
+            _config: Optional[dict]) -> list:
+    """Shared body of the public functions: validate, allocate, dispatch; returns (M, N_p) views."""
     if not _HAS_TRITON:
         raise RuntimeError("rsparse_decode_linear needs triton (pip install triton)")
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -1416,38 +1352,25 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
                          f"(flattened leading dims), got {M}")
     parts = [_validate_part(x, K, *rp) for rp in raw_parts]
     dev = x.device
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or torch.float32, got {out_dtype}")
-    # fp32 outputs the call allocates share one flat buffer (part after part): the epilogue-free
-    # path adds into it directly
-    flat = None
-    if out_dtype == torch.float32 and all(out is None for out in outs):
-        flat = torch.empty(M * sum(p.N for p in parts), dtype=torch.float32, device=dev)
-    ys, at = [], 0
+    ys = []
     for p, out in zip(parts, outs):
-        if out is not None and (out.numel() != M * p.N or out.dtype != out_dtype
+        if out is not None and (out.numel() != M * p.N or out.dtype != x.dtype
                                 or out.device != dev or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous {out_dtype} tensor of {M}x{p.N} elements "
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of {M}x{p.N} elements "
                              f"on {dev}")
-        if out is not None:
-            ys.append(out.view(M, p.N))
-        elif flat is not None:
-            ys.append(flat[at: at + M * p.N].view(M, p.N))
-        else:
-            ys.append(torch.empty(M, p.N, dtype=out_dtype, device=dev))
-        at += M * p.N
+        ys.append(torch.empty(M, p.N, dtype=x.dtype, device=dev) if out is None
+                  else out.view(M, p.N))
     if M == 0:
-        return ys, flat
+        return ys
     if K == 0:
         for p, y in zip(parts, ys):
             y.zero_()
             if p.bias is not None:
-                y += p.bias.to(out_dtype)
-        return ys, flat
+                y += p.bias.to(x.dtype)
+        return ys
     live = [i for i, p in enumerate(parts) if p.N > 0]
     if not live:
-        return ys, flat
+        return ys
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -1455,18 +1378,12 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
                        has_lr=any(p.R for p in parts))
     if torch.are_deterministic_algorithms_enabled():
         cfg["DET"] = True
-    if cfg["EPI"] == "init" and (out_dtype != torch.float32 or flat is None):
-        raise ValueError("EPI 'init' needs fp32 outputs that the call allocates (out_dtype=torch.float32, no out=)")
-    if cfg["EPI"] == "auto":
-        cfg["EPI"] = "init" if flat is not None and not cfg["DET"] else "launch"
-    if cfg["EPI"] == "init" and cfg["DET"]:
-        cfg["EPI"] = "launch"  # deterministic sums: the epilogue adds the slots in order
     run_parts, run_ys = [parts[i] for i in live], [ys[i] for i in live]
     if cfg["PATH"] == "cublas":
         _run_cublas(x2, run_parts, run_ys)
     else:
-        _run_triton(x2, run_parts, run_ys, cfg, flat)
-    return ys, flat
+        _run_triton(x2, run_parts, run_ys, cfg)
+    return ys
 
 
 def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[float, torch.Tensor],
@@ -1475,7 +1392,6 @@ def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[f
                           lr_up: Optional[torch.Tensor] = None,
                           bias: Optional[torch.Tensor] = None,
                           *, out: Optional[torch.Tensor] = None,
-                          out_dtype: Optional[torch.dtype] = None,
                           _config: Optional[dict] = None) -> torch.Tensor:
     """R-Sparse decode linear layer (Triton; no host sync, CUDA-graph safe).
 
@@ -1492,26 +1408,20 @@ def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[f
         lr_down: optional (in, r) = B^T, lr_up: optional (r, out) = A^T, same dtype as x; None or
             r == 0 gives the sparse-only GEMV.
         bias: optional (out,).
-        out: optional preallocated output, contiguous, out_dtype, shape (..., out) or (M, out);
+        out: optional preallocated output, contiguous, x's dtype, shape (..., out) or (M, out);
             every element is overwritten. Returned (reshaped to x's leading dims).
-        out_dtype: x's dtype (default) or torch.float32: the fp32 sums, not rounded. Then the
-            call needs no epilogue launch (the main kernel adds into the output, which a pre
-            kernel set to the bias), and the caller's next kernel can do the rounding (a
-            compiler fuses it there): the fast path of the decode engine.
 
     Each row has its own mask (exact per-row semantics). Accumulation is in fp32 (the "cublas"
-    batch path: fp32 inside each product, 16-bit between them); the output has out_dtype and
+    batch path: fp32 inside each product, 16-bit between them); the output has x's dtype and
     shape (..., out).
     """
     lead = x.shape[:-1]
-    (y,), _ = _decode(x, [(w_t, threshold, score_scale, lr_down, lr_up, bias)], [out], _config,
-                      out_dtype)
+    (y,) = _decode(x, [(w_t, threshold, score_scale, lr_down, lr_up, bias)], [out], _config)
     return y.view(*lead, y.shape[-1])
 
 
 def rsparse_decode_linear_multi(x: torch.Tensor, parts: Sequence[tuple], *,
                                 outs: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                                out_dtype: Optional[torch.dtype] = None,
                                 _config: Optional[dict] = None) -> tuple:
     """Several R-Sparse layers that share the input x (q/k/v, gate/up) in one set of launches.
 
@@ -1521,27 +1431,10 @@ def rsparse_decode_linear_multi(x: torch.Tensor, parts: Sequence[tuple], *,
             entries may be left out: None). Each part has the constraints of the single call's
             arguments; the out-dims may differ (grouped-query k/v), the in-dim is x's.
         outs: optional sequence (one per part) of preallocated outputs or None.
-        out_dtype: as for :func:`rsparse_decode_linear`.
 
-    Returns a tuple with one fresh (or the given) tensor per part, each (..., out_p) in
-    out_dtype, equal to ``rsparse_decode_linear(x, *part)``.
+    Returns a tuple with one fresh (or the given) tensor per part, each (..., out_p) in x's
+    dtype, equal to ``rsparse_decode_linear(x, *part)``.
     """
-    ys, _ = _decode_multi(x, parts, outs, out_dtype, _config)
-    return ys
-
-
-def rsparse_decode_sums(x: torch.Tensor, parts: Sequence[tuple], *,
-                        _config: Optional[dict] = None) -> torch.Tensor:
-    """The fp32 sums (bias included, not rounded) of 1 to 3 layers that share x, as ONE flat
-    tensor: part p's (M, out_p) rows follow those of the parts before it. The same values as
-    ``rsparse_decode_linear_multi(x, parts, out_dtype=torch.float32)`` in one tensor, which is
-    what a `torch.library` op can return (rsparse.runtime.ops splits it outside the op).
-    """
-    _, flat = _decode_multi(x, parts, None, torch.float32, _config)
-    return flat
-
-
-def _decode_multi(x, parts, outs, out_dtype, _config) -> tuple:
     parts = [_part_tuple(p) for p in parts]
     if not 1 <= len(parts) <= MAX_PARTS:
         raise ValueError(f"rsparse_decode_linear_multi takes 1 to {MAX_PARTS} parts, "
@@ -1551,5 +1444,5 @@ def _decode_multi(x, parts, outs, out_dtype, _config) -> tuple:
     if len(outs) != len(parts):
         raise ValueError("outs must have one entry per part")
     lead = x.shape[:-1]
-    ys, flat = _decode(x, parts, outs, _config, out_dtype)
-    return tuple(y.view(*lead, y.shape[-1]) for y in ys), flat
+    ys = _decode(x, parts, outs, _config)
+    return tuple(y.view(*lead, y.shape[-1]) for y in ys)
