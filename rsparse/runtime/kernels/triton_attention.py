@@ -115,11 +115,13 @@ if _HAS_TRITON:
 
 
 def _split_size(programs_per_split: int, slots: int) -> int:
-    """Slots per split: enough programs to fill an H200-class GPU (~2 per SM of 132), splits of
-    16-256 slots (a power of two)."""
-    want = max(1, 264 // max(1, programs_per_split))  # splits wanted
-    split = triton.next_power_of_2(max(1, math.ceil(slots / want)))
-    return min(256, max(16, split))
+    """Slots per split (a power of two, 64-256): at least 64 slots per program, and at most
+    ~1024 programs over the whole cache (programs past the visible slots exit at once, but
+    each still costs its launch). From `rsparse bench attention --tune` on the H200
+    (2026-12-01, bf16, Llama-2-7B and Llama-3-8B heads, batch 1 and 4, caches of 640 and 2048
+    slots): within 5% of the best split size at every measured point (docs/decode-engine.md)."""
+    split = triton.next_power_of_2(max(1, math.ceil(programs_per_split * slots / 1024)))
+    return min(256, max(64, split))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
