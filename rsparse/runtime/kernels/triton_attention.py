@@ -119,7 +119,7 @@ def _split_size(programs_per_split: int, slots: int) -> int:
     ~1024 programs over the whole cache (programs past the visible slots exit at once, but
     each still costs its launch). From `rsparse bench attention --tune` on the H200
     (2026-12-01, bf16, Llama-2-7B and Llama-3-8B heads, batch 1 and 4, caches of 640 and 2048
-    slots): within 5% of the best split size at every measured point (docs/decode-engine.md)."""
+    slots): within 6% of the best split size at every measured point (docs/decode-engine.md)."""
     split = triton.next_power_of_2(max(1, math.ceil(programs_per_split * slots / 1024)))
     return min(256, max(64, split))
 
