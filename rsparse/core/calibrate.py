@@ -46,7 +46,7 @@ class CalibrationActivations:
     svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def _check_windows(windows: torch.Tensor) -> torch.Tensor:
+def check_windows(windows: torch.Tensor) -> torch.Tensor:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise BadInputError("calibration must be a (n_windows, seq_len) LongTensor of token ids "
                          "(see rsparse.core.data.load_windows) or CalibrationActivations")
@@ -59,7 +59,7 @@ def _check_windows(windows: torch.Tensor) -> torch.Tensor:
 def collect_activations(model: nn.Module, windows: torch.Tensor, max_rows_per_layer: int = 2048,
                         seed: int = 0, batch_size: int = 4) -> CalibrationActivations:
     """Run the dense model over calibration windows and sample input rows of every projection."""
-    windows = _check_windows(windows)
+    windows = check_windows(windows)
     restore_(model)  # the dense model's activations
     rows = sample_layer_inputs(model, windows, max_rows_per_layer, seed, batch_size)
     return CalibrationActivations(rows, windows)

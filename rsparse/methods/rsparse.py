@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rsparse.core.calibrate import (CalibrationActivations, LayerPlan, LayerPlanner, _check_windows, calibrate_threshold,
+from rsparse.core.calibrate import (CalibrationActivations, LayerPlan, LayerPlanner, check_windows, calibrate_threshold,
                                     sample_budget, sample_module_groups)
 from rsparse.core.config import RSparseConfig, layer_budgets
 from rsparse.core.layer import RSparseLinear, rsparse_layers
@@ -39,7 +39,7 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
     else:
         # Rows nobody else sees: sampled a group of layers at a time, each group planned and its
         # rows freed before the next is sampled (the same rows as collect_activations gives).
-        windows = _check_windows(calibration)
+        windows = check_windows(calibration)
         groups = sample_module_groups(model, {l.name: l.module for l in linears}, windows,
                                       config.max_rows_per_layer, config.seed, budget=sample_budget(model))
         calibration = CalibrationActivations(windows=windows)
