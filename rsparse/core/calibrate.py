@@ -47,9 +47,10 @@ class CalibrationActivations:
 
 
 def check_windows(windows: torch.Tensor) -> torch.Tensor:
+    """The calibration windows if they are a (n_windows, seq_len >= 2) LongTensor; else BadInputError."""
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise BadInputError("calibration must be a (n_windows, seq_len) LongTensor of token ids "
-                         "(see rsparse.core.data.load_windows) or CalibrationActivations")
+                            "(see rsparse.core.data.load_windows) or CalibrationActivations")
     if windows.shape[0] < 1 or windows.shape[1] < 2:
         raise BadInputError(f"calibration needs at least one window of 2+ tokens, got shape {tuple(windows.shape)}")
     return windows
