@@ -44,3 +44,7 @@ class MissingDataError(RsparseError, FileNotFoundError):
 
 class EvaluationError(RsparseError, RuntimeError):
     """An evaluation that could not run (task data offline or missing, no scorer), with the reason."""
+
+
+class EngineError(BadInputError):
+    """A request the decode engine cannot serve (too long for the cache, too many prompts, ...)."""

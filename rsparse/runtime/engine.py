@@ -37,34 +37,14 @@ from torch import nn
 
 from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
-from rsparse.errors import BadInputError
+from rsparse.errors import EngineError
 from rsparse.runtime.ops import MAX_PARTS, decode_attention, fused_projections, kernel_runs_on
+from rsparse.runtime.sampling import Sampling, choose
+
+__all__ = ["Engine", "EngineError", "Generation", "Sampling"]
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
-
-
-class EngineError(BadInputError):
-    """A request the engine cannot serve (too long for the cache, too many prompts, ...)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. temperature 0: greedy (top_k / top_p unused)."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: int | None = None  # seeds the device generator at the start of each generate call
-
-    def __post_init__(self):
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise EngineError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (got {self.temperature}, "
-                              f"{self.top_p}, {self.top_k})")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass
@@ -249,21 +229,7 @@ class Engine:
 
     # -- choosing the next token ------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-        if sampling.greedy:
-            return logits.argmax(-1)
-        logits = logits.float() / self.temperature
-        if sampling.top_k:
-            kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        if sampling.top_p < 1:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens before it already hold top_p of the mass
-            drop = (probs.cumsum(-1) - probs) > self.top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-        probs = logits.softmax(-1)
-        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a host sync
-        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+        return choose(logits, sampling, self.temperature, self.top_p)
 
     def _advance_state(self, nxt: torch.Tensor) -> None:
         nxt = torch.where(self.done, self.pad_token, nxt)
