@@ -1,14 +1,13 @@
 """Tests of the fused R-Sparse decode kernel (rsparse/runtime/kernels/triton_rsparse.py).
 
 On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set
-below before triton is imported); with CUDA the same tests run natively. The kernel module is
-loaded from its file, so these tests need neither the rest of the package nor a fresh import
-order (triton decides interpreter vs compiled at decoration time).
+below before triton is imported, as tests/conftest.py does: triton decides interpreter vs
+compiled at decoration time); with CUDA the same tests run natively.
 """
 
-import importlib.util
+import importlib
 import os
-from pathlib import Path
+import sys
 
 import pytest
 import torch
@@ -18,10 +17,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402,F401  (installed by scripts/setup.sh: a missing Triton fails here, never skips)
 
-_PATH = Path(__file__).resolve().parents[2] / "rsparse" / "runtime" / "kernels" / "triton_rsparse.py"
-_spec = importlib.util.spec_from_file_location("_rsparse_triton_under_test", _PATH)
-K = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(K)
+from rsparse.runtime.kernels import rsparse_configs  # noqa: E402
+from rsparse.runtime.kernels import triton_rsparse as K  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # small tiles: several column tiles, row chunks, producers and low-rank chunks on tiny shapes
@@ -238,14 +235,21 @@ def test_triton_available_and_reexports():
 
 
 def test_imports_without_triton(monkeypatch):
-    import sys
+    # fresh copies of the kernel package while triton cannot be imported; monkeypatch puts the
+    # original modules (and rsparse.runtime's attribute, which the import rebinds) back
+    # afterwards, so later tests use the real ones
+    import rsparse.runtime
 
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_rsparse_triton_no_triton", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    monkeypatch.setattr(rsparse.runtime, "kernels", rsparse.runtime.kernels)
+    pkg = "rsparse.runtime.kernels"
+    for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    mod = importlib.import_module("rsparse.runtime.kernels.triton_rsparse")
+    assert mod is not K and not mod._HAS_TRITON
     assert not mod.triton_available()
+    assert not importlib.import_module("rsparse.runtime.kernels").triton_available()
     x, w_t, s, d, u, _ = _make(1, 16, 8, 2, torch.float32, seed=80)
     assert mod.rsparse_decode_linear_reference(x, w_t, 0.5, s, d, u).shape == (1, 8)
     with pytest.raises(RuntimeError, match="triton"):
@@ -281,9 +285,9 @@ def test_config_choice(monkeypatch):
     assert not small["COMPACT"] and small["PATH"] == "triton"
     assert K._pick_config(3, 1536, 576, 2, None)["PATH"] == "triton"
     assert not K._pick_config(1, 4096, 11008, 4, None)["COMPACT"]  # fp32: plain mode
-    # class and "+lr" keys
-    monkeypatch.setattr(K, "_CONFIG_TABLE", {("m4", 64, 32): dict(PATH="cublas"),
-                                              ("m4+lr", 64, 32): dict(BLOCK_N=64)})
+    # class and "+lr" keys (the table is read by _pick_config in rsparse_configs)
+    monkeypatch.setattr(rsparse_configs, "_CONFIG_TABLE", {("m4", 64, 32): dict(PATH="cublas"),
+                                                            ("m4+lr", 64, 32): dict(BLOCK_N=64)})
     assert K._pick_config(3, 64, 32, 2, None)["PATH"] == "cublas"
     assert K._pick_config(4, 64, 32, 2, None, has_lr=False)["PATH"] == "cublas"
     lr = K._pick_config(4, 64, 32, 2, None, has_lr=True)
@@ -451,8 +455,9 @@ def test_batch_dispatch_follows_table(monkeypatch):
     real_cublas, real_triton = K._run_cublas, K._run_triton
     monkeypatch.setattr(K, "_run_cublas", lambda *a: (calls.append("cublas"), real_cublas(*a)))
     monkeypatch.setattr(K, "_run_triton", lambda *a: (calls.append("triton"), real_triton(*a)))
-    monkeypatch.setattr(K, "_CONFIG_TABLE", {("m4", 64, 32): dict(PATH="cublas"),
-                                              ("m4+lr", 64, 32): dict(BLOCK_N=16, BLOCK_K=16)})
+    monkeypatch.setattr(rsparse_configs, "_CONFIG_TABLE",
+                        {("m4", 64, 32): dict(PATH="cublas"),
+                         ("m4+lr", 64, 32): dict(BLOCK_N=16, BLOCK_K=16)})
     y_sp = K.rsparse_decode_linear(x, w_t, thr, s, None, None, b)          # m4, sparse-only
     y_lr = K.rsparse_decode_linear(x, w_t, thr, s, d, u, b)                # m4, "+lr" entry
     y_m1 = K.rsparse_decode_linear(x[:1], w_t, thr, s, d, u, b)             # m1: default

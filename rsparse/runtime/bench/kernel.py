@@ -1,7 +1,7 @@
 """Decode-kernel benchmark: cuBLAS vs the R-Sparse kernels (single layers and fused q/k/v, gate/up).
 
     python -m rsparse.runtime.bench.kernel --out DIR [--quick] [--dtypes bf16,fp16] [--batches 1,2,4,8]
-    python rsparse/runtime/bench/kernel.py --out DIR ...      (same, without importing the rest of rsparse)
+    python rsparse/runtime/bench/kernel.py --out DIR ...      (same, as a script from a checkout)
     python -m rsparse.runtime.bench.kernel --tune --out DIR   (variant sweep, prints a _CONFIG_TABLE)
 
 Per layer shape (Llama-2-7B, Llama-3-8B) and per group of projections that share an input
@@ -23,7 +23,7 @@ Output: DIR/kernel_bench.json (all records), DIR/kernel_bench.txt (the log and t
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -35,22 +35,15 @@ import torch
 
 
 
-def _load_kernels(fresh: bool = False):
-    """The kernel module, without needing the rest of the package to import. fresh: load a new
-    copy from the file (triton picks interpreter vs compiled when the module is executed, so the
-    CPU smoke mode needs a copy loaded after TRITON_INTERPRET is set)."""
-    if __package__ and not fresh:
-        try:
-            from ..kernels import triton_rsparse  # type: ignore
-
-            return triton_rsparse
-        except Exception:  # pragma: no cover - fall back to the file
-            pass
-    path = Path(__file__).resolve().parents[1] / "kernels" / "triton_rsparse.py"
-    spec = importlib.util.spec_from_file_location("_rsparse_triton_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _load_kernels():
+    """The kernel module of the package, imported when main needs it (after the CPU smoke mode
+    set TRITON_INTERPRET: triton picks interpreter vs compiled when the kernels are defined).
+    As a script, the repository root goes on sys.path first so that the package imports."""
+    if not __package__:
+        root = str(Path(__file__).resolve().parents[3])
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    return importlib.import_module("rsparse.runtime.kernels.triton_rsparse")
 
 
 # (label, in, (out of each part)): single layers, then groups that share an input
@@ -106,9 +99,10 @@ VARIANTS_MM = {
 }
 
 
-try:  # as a package module, or as a script (its folder is then on sys.path)
+if __package__:  # as a package module
     from rsparse.runtime.bench.kernel_harness import (Timer, copy_bandwidth, pdl_selftest, _tol, LayerSets, OpFactory, time_op)
-except ImportError:  # pragma: no cover - script mode without the package importable
+else:  # as a script: the harness (plain torch) from its folder, so that nothing imports triton
+    # (the rsparse package does) before main sets TRITON_INTERPRET for --smoke
     from kernel_harness import (Timer, copy_bandwidth, pdl_selftest, _tol, LayerSets, OpFactory, time_op)  # type: ignore
 
 def run_bench(args, K, timer, dev, records, log, bw):
@@ -331,7 +325,7 @@ def main(argv=None):
                 return 2
             os.environ["TRITON_INTERPRET"] = "1"
         args.calls, args.replays, args.min_set_mb = 2, 1, 0.0
-    K = _load_kernels(fresh=args.smoke)
+    K = _load_kernels()
     K._MODE_DEFAULTS["EPI"] = args.epi  # no table entry sets it
     if not K.triton_available():
         print("triton / CUDA not available", file=sys.stderr)
