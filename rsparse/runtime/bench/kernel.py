@@ -307,8 +307,6 @@ def main(argv=None):
     p.add_argument("--no-bench", action="store_true", help="only --tune")
     p.add_argument("--table-json", default="",
                    help="use this tuned table (OUT/tuned_table.json of a --tune run)")
-    p.add_argument("--epi", choices=("launch", "tile"), default="launch",
-                   help="epilogue: a launch (default) or the last program of each column tile")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
     args = p.parse_args(argv)
@@ -326,7 +324,6 @@ def main(argv=None):
             os.environ["TRITON_INTERPRET"] = "1"
         args.calls, args.replays, args.min_set_mb = 2, 1, 0.0
     K = _load_kernels()
-    K._MODE_DEFAULTS["EPI"] = args.epi  # no table entry sets it
     if not K.triton_available():
         print("triton / CUDA not available", file=sys.stderr)
         return 2

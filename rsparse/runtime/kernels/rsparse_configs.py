@@ -30,15 +30,12 @@ _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
 # G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
 # dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
-# EPI "launch": the epilogue kernel; "tile": the last program to finish a column tile writes y
-# (per-tile counters, no epilogue launch; correct, but measured 1.1-1.6x slower per call on the
-# H200 in CUDA graphs: docs/kernel-notes.md, v5). LR_FUSED always uses the launch.
 # DET: deterministic sums (set when torch.use_deterministic_algorithms(True) is on): every
 # program stores its partial sums in its own slot and the epilogue (and, for z, the low-rank
-# programs) adds the slots in a fixed order, so a call gives the same bits every time; with
-# the epilogue launch and without LR_FUSED.
+# programs) adds the slots in a fixed order, so a call gives the same bits every time (LR_FUSED
+# is then off).
 _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton", EPI="launch", DET=False)
+                      PDL=True, PATH="triton", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
@@ -163,6 +160,4 @@ def _pick_config(M: int, K: int, N: int, elt: int, override: Optional[dict],
         cfg.update(override)
     if cfg["PATH"] not in ("triton", "cublas"):
         raise ValueError(f"PATH must be 'triton' or 'cublas', got {cfg['PATH']!r}")
-    if cfg["EPI"] not in ("tile", "launch"):
-        raise ValueError(f"EPI must be 'tile' or 'launch', got {cfg['EPI']!r}")
     return cfg

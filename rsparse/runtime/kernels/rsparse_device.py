@@ -43,32 +43,14 @@ if _HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _fenced(done, NT: tl.constexpr, FENCE: tl.constexpr):
-        """An int32 zero that exists only once every thread of the program holds its `done`
-        values (results of its workspace atomics, or loads) and has executed fence.acq_rel.gpu:
-        added to a counter increment (done by one thread), it orders that increment after every
-        thread's memory operations (the v1 race: one thread's fence does not order the other
-        warps' atomics). NT: threads per program (one fence each). Without FENCE (the
-        interpreter runs programs one after another), 0."""
-        if FENCE:
-            s = tl.sum(done.to(tl.int32, bitcast=True))  # every thread waits for its results
-            f = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, 0;", "=r,r",
-                                          [tl.zeros([NT], dtype=tl.int32) + s],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-            return tl.sum(f)  # a CTA barrier: every thread has fenced
-        else:
-            return 0
-
-    @triton.jit
     def _put(ptrs, val, mask, DET: tl.constexpr):
         """Add a partial sum into the fp32 workspace: a relaxed atomic add, or (DET) a plain store
         into this program's own slot (the caller points ptrs there), summed in a fixed order
-        later. Returns what _fenced waits for."""
+        later."""
         if DET:
             tl.store(ptrs, val, mask=mask)
-            return val
         else:
-            return tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+            tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
 
     @triton.jit
     def _slot_sum(ptr, n_slots, slot_stride, offs, mask, SLOTS: tl.constexpr):
@@ -91,37 +73,6 @@ if _HAS_TRITON:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             v = bits.to(tl.float32, bitcast=True)
         return v
-
-    @triton.jit
-    def _finish_tile(tok, n, cnt_ptr, expected, ws_ptr, y_ptr, stride_ym, bias_ptr, M, N,
-                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RTNE_FIX: tl.constexpr):
-        """In-kernel epilogue of column tile n: the program that arrives last at the tile's
-        counter (every contributor counts itself in after its partial sums, see _fenced) writes
-        y = cast(ws + bias) for the tile, zeroes its ws and resets the counter."""
-        old = tl.atomic_add(cnt_ptr + n, tok + 1, sem="acq_rel", scope="gpu")
-        if old == expected - 1:
-            offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            if M_PAD == 1:
-                v = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    v += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                v = _round_out(v, RTNE_FIX)
-                tl.store(y_ptr + offs_n, v.to(y_ptr.dtype.element_ty), mask=n_ok)
-                tl.store(ws_ptr + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_ok)
-            else:
-                offs_m = tl.arange(0, M_PAD)
-                ok = (offs_m < M)[:, None] & n_ok[None, :]
-                w_offs = offs_m[:, None] * N + offs_n[None, :]
-                v = tl.load(ws_ptr + w_offs, mask=ok, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    v += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                v = _round_out(v, RTNE_FIX)
-                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-                         v.to(y_ptr.dtype.element_ty), mask=ok)
-                tl.store(ws_ptr + w_offs, tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), mask=ok)
-            tl.store(cnt_ptr + n, 0)
 
     @triton.jit
     def _load_thr(thr_ptr, thr_val, THR_IS_PTR: tl.constexpr):
@@ -224,25 +175,12 @@ if _HAS_TRITON:
                  (offs_m < M)[:, None] & r_ok[None, :], DET)
 
     @triton.jit
-    def _z_release(tok, zcnt_ptr, n_lr, z_ptr, ZN):
-        """Count a low-rank program in once it has read z; the last of the n_lr zeroes z (ZN
-        floats) for the next call and resets the counter."""
-        old = tl.atomic_add(zcnt_ptr, tok + 1, sem="acq_rel", scope="gpu")
-        if old == n_lr - 1:
-            for z0 in range(0, ZN, 128):
-                zo = z0 + tl.arange(0, 128)
-                tl.store(z_ptr + zo, tl.zeros([128], dtype=tl.float32), mask=zo < ZN)
-            tl.store(zcnt_ptr, 0)
-
-    @triton.jit
-    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr, n_kp,
+    def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, n_kp,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr, DET: tl.constexpr):
+                      DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile].
-        EPI_TILE: the last of the part's n_lr low-rank programs to have read z zeroes it (the
-        counter at zcnt_ptr). DET: z is the fixed-order sum of its n_kp slots, and ws_ptr points
-        at this program's slot. Returns the token of _fenced for the column tile's counter."""
+        DET: z is the fixed-order sum of its n_kp slots, and ws_ptr points at this program's
+        slot."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         rc = q // n_tiles
@@ -256,10 +194,8 @@ if _HAS_TRITON:
                 zin = _slot_sum(z_ptr, n_kp, M * R, offs_c, c_ok, 16)
             else:
                 zin = tl.load(z_ptr + offs_c, mask=c_ok, other=0.0, cache_modifier=".cg")
-            if EPI_TILE:
-                _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc1 = _mac1(tl.zeros([BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok)
-            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
+            _put(ws_ptr + offs_n, acc1, n_ok, DET)
         else:
             offs_m = tl.arange(0, M_PAD)
             m_ok = offs_m < M
@@ -271,13 +207,10 @@ if _HAS_TRITON:
             else:
                 zin = tl.load(z_ptr + offs_m[:, None] * R + offs_c[None, :],
                               mask=m_ok[:, None] & c_ok[None, :], other=0.0, cache_modifier=".cg")
-            if EPI_TILE:
-                _z_release(_fenced(zin, NT, FENCE), zcnt_ptr, n_lr, z_ptr, M * R)
             acc = _macm(tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32), zin, up_ptrs, c_ok, n_ok,
                         True, DOT_UPCAST)
-            tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                               m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
-        return tok
+            _put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                 m_ok[:, None] & n_ok[None, :], DET)
 
     @triton.jit
     def _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
@@ -340,33 +273,27 @@ if _HAS_TRITON:
 
     @triton.jit
     def _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
-                          stride_dk, up_ptr, stride_ur, z_ptr, ws_ptr, N, R, zcnt_ptr, n_lr,
+                          stride_dk, up_ptr, stride_ur, z_ptr, ws_ptr, N, R,
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                           LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                           THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                          FENCE: tl.constexpr, DET: tl.constexpr):
-        """The part's low-rank program q; returns the token of _fenced (0 for LR_FUSED, which
-        runs with the epilogue launch)."""
-        tok = 0
+                          DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+        """The part's low-rank program q."""
         if LR_FUSED:
             _lowrank_fused_part(q, x_ptr, stride_xm, M, K, thr_ptr, thr_val, scale_ptr, down_ptr,
                                 stride_dk, up_ptr, stride_ur, ws_ptr, N, R, M_PAD, BLOCK_R,
                                 BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, THR_IS_PTR, HAS_SCALE,
                                 DOT_UPCAST)
         else:
-            tok = _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, zcnt_ptr, n_lr,
-                                tl.cdiv(K, BLOCK_KP), M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST,
-                                EPI_TILE, NT, FENCE, DET)
-        return tok
+            _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, tl.cdiv(K, BLOCK_KP),
+                          M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST, DET)
 
     @triton.jit
     def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
                            N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            K_ITERS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                           DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                           DET: tl.constexpr):
+                           DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Tile (n, kc): row tiles of w_t loaded predicated on the mask (TEAL-style: dropped
         rows cost no traffic, but the tile arithmetic runs over every row)."""
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -381,7 +308,7 @@ if _HAS_TRITON:
                 xv, keep, ok = _load_x1(x_ptr, scale_ptr, offs_k, K, thr, HAS_SCALE)
                 acc1 = _mac1(acc1, tl.where(keep, xv, 0.0),
                              w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], keep, n_ok)
-            tok = _fenced(_put(ws_ptr + offs_n, acc1, n_ok, DET), NT, FENCE)
+            _put(ws_ptr + offs_n, acc1, n_ok, DET)
         else:
             offs_m = tl.arange(0, M_PAD)
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -393,9 +320,8 @@ if _HAS_TRITON:
                 acc = _macm(acc, tl.where(keep, xv, 0.0),
                             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                             row_any, n_ok, False, DOT_UPCAST)
-            tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                               (offs_m < M)[:, None] & n_ok[None, :], DET), NT, FENCE)
-        return tok
+            _put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                 (offs_m < M)[:, None] & n_ok[None, :], DET)
 
     @triton.jit
     def _group_select(g0, pos_k, offs_c, xc, cnt, G: tl.constexpr):
@@ -411,7 +337,7 @@ if _HAS_TRITON:
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
                              DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                             NT: tl.constexpr, FENCE: tl.constexpr, DET: tl.constexpr):
+                             DET: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
@@ -451,7 +377,7 @@ if _HAS_TRITON:
                 acc2 += w.to(tl.float32) * xg[:, None]
                 w = w_n
                 xg = xg_n
-            tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
+            _put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET)
         else:
             tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
             # the slot is written and read back by different threads of this program: a CTA
@@ -481,7 +407,7 @@ if _HAS_TRITON:
                                         mask=r_ok[:, None] & n_ok[None, :], other=0.0,
                                         eviction_policy="evict_first")
                             acc2 += w.to(tl.float32) * xv[:, None]
-                tok = _fenced(_put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET), NT, FENCE)
+                _put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET)
             else:
                 offs_m = tl.arange(0, M_PAD)
                 m_ok = offs_m < M
@@ -502,9 +428,8 @@ if _HAS_TRITON:
                         acc = _macm(acc, tl.where(keep, xv, 0.0),
                                     w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
                                     r_ok, n_ok, False, DOT_UPCAST)
-                tok = _fenced(_put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                                   m_ok[:, None] & n_ok[None, :], DET), NT, FENCE)
-        return tok
+                _put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                     m_ok[:, None] & n_ok[None, :], DET)
 
     @triton.jit
     def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
@@ -512,19 +437,17 @@ if _HAS_TRITON:
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
                      REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                     DET: tl.constexpr):
-        """The part's sparse program q; returns the token of _fenced."""
+                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+        """The part's sparse program q."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
-            tok = _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk,
-                                       thr, scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G,
-                                       HAS_SCALE, DYN, REGIDX, DOT_UPCAST, NT, FENCE, DET)
+            _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
+                                 scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
+                                 REGIDX, DOT_UPCAST, DET)
         else:
-            tok = _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
-                                     ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
-                                     DOT_UPCAST, NT, FENCE, DET)
-        return tok
+            _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
+                               ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
+                               DOT_UPCAST, DET)
 
     @triton.jit
     def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, n_slots,
@@ -605,55 +528,40 @@ if _HAS_TRITON:
 
     @triton.jit
     def _lowrank_tile(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_ptr,
-                      N, R, cnt_ptr, ex, zcnt_ptr, n_lr, y_ptr, sy, b_ptr, n_kc,
-                      TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
+                      N, R, n_kc, TP: tl.constexpr, HS: tl.constexpr,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                       LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                      FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
-        """Low-rank program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
-        partial sums go to workspace slot n_kc + (its rank chunk)."""
+                      DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+        """Low-rank program q of a part. DET: its partial sums go to workspace slot n_kc + (its
+        rank chunk)."""
         ws_out = _own_slot(ws_ptr, n_kc, q, M, N, BLOCK_N, DET)
-        tok = _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr,
-                                ws_out, N, R, zcnt_ptr, n_lr, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R,
-                                BLOCK_KP, LR_KS, LR_NG, BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST,
-                                EPI_TILE, NT, FENCE, DET)
-        if EPI_TILE:
-            _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
-                         N, M_PAD, BLOCK_N, HB, RTNE_FIX)
+        _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_out,
+                          N, R, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG,
+                          BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST, DET)
 
     @triton.jit
     def _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_ptr, N,
-                     cnt_ptr, ex, y_ptr, sy, b_ptr,
-                     TP: tl.constexpr, HS: tl.constexpr, HB: tl.constexpr,
+                     TP: tl.constexpr, HS: tl.constexpr,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                      COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, EPI_TILE: tl.constexpr, NT: tl.constexpr,
-                     FENCE: tl.constexpr, RTNE_FIX: tl.constexpr, DET: tl.constexpr):
-        """Sparse program q of a part, then (EPI_TILE) its column tile's arrival. DET: its
-        partial sums go to workspace slot (its input chunk)."""
+                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+        """Sparse program q of a part. DET: its partial sums go to workspace slot (its input
+        chunk)."""
         ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, DET)
-        tok = _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
-                           BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS,
-                           DOT_UPCAST, NT, FENCE, DET)
-        if EPI_TILE:
-            _finish_tile(tok, q % tl.cdiv(N, BLOCK_N), cnt_ptr, ex, ws_ptr, y_ptr, sy, b_ptr, M,
-                         N, M_PAD, BLOCK_N, HB, RTNE_FIX)
+        _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
+                     BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS, DOT_UPCAST,
+                     DET)
 
     @triton.jit
-    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, cnt_ptr, n_kc,
-                     w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0,
-                     y0, sy0, b0, co0, ex0, zc0, nl0, LE0, SE0,
-                     w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1,
-                     y1, sy1, b1, co1, ex1, zc1, nl1, LE1, SE1,
-                     w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2,
-                     y2, sy2, b2, co2, ex2, zc2, nl2, LE2,
+    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, n_kc,
+                     w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
+                     w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
+                     w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2, LE2,
                      TP0: tl.constexpr, HS0: tl.constexpr, HL0: tl.constexpr,
                      TP1: tl.constexpr, HS1: tl.constexpr, HL1: tl.constexpr,
                      TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
-                     HB0: tl.constexpr, HB1: tl.constexpr, HB2: tl.constexpr,
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
@@ -661,12 +569,8 @@ if _HAS_TRITON:
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
-                     EPI_TILE: tl.constexpr, NT: tl.constexpr, FENCE: tl.constexpr,
-                     RTNE_FIX: tl.constexpr, DET: tl.constexpr):
-        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws.
-        EPI_TILE: the last program to finish a column tile writes y for it (per-part counters
-        from cnt_ptr + co_p, ex_p programs per tile; z counters at cnt_ptr + zc_p, nl_p
-        low-rank programs)."""
+                     DET: tl.constexpr):
+        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
         pid = tl.program_id(0)
         if pid < LE2:
             # low-rank tiles read z, written by the z kernel just before (or, LR_FUSED, x and
@@ -676,28 +580,23 @@ if _HAS_TRITON:
             if pid < LE0:
                 if HL0:
                     _lowrank_tile(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
-                                  sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, cnt_ptr + co0, ex0,
-                                  cnt_ptr + zc0, nl0, y0, sy0, b0, n_kc, TP0, HS0, HB0, M_PAD,
+                                  sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, n_kc, TP0, HS0, M_PAD,
                                   BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
-                                  LR_FUSED, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
+                                  LR_FUSED, DOT_UPCAST, DET)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
                         _lowrank_tile(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
-                                      sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1,
-                                      cnt_ptr + co1, ex1, cnt_ptr + zc1, nl1, y1, sy1, b1, n_kc, TP1,
-                                      HS1, HB1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
-                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX, DET)
+                                      sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1, n_kc,
+                                      TP1, HS1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
                         _lowrank_tile(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
-                                      sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2,
-                                      cnt_ptr + co2, ex2, cnt_ptr + zc2, nl2, y2, sy2, b2, n_kc, TP2,
-                                      HS2, HB2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
-                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, EPI_TILE, NT,
-                                      FENCE, RTNE_FIX, DET)
+                                      sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2, n_kc,
+                                      TP2, HS2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, DET)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
             # grid that precedes this one. Without a z kernel in between, that grid may still be
@@ -710,21 +609,18 @@ if _HAS_TRITON:
             slot = slot_ptr + q * CH
             if q < SE0:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
-                             ws_ptr + wo0, N0, cnt_ptr + co0, ex0, y0, sy0, b0, TP0, HS0, HB0,
-                             M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX,
-                             DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
+                             ws_ptr + wo0, N0, TP0, HS0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
+                             COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
-                                 ws_ptr + wo1, N1, cnt_ptr + co1, ex1, y1, sy1, b1, TP1, HS1,
-                                 HB1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
+                                 ws_ptr + wo1, N1, TP1, HS1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
+                                 CH, G, COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
-                                 ws_ptr + wo2, N2, cnt_ptr + co2, ex2, y2, sy2, b2, TP2, HS2,
-                                 HB2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN,
-                                 REGIDX, DOT_UPCAST, EPI_TILE, NT, FENCE, RTNE_FIX, DET)
+                                 ws_ptr + wo2, N2, TP2, HS2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
+                                 CH, G, COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,

@@ -1,4 +1,4 @@
-"""Triton decode kernels for R-Sparse linear layers (kernel v5): host side and public API.
+"""Triton decode kernels for R-Sparse linear layers (kernel v4): host side and public API.
 
 The ``@triton.jit`` device code lives in rsparse_device.py, the tile configs and the
 per-shape config table (``_CONFIG_TABLE``) in rsparse_configs.py.
@@ -31,17 +31,10 @@ each one is resident before its predecessor ends:
    the slot), or loads whole row tiles predicated on the mask (plain, "TEAL-style").
    Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
    that need no z pass; measured slower, kept as an option.)
-3. The epilogue, y = cast(ws + bias) in x's dtype, ws (and z) zeroed for the next call:
-   EPI "launch" (default): a third launch, ``_epilogue_kernel``, after ``gdc_wait`` on the
-   main grid. EPI "tile" (v5, an option: measured slower, see docs/kernel-notes.md): inside the
-   main kernel, by the last program to finish each column tile. Every program of a tile counts
-   itself in at the tile's int32 counter once its partial sums are in: each THREAD waits for
-   the results of its atomics and executes
-   ``fence.acq_rel.gpu``, a CTA reduction (barrier) follows, and only then does one thread add
-   to the counter (acq_rel); the program that sees the count complete reads ws from L2 (.cg),
-   writes y, zeroes ws and resets the counter. (Kernel v1 raced because one thread's fence
-   after a barrier did not order the other warps' ``red.add``s.) The low-rank programs count
-   themselves in at a second counter per part once they have read z; the last zeroes z.
+3. ``_epilogue_kernel``, after ``gdc_wait`` on the main grid: y = cast(ws + bias) in x's
+   dtype, ws (and z) zeroed for the next call. (Writing y in the main kernel instead, by the
+   last program to finish each column tile, was measured 1.1-1.6x slower per call and removed:
+   docs/kernel-notes.md, v5.)
 
 PDL rules that make the chain safe whatever kernel precedes a call: every kernel that reads or
 writes data another grid produced calls ``gdc_wait`` first (the main kernel's sparse tiles skip
@@ -162,18 +155,17 @@ _SCRATCH: dict = {}
 _SCRATCH_LOCK = threading.Lock()
 
 
-def _scratch(device: torch.device, n_ws: int, n_z: int, n_cnt: int, det: bool = False):
-    """fp32 workspace ws and z, int32 tile counters cnt, all zero; each call leaves them zero
-    (det: ws and z hold per-program slots that every call rewrites, left as they are)."""
-    key = (device.type, device.index, n_ws, n_z, n_cnt, det)
+def _scratch(device: torch.device, n_ws: int, n_z: int, det: bool = False):
+    """fp32 workspace ws and z, both zero; each call leaves them zero (det: they hold
+    per-program slots that every call rewrites, left as they are)."""
+    key = (device.type, device.index, n_ws, n_z, det)
     with _SCRATCH_LOCK:
         ent = _SCRATCH.get(key)
         if ent is None:
             ent = dict(ws=torch.zeros(max(n_ws, 1), dtype=torch.float32, device=device),
-                       z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device),
-                       cnt=torch.zeros(max(n_cnt, 1), dtype=torch.int32, device=device), det=det)
+                       z=torch.zeros(max(n_z, 1), dtype=torch.float32, device=device), det=det)
             _SCRATCH[key] = ent
-    return ent["ws"], ent["z"], ent["cnt"]
+    return ent["ws"], ent["z"]
 
 
 def _slot_scratch(device: torch.device, n: int):
@@ -312,27 +304,21 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     lr_fused = bool(cfg["LR_FUSED"]) and any_lr and not det
     LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
     LR_NG, BLOCK_NL = cfg["LR_NG"], cfg["BLOCK_NL"]
-    epi_tile = cfg["EPI"] == "tile" and not lr_fused and not det
     n_kp = triton.cdiv(K, BLOCK_KP)
-    nt = 32 * cfg["num_warps"]
 
-    # per-part offsets into the shared scratch and program-id ranges of each kernel; EPI tile:
-    # per part, counters of its column tiles (co: first; ex: programs per tile) and of its
-    # low-rank programs (zc, after every tile counter; nl: how many). DET: a part's ws holds
-    # ex slots (one per input chunk, then one per rank chunk) and its z n_kp slots.
-    ws_off, z_off, z_end, lr_end, sp_end, cnt_off, expect, n_lr = [], [], [], [], [], [], [], []
-    n_ws = n_z = zc = lc = sc = n_cnt = 0
+    # per-part offsets into the shared scratch and program-id ranges of each kernel. DET: a
+    # part's ws holds ws_slots slots (one per input chunk, then one per rank chunk) and its z
+    # n_kp slots.
+    ws_off, z_off, z_end, lr_end, sp_end, ws_slots = [], [], [], [], [], []
+    n_ws = n_z = zc = lc = sc = 0
     for p in parts:
         ws_off.append(n_ws)
         z_off.append(n_z)
-        cnt_off.append(n_cnt)
         n_tiles = triton.cdiv(p.N, BN)
-        n_cnt += n_tiles
         n_rc = triton.cdiv(p.R, BLOCK_KR) if p.R else 0
         n_ws += M * p.N * ((n_kc + n_rc) if det else 1)
         n_z += M * p.R * (n_kp if det else 1)
-        expect.append(n_kc + n_rc)
-        n_lr.append(n_tiles * n_rc)
+        ws_slots.append(n_kc + n_rc)
         if p.R and lr_fused:
             lc += triton.cdiv(p.R, BLOCK_R) * triton.cdiv(K, LR_KS) * LR_NG
         elif p.R:
@@ -342,9 +328,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         z_end.append(zc)
         lr_end.append(lc)
         sp_end.append(sc)
-    z_cnt = [n_cnt + i for i in range(len(parts))]
-    n_cnt += len(parts)
-    ws, zbuf, cnt = _scratch(dev, n_ws, n_z, n_cnt, det)
+    ws, zbuf = _scratch(dev, n_ws, n_z, det)
     slots = _slot_scratch(dev, sc * CH) if compact else ws
     dummy = ws
 
@@ -354,18 +338,17 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         vals = []
         for nm in names:
             if p is None:
-                vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "co", "ex",
-                                        "zc", "nl", "ns")
+                vals.append(0 if nm in ("N", "R", "wo", "zo", "sdn", "sup", "sw", "sy", "ns")
                             else 0.0 if nm == "tv" else dummy)
                 continue
             vals.append({
-                "co": cnt_off[i], "ex": expect[i], "zc": z_cnt[i], "nl": n_lr[i], "ns": expect[i],
                 "w": p.w_t, "sw": p.w_t.stride(0), "thr": p.thr_t if p.thr_t is not None else dummy,
                 "tv": p.thr_val, "sc": p.scale if p.scale is not None else dummy,
                 "dn": p.lr_down if p.R else dummy, "sdn": p.lr_down.stride(0) if p.R else 0,
                 "up": p.lr_up if p.R else dummy, "sup": p.lr_up.stride(0) if p.R else 0,
                 "N": p.N, "R": p.R, "wo": ws_off[i], "zo": z_off[i],
                 "y": ys[i], "sy": ys[i].stride(0), "b": p.bias if p.bias is not None else dummy,
+                "ns": ws_slots[i],
             }[nm])
         return vals
 
@@ -393,27 +376,24 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R,
             DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, DET=det, num_warps=cfg["Z_WARPS"],
             num_stages=1, **pdl_kw)
-    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
-    rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     margs = []
     for i in range(MAX_PARTS):
         margs += part_args(i, ("w", "sw", "thr", "tv", "sc", "dn", "sdn", "up", "sup", "N", "R",
-                               "wo", "zo", "y", "sy", "b", "co", "ex", "zc", "nl"))
+                               "wo", "zo"))
         margs.append(le[i])
         if i < MAX_PARTS - 1:
             margs.append(se[i])
     _main_kernel[(last(lr_end) + last(sp_end),)](
-        x2, x2.stride(0), M, K, ws, zbuf, slots, cnt, n_kc, *margs, *all_flags, *has_bias,
+        x2, x2.stride(0), M, K, ws, zbuf, slots, n_kc, *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
-        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, EPI_TILE=epi_tile, NT=nt,
-        FENCE=epi_tile and not interp, RTNE_FIX=rtne_fix, DET=det, num_warps=cfg["num_warps"],
+        USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
-    if epi_tile:
-        return
     BLOCK_E = cfg["BLOCK_E"]
+    has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
+    rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     eargs, e_end, ec = [], [], 0
     for p in parts:
         ec += triton.cdiv(p.N, BLOCK_E)
