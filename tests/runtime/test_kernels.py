@@ -100,6 +100,8 @@ MODES = {
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
     "dot": dict(SMALL, M1_DOT=True),
     "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
+    # one group ahead in the slot walk; low-rank tiles 4 factor rows per step (rank 5: 2 steps)
+    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4),
 }
 
 
@@ -313,6 +315,8 @@ VARIANTS = {
     "compact_g8_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
     "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
+    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4),
+    "compact_pf_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, DYN=True, LR_G=8),
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
     "cublas": dict(PATH="cublas"),
@@ -320,6 +324,7 @@ VARIANTS = {
     "plain_det": dict(SMALL, DET=True),
     "compact_regidx_det": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, DET=True),
     "compact_g8_dyn_det": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True, DET=True),
+    "compact_pf_det": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, DET=True),
     "lr_fused_det": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, DET=True),
 }
 # the cuBLAS path rounds the sparse product and the low-rank product to 16 bits separately
@@ -388,7 +393,7 @@ def _check_parts(ys, x, parts, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", ["qkv", "gate_up"])
-@pytest.mark.parametrize("variant", ["compact_regidx", "plain_dot", "cublas"])
+@pytest.mark.parametrize("variant", ["compact_regidx", "compact_pf", "plain_dot", "cublas"])
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (3, torch.float16),
                                      (8, torch.float32)])
 def test_multi_matches_fp64(kind, variant, M, dtype):

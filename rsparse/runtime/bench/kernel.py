@@ -83,12 +83,28 @@ VARIANTS_M1 = {
                             num_warps=4),
     "cmp512-128-8-dyn2": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
                               num_warps=4, num_stages=2),
+    "cmp512-128-8-pf": dict(COMPACT=True, PF=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
+                            num_warps=4),
+    "cmp512-128-8-pfdyn": dict(COMPACT=True, PF=True, DYN=True, BLOCK_N=512, CH=128, G=8,
+                               BLOCK_KR=64, num_warps=4),
+    # the same with low-rank tiles 8 factor rows per step (R-Sparse only differs)
+    "cmp512-128-8-g8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, LR_G=8,
+                            num_warps=4),
+    "cmp512-128-8-dyn2-g8": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8,
+                                 BLOCK_KR=64, LR_G=8, num_warps=4, num_stages=2),
+    "cmp512-128-8-pf-g8": dict(COMPACT=True, PF=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
+                               LR_G=8, num_warps=4),
+    "cmp256-128-8-pf": dict(COMPACT=True, PF=True, BLOCK_N=256, CH=128, G=8, BLOCK_KR=64,
+                            num_warps=4),
     "plaindot128x64": dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
 }
 LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant (R-Sparse only)
     "kr16": dict(BLOCK_KR=16),
     "kr32": dict(BLOCK_KR=32),
     "kr64": dict(BLOCK_KR=64),
+    "kr32-g8": dict(BLOCK_KR=32, LR_G=8),
+    "kr64-g8": dict(BLOCK_KR=64, LR_G=8),
+    "kr128-g8": dict(BLOCK_KR=128, LR_G=8),
 }
 VARIANTS_MM = {
     "plaindot128x64": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4),
@@ -190,6 +206,8 @@ def run_tune(args, K, timer, dev, records, log, out_dir):
                 return out
 
             variants = VARIANTS_M1 if M == 1 else VARIANTS_MM
+            if args.variants:
+                variants = {n: c for n, c in variants.items() if n in args.variants.split(",")}
             res = {}  # name -> ({op: us}, cfg)
             for name, cfg in variants.items():
                 res[name] = (measure(name, cfg), cfg)
@@ -305,6 +323,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="variant sweep first (prints a table)")
     p.add_argument("--tune-batches", default="2,4,8", help="batches swept by --tune besides 1")
     p.add_argument("--no-bench", action="store_true", help="only --tune")
+    p.add_argument("--variants", default="",
+                   help="--tune: comma list of the sparse-tile variants to sweep (default: all)")
     p.add_argument("--table-json", default="",
                    help="use this tuned table (OUT/tuned_table.json of a --tune run)")
     p.add_argument("--smoke", action="store_true",

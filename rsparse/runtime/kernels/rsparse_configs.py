@@ -22,20 +22,23 @@ _DEFAULT_CONFIGS = {
     "m1": dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=1, num_warps=4, num_stages=1),
     "mm": dict(BLOCK_N=128, BLOCK_K=64, K_ITERS=1, num_warps=4, num_stages=1),
 }
-# z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block.
-_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, Z_WARPS=4, BLOCK_E=512)  # KR 0: = BLOCK_K
+# z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block. LR_G (batch 1):
+# factor rows per FMA step of a low-rank tile (0: the whole BLOCK_KR x BLOCK_N tile at once).
+_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, LR_G=0, Z_WARPS=4,
+                    BLOCK_E=512)  # KR 0: = BLOCK_K
 # LR_FUSED: no z kernel; low-rank programs (r-tile, K-slice of LR_KS channels, one of LR_NG
 # column groups) multiply their partial z straight into lr_up, BLOCK_NL columns at a time.
 _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
-# G at a time. M1_DOT: batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic
-# dependent launch between the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
+# G at a time (PF: the next group's loads issued before the current group's FMAs). M1_DOT:
+# batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic dependent launch between
+# the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
 # DET: deterministic sums (set when torch.use_deterministic_algorithms(True) is on): every
 # program stores its partial sums in its own slot and the epilogue (and, for z, the low-rank
 # programs) adds the slots in a fixed order, so a call gives the same bits every time (LR_FUSED
 # is then off).
-_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, M1_DOT=False,
-                      PDL=True, PATH="triton", DET=False)
+_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, PF=False,
+                      M1_DOT=False, PDL=True, PATH="triton", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)

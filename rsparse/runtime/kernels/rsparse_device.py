@@ -177,10 +177,11 @@ if _HAS_TRITON:
     @triton.jit
     def _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, n_kp,
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                      LR_G: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """ws[b, n-tile] += z[b, r-chunk] @ lr_up[r-chunk, n-tile].
         DET: z is the fixed-order sum of its n_kp slots, and ws_ptr points at this program's
-        slot."""
+        slot. LR_G (batch 1): the chunk's factor rows LR_G at a time into a (LR_G, BN)
+        accumulator, so the tile never sits in registers whole (a (64, 512) tile spills)."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         rc = q // n_tiles
@@ -189,7 +190,21 @@ if _HAS_TRITON:
         offs_c = rc * BLOCK_KR + tl.arange(0, BLOCK_KR)
         c_ok = offs_c < R
         up_ptrs = up_ptr + offs_c[:, None] * stride_ur + offs_n[None, :]
-        if M_PAD == 1:
+        if M_PAD == 1 and LR_G > 0:
+            acc2 = tl.zeros([LR_G, BLOCK_N], dtype=tl.float32)
+            for c in range(0, BLOCK_KR // LR_G):  # a run-time loop: loads not all hoisted
+                offs_g = rc * BLOCK_KR + c * LR_G + tl.arange(0, LR_G)
+                g_ok = offs_g < R
+                if DET:
+                    zg = _slot_sum(z_ptr, n_kp, M * R, offs_g, g_ok, 16)
+                else:
+                    zg = tl.load(z_ptr + offs_g, mask=g_ok, other=0.0, cache_modifier=".cg")
+                w = tl.load(up_ptr + offs_g[:, None] * stride_ur + offs_n[None, :],
+                            mask=g_ok[:, None] & n_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                acc2 += w.to(tl.float32) * zg[:, None]
+            _put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET)
+        elif M_PAD == 1:
             if DET:
                 zin = _slot_sum(z_ptr, n_kp, M * R, offs_c, c_ok, 16)
             else:
@@ -277,7 +292,7 @@ if _HAS_TRITON:
                           M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                           LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                          THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          LR_G: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
                           DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """The part's low-rank program q."""
         if LR_FUSED:
@@ -287,7 +302,7 @@ if _HAS_TRITON:
                                 DOT_UPCAST)
         else:
             _lowrank_part(q, up_ptr, stride_ur, z_ptr, ws_ptr, M, N, R, tl.cdiv(K, BLOCK_KP),
-                          M_PAD, BLOCK_N, BLOCK_KR, DOT_UPCAST, DET)
+                          M_PAD, BLOCK_N, BLOCK_KR, LR_G, DOT_UPCAST, DET)
 
     @triton.jit
     def _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr, ws_ptr,
@@ -333,11 +348,23 @@ if _HAS_TRITON:
         return rows, xg, ranks < cnt
 
     @triton.jit
+    def _slot_group(g0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk, offs_n, n_ok, G: tl.constexpr):
+        """Weights (G, BN) and x values of kept ranks g0 .. g0+G-1 (from the slot); ranks past
+        cnt are masked off, so a group past the end loads nothing."""
+        r = g0 + tl.arange(0, G)
+        r_ok = r < cnt
+        rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+        xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        return w, xv
+
+    @triton.jit
     def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DYN: tl.constexpr, REGIDX: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                             DET: tl.constexpr):
+                             DYN: tl.constexpr, REGIDX: tl.constexpr, PF: tl.constexpr,
+                             DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
@@ -345,7 +372,9 @@ if _HAS_TRITON:
         num_stages > 1) instead of CH / G unrolled groups each behind an `if`.
         REGIDX (batch 1): no slot; each group's row indices and x values are selected from the
         registers holding the chunk (a (G, CH) match against the cumsum), and the loop keeps
-        the next group's weight tile in flight while it multiplies the current one."""
+        the next group's weight tile in flight while it multiplies the current one.
+        PF (batch 1, slot walk): the same one-group-ahead prefetch over the slot, so two groups'
+        loads are in flight per program instead of one."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
@@ -386,7 +415,25 @@ if _HAS_TRITON:
             if M_PAD == 1:
                 # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
                 acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-                if DYN:
+                if PF:
+                    # w, xv: the group being multiplied; the next one is loaded first
+                    w, xv = _slot_group(0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk, offs_n, n_ok, G)
+                    if DYN:
+                        for g0 in range(G, cnt + G, G):
+                            w_n, xv_n = _slot_group(g0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk,
+                                                    offs_n, n_ok, G)
+                            acc2 += w.to(tl.float32) * xv[:, None]
+                            w, xv = w_n, xv_n
+                    else:
+                        for g in tl.static_range(1, CH // G):
+                            if (g - 1) * G < cnt:
+                                w_n, xv_n = _slot_group(g * G, cnt, slot_ptr, x_ptr, w_ptr,
+                                                        stride_wk, offs_n, n_ok, G)
+                                acc2 += w.to(tl.float32) * xv[:, None]
+                                w, xv = w_n, xv_n
+                        if (CH // G - 1) * G < cnt:  # every group kept: the last one
+                            acc2 += w.to(tl.float32) * xv[:, None]
+                elif DYN:
                     for g0 in range(0, cnt, G):
                         r = g0 + tl.arange(0, G)
                         r_ok = r < cnt
@@ -436,14 +483,14 @@ if _HAS_TRITON:
                      scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
-                     REGIDX: tl.constexpr, THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                     REGIDX: tl.constexpr, PF: tl.constexpr, THR_IS_PTR: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """The part's sparse program q."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                                  scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
-                                 REGIDX, DOT_UPCAST, DET)
+                                 REGIDX, PF, DOT_UPCAST, DET)
         else:
             _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
                                ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
@@ -532,13 +579,13 @@ if _HAS_TRITON:
                       M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                       LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                      DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                      LR_G: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Low-rank program q of a part. DET: its partial sums go to workspace slot n_kc + (its
         rank chunk)."""
         ws_out = _own_slot(ws_ptr, n_kc, q, M, N, BLOCK_N, DET)
         _lowrank_any_part(q, x_ptr, stride_xm, M, K, thr, tv, sc, dn, sdn, up, sup, z_ptr, ws_out,
                           N, R, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG,
-                          BLOCK_NL, LR_FUSED, TP, HS, DOT_UPCAST, DET)
+                          BLOCK_NL, LR_FUSED, LR_G, TP, HS, DOT_UPCAST, DET)
 
     @triton.jit
     def _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_ptr, N,
@@ -546,13 +593,13 @@ if _HAS_TRITON:
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                      COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
-                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                     PF: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Sparse program q of a part. DET: its partial sums go to workspace slot (its input
         chunk)."""
         ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, DET)
         _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
-                     BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, TP, HS, DOT_UPCAST,
-                     DET)
+                     BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, PF, TP, HS,
+                     DOT_UPCAST, DET)
 
     @triton.jit
     def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, n_kc,
@@ -568,6 +615,7 @@ if _HAS_TRITON:
                      DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
+                     LR_G: tl.constexpr, PF: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
                      DET: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
@@ -582,21 +630,21 @@ if _HAS_TRITON:
                     _lowrank_tile(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
                                   sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, n_kc, TP0, HS0, M_PAD,
                                   BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
-                                  LR_FUSED, DOT_UPCAST, DET)
+                                  LR_FUSED, LR_G, DOT_UPCAST, DET)
             elif pid < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
                         _lowrank_tile(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
                                       sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1, n_kc,
                                       TP1, HS1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
-                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, DET)
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, LR_G, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
                         _lowrank_tile(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
                                       sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2, n_kc,
                                       TP2, HS2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
-                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, DOT_UPCAST, DET)
+                                      LR_KS, LR_NG, BLOCK_NL, LR_FUSED, LR_G, DOT_UPCAST, DET)
         else:
             # Sparse tiles read x, the thresholds and the zeroed ws, all written before the
             # grid that precedes this one. Without a z kernel in between, that grid may still be
@@ -610,17 +658,17 @@ if _HAS_TRITON:
             if q < SE0:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, TP0, HS0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                             COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
+                             COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, TP1, HS1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
-                                 CH, G, COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
+                                 CH, G, COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, TP2, HS2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
-                                 CH, G, COMPACT, DYN, REGIDX, DOT_UPCAST, DET)
+                                 CH, G, COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,

@@ -300,6 +300,7 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     BLOCK_R = min(cfg["BLOCK_R"], max(16, _next_pow2(R_max)))
     BLOCK_KP = cfg["BLOCK_KP"]
     BLOCK_KR = min(cfg["BLOCK_KR"] or BK, max(16, _next_pow2(R_max)))
+    LR_G = min(cfg["LR_G"], BLOCK_KR) if M_PAD == 1 else 0
     det = bool(cfg["DET"])
     lr_fused = bool(cfg["LR_FUSED"]) and any_lr and not det
     LR_KS = max(BLOCK_KP, cfg["LR_KS"] // BLOCK_KP * BLOCK_KP)
@@ -388,7 +389,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
-        LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, DOT_UPCAST=dot_upcast,
+        LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, LR_G=LR_G, PF=bool(cfg["PF"]),
+        DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
     BLOCK_E = cfg["BLOCK_E"]
