@@ -101,7 +101,8 @@ MODES = {
     "dot": dict(SMALL, M1_DOT=True),
     "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
     # one group ahead in the slot walk; low-rank tiles 4 factor rows per step (rank 5: 2 steps)
-    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4),
+    # and scheduled after the sparse tiles
+    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True),
 }
 
 
@@ -315,7 +316,7 @@ VARIANTS = {
     "compact_g8_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
     "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
-    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4),
+    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True),
     "compact_pf_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, DYN=True, LR_G=8),
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
@@ -324,7 +325,8 @@ VARIANTS = {
     "plain_det": dict(SMALL, DET=True),
     "compact_regidx_det": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, DET=True),
     "compact_g8_dyn_det": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True, DET=True),
-    "compact_pf_det": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, DET=True),
+    "compact_pf_det": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True,
+                           DET=True),
     "lr_fused_det": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, DET=True),
 }
 # the cuBLAS path rounds the sparse product and the low-rank product to 16 bits separately

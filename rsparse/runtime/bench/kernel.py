@@ -105,6 +105,9 @@ LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant (R-Sparse o
     "kr32-g8": dict(BLOCK_KR=32, LR_G=8),
     "kr64-g8": dict(BLOCK_KR=64, LR_G=8),
     "kr128-g8": dict(BLOCK_KR=128, LR_G=8),
+    "kr16-last": dict(BLOCK_KR=16, LR_LAST=True),
+    "kr32-g8-last": dict(BLOCK_KR=32, LR_G=8, LR_LAST=True),
+    "kr64-last": dict(BLOCK_KR=64, LR_LAST=True),
 }
 VARIANTS_MM = {
     "plaindot128x64": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4),

@@ -24,7 +24,8 @@ _DEFAULT_CONFIGS = {
 }
 # z kernel (lr_down) and low-rank tile (lr_up rows) shapes, epilogue block. LR_G (batch 1):
 # factor rows per FMA step of a low-rank tile (0: the whole BLOCK_KR x BLOCK_N tile at once).
-_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, LR_G=0, Z_WARPS=4,
+# LR_LAST: the main grid puts the low-rank tiles after the sparse tiles, not before them.
+_LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, LR_G=0, LR_LAST=False, Z_WARPS=4,
                     BLOCK_E=512)  # KR 0: = BLOCK_K
 # LR_FUSED: no z kernel; low-rank programs (r-tile, K-slice of LR_KS channels, one of LR_NG
 # column groups) multiply their partial z straight into lr_up, BLOCK_NL columns at a time.
@@ -43,6 +44,8 @@ _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, PF=F
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
 _CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
 _CMP_REG = dict(_CMP_FMA, REGIDX=True)
+_CMP_PF = dict(_CMP_FMA, PF=True)
+_CMP_PF_DYN = dict(_CMP_FMA, PF=True, DYN=True)
 _PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
 _MM_128 = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4)
 _MM_256X2 = dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=2, num_warps=8)
@@ -55,11 +58,12 @@ _CUBLAS = dict(PATH="cublas")
 # slower than the cuBLAS path (split x, then cuBLAS). Entries are the per-op winners of
 # `rsparse bench kernel --tune` on the H200, 2026-11-30 (torch 2.11, triton 3.6, bf16,
 # s = 0.5, rho = 0.9, i.i.d. Laplace inputs: union of kept rows 75% / 94% / 99.6% at batch
-# 2 / 4 / 8); docs/kernel-notes.md, run 2. Unlisted shapes use _default_16bit.
+# 2 / 4 / 8); docs/kernel-notes.md, run 2. The Llama-2 batch-1 entries are from the PF sweep of
+# 2026-12-01 (same settings; docs/kernel-notes.md, v7). Unlisted shapes use _default_16bit.
 _CONFIG_TABLE: dict = {
     # Llama-2-7B q/k/v/o
-    ("m1", 4096, 4096): _CMP_REG,
-    ("m1+lr", 4096, 4096): dict(_CMP_REG, BLOCK_KR=32),
+    ("m1", 4096, 4096): _CMP_PF,
+    ("m1+lr", 4096, 4096): dict(_CMP_PF, BLOCK_KR=32, LR_G=8),
     ("m2", 4096, 4096): _MM_256X2,
     ("m2+lr", 4096, 4096): _MM_128,
     ("m4", 4096, 4096): _CUBLAS,
@@ -67,16 +71,16 @@ _CONFIG_TABLE: dict = {
     ("m8", 4096, 4096): _CUBLAS,
     ("m8+lr", 4096, 4096): _MM_128,
     # Llama-2-7B gate/up, down
-    ("m1", 4096, 11008): _CMP_FMA,
-    ("m1+lr", 4096, 11008): _CMP_FMA_DYN,
+    ("m1", 4096, 11008): _CMP_PF_DYN,
+    ("m1+lr", 4096, 11008): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8),
     ("m2", 4096, 11008): _CUBLAS,
     ("m2+lr", 4096, 11008): _MM_128,
     ("m4", 4096, 11008): _CUBLAS,
     ("m4+lr", 4096, 11008): _MM_256X2,
     ("m8", 4096, 11008): _CUBLAS,
     ("m8+lr", 4096, 11008): _MM_256X2,
-    ("m1", 11008, 4096): _CMP_FMA,
-    ("m1+lr", 11008, 4096): _CMP_FMA_DYN,
+    ("m1", 11008, 4096): _CMP_PF_DYN,
+    ("m1+lr", 11008, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16),
     ("m2", 11008, 4096): _CUBLAS,
     ("m2+lr", 11008, 4096): _MM_256X2,
     ("m4", 11008, 4096): _CUBLAS,
@@ -111,10 +115,10 @@ _CONFIG_TABLE: dict = {
     # sparse-only), and so did the gate+up groups with R-Sparse; sparse-only gate+up groups take
     # the cuBLAS path, as their parts do (the fused kernel measured 0.7x of cuBLAS there, the
     # separate cuBLAS-path calls 0.92-0.96x; the fused cuBLAS path saves one split launch).
-    ("m1", 4096, 12288): _CMP_FMA,
-    ("m1+lr", 4096, 12288): _CMP_FMA_DYN,
-    ("m1", 4096, 22016): _CMP_FMA,
-    ("m1+lr", 4096, 22016): _CMP_FMA_DYN,
+    ("m1", 4096, 12288): _CMP_PF_DYN,
+    ("m1+lr", 4096, 12288): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8),
+    ("m1", 4096, 22016): _CMP_PF_DYN,
+    ("m1+lr", 4096, 22016): dict(_CMP_PF_DYN, BLOCK_KR=16),
     ("m2", 4096, 22016): _CUBLAS,
     ("m4", 4096, 22016): _CUBLAS,
     ("m8", 4096, 22016): _CUBLAS,

@@ -602,7 +602,7 @@ if _HAS_TRITON:
                      DOT_UPCAST, DET)
 
     @triton.jit
-    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, n_kc,
+    def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, n_kc, n_sp,
                      w0, sw0, thr0, tv0, sc0, dn0, sdn0, up0, sup0, N0, R0, wo0, zo0, LE0, SE0,
                      w1, sw1, thr1, tv1, sc1, dn1, sdn1, up1, sup1, N1, R1, wo1, zo1, LE1, SE1,
                      w2, sw2, thr2, tv2, sc2, dn2, sdn2, up2, sup2, N2, R2, wo2, zo2, LE2,
@@ -615,33 +615,44 @@ if _HAS_TRITON:
                      DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                     LR_G: tl.constexpr, PF: tl.constexpr,
+                     LR_G: tl.constexpr, PF: tl.constexpr, LR_LAST: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
                      DET: tl.constexpr):
-        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2]; fp32 partials -> ws."""
+        """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2] (LR_LAST: the sparse tiles
+        first, so the low-rank tiles, which wait for the z kernel, are scheduled last and fill
+        the sparse tiles' tail instead of holding SM slots while they wait); fp32 partials ->
+        ws. n_sp: the number of sparse tiles."""
         pid = tl.program_id(0)
-        if pid < LE2:
+        if LR_LAST:
+            is_lr = pid >= n_sp
+            lq = pid - n_sp
+            q = pid
+        else:
+            is_lr = pid < LE2
+            lq = pid
+            q = pid - LE2
+        if is_lr:
             # low-rank tiles read z, written by the z kernel just before (or, LR_FUSED, x and
             # the zeroed ws, written earlier): wait for the preceding grid
             _pdl_wait(USE_PDL)
             _pdl_release(USE_PDL)
-            if pid < LE0:
+            if lq < LE0:
                 if HL0:
-                    _lowrank_tile(pid, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
+                    _lowrank_tile(lq, x_ptr, stride_xm, M, K, thr0, tv0, sc0, dn0, sdn0, up0,
                                   sup0, z_ptr + zo0, ws_ptr + wo0, N0, R0, n_kc, TP0, HS0, M_PAD,
                                   BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP, LR_KS, LR_NG, BLOCK_NL,
                                   LR_FUSED, LR_G, DOT_UPCAST, DET)
-            elif pid < LE1:
+            elif lq < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
-                        _lowrank_tile(pid - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
+                        _lowrank_tile(lq - LE0, x_ptr, stride_xm, M, K, thr1, tv1, sc1, dn1,
                                       sdn1, up1, sup1, z_ptr + zo1, ws_ptr + wo1, N1, R1, n_kc,
                                       TP1, HS1, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, LR_G, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
-                        _lowrank_tile(pid - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
+                        _lowrank_tile(lq - LE1, x_ptr, stride_xm, M, K, thr2, tv2, sc2, dn2,
                                       sdn2, up2, sup2, z_ptr + zo2, ws_ptr + wo2, N2, R2, n_kc,
                                       TP2, HS2, M_PAD, BLOCK_N, BLOCK_KR, BLOCK_R, BLOCK_KP,
                                       LR_KS, LR_NG, BLOCK_NL, LR_FUSED, LR_G, DOT_UPCAST, DET)
@@ -653,7 +664,6 @@ if _HAS_TRITON:
             if not AFTER_Z:
                 _pdl_wait(USE_PDL)
             _pdl_release(USE_PDL)
-            q = pid - LE2
             slot = slot_ptr + q * CH
             if q < SE0:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,

@@ -385,11 +385,12 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
         if i < MAX_PARTS - 1:
             margs.append(se[i])
     _main_kernel[(last(lr_end) + last(sp_end),)](
-        x2, x2.stride(0), M, K, ws, zbuf, slots, n_kc, *margs, *all_flags,
+        x2, x2.stride(0), M, K, ws, zbuf, slots, n_kc, last(sp_end), *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
         CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
         REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
         LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, LR_G=LR_G, PF=bool(cfg["PF"]),
+        LR_LAST=bool(cfg["LR_LAST"]) and any_lr,
         DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
