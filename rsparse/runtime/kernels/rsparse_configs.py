@@ -42,8 +42,6 @@ _MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, PF=F
                       M1_DOT=False, PDL=True, PATH="triton", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
-_CMP_FMA_DYN = dict(_CMP_FMA, DYN=True, num_stages=2)
-_CMP_REG = dict(_CMP_FMA, REGIDX=True)
 _CMP_PF = dict(_CMP_FMA, PF=True)
 _CMP_PF_DYN = dict(_CMP_FMA, PF=True, DYN=True)
 _PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
@@ -58,12 +56,12 @@ _CUBLAS = dict(PATH="cublas")
 # slower than the cuBLAS path (split x, then cuBLAS). Entries are the per-op winners of
 # `rsparse bench kernel --tune` on the H200, 2026-11-30 (torch 2.11, triton 3.6, bf16,
 # s = 0.5, rho = 0.9, i.i.d. Laplace inputs: union of kept rows 75% / 94% / 99.6% at batch
-# 2 / 4 / 8); docs/kernel-notes.md, run 2. The Llama-2 batch-1 entries are from the PF sweep of
+# 2 / 4 / 8); docs/kernel-notes.md, run 2. The batch-1 entries are from the PF sweep of
 # 2026-12-01 (same settings; docs/kernel-notes.md, v7). Unlisted shapes use _default_16bit.
 _CONFIG_TABLE: dict = {
     # Llama-2-7B q/k/v/o
     ("m1", 4096, 4096): _CMP_PF,
-    ("m1+lr", 4096, 4096): dict(_CMP_PF, BLOCK_KR=32, LR_G=8),
+    ("m1+lr", 4096, 4096): dict(_CMP_PF, BLOCK_KR=32, LR_G=8, LR_LAST=True),
     ("m2", 4096, 4096): _MM_256X2,
     ("m2+lr", 4096, 4096): _MM_128,
     ("m4", 4096, 4096): _CUBLAS,
@@ -80,7 +78,7 @@ _CONFIG_TABLE: dict = {
     ("m8", 4096, 11008): _CUBLAS,
     ("m8+lr", 4096, 11008): _MM_256X2,
     ("m1", 11008, 4096): _CMP_PF_DYN,
-    ("m1+lr", 11008, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16),
+    ("m1+lr", 11008, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 11008, 4096): _CUBLAS,
     ("m2+lr", 11008, 4096): _MM_256X2,
     ("m4", 11008, 4096): _CUBLAS,
@@ -88,16 +86,16 @@ _CONFIG_TABLE: dict = {
     ("m8", 11008, 4096): _CUBLAS,
     ("m8+lr", 11008, 4096): _MM_256X2,
     # Llama-3-8B gate/up, down, k/v
-    ("m1", 4096, 14336): _CMP_FMA,
-    ("m1+lr", 4096, 14336): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m1", 4096, 14336): _CMP_PF_DYN,
+    ("m1+lr", 4096, 14336): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 4096, 14336): _CUBLAS,
     ("m2+lr", 4096, 14336): _MM_256X2,
     ("m4", 4096, 14336): _CUBLAS,
     ("m4+lr", 4096, 14336): _MM_256X2,
     ("m8", 4096, 14336): _CUBLAS,
     ("m8+lr", 4096, 14336): _MM_256X2,
-    ("m1", 14336, 4096): _CMP_FMA,
-    ("m1+lr", 14336, 4096): _CMP_FMA_DYN,
+    ("m1", 14336, 4096): _CMP_PF_DYN,
+    ("m1+lr", 14336, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 14336, 4096): _CUBLAS,
     ("m2+lr", 14336, 4096): _MM_256X2,
     ("m4", 14336, 4096): _CUBLAS,
@@ -116,16 +114,16 @@ _CONFIG_TABLE: dict = {
     # the cuBLAS path, as their parts do (the fused kernel measured 0.7x of cuBLAS there, the
     # separate cuBLAS-path calls 0.92-0.96x; the fused cuBLAS path saves one split launch).
     ("m1", 4096, 12288): _CMP_PF_DYN,
-    ("m1+lr", 4096, 12288): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8),
+    ("m1+lr", 4096, 12288): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8, LR_LAST=True),
     ("m1", 4096, 22016): _CMP_PF_DYN,
     ("m1+lr", 4096, 22016): dict(_CMP_PF_DYN, BLOCK_KR=16),
     ("m2", 4096, 22016): _CUBLAS,
     ("m4", 4096, 22016): _CUBLAS,
     ("m8", 4096, 22016): _CUBLAS,
-    ("m1", 4096, 6144): _CMP_FMA,
-    ("m1+lr", 4096, 6144): _CMP_FMA_DYN,
-    ("m1", 4096, 28672): _CMP_FMA,
-    ("m1+lr", 4096, 28672): dict(_CMP_FMA, BLOCK_KR=16),
+    ("m1", 4096, 6144): _CMP_PF,
+    ("m1+lr", 4096, 6144): dict(_CMP_PF, BLOCK_KR=32, LR_G=8, LR_LAST=True),
+    ("m1", 4096, 28672): _CMP_PF_DYN,
+    ("m1+lr", 4096, 28672): dict(_CMP_PF_DYN, BLOCK_KR=16),
     ("m2", 4096, 28672): _CUBLAS,
     ("m4", 4096, 28672): _CUBLAS,
     ("m8", 4096, 28672): _CUBLAS,
@@ -135,8 +133,11 @@ _CONFIG_TABLE: dict = {
 def _default_16bit(cls: str, K: int, N: int) -> dict:
     """16-bit shapes not in the table: the variant that won at the nearest measured shapes."""
     if cls == "m1":
-        # large layers: compacted kept rows, FMA product; small ones: masked tiles, tl.dot
-        return _CMP_FMA if K * N >= 8 * 2**20 else _PLAIN_DOT
+        # large layers: compacted kept rows, FMA product, one group ahead (the run-time loop
+        # won at >= 45M weights, the unrolled one at 16-25M); small ones: masked tiles, tl.dot
+        if K * N >= 32 * 2**20:
+            return _CMP_PF_DYN
+        return _CMP_PF if K * N >= 8 * 2**20 else _PLAIN_DOT
     return {}  # batch: masked row tiles, tl.dot (the "mm" base config)
 
 
