@@ -38,13 +38,16 @@ from torch import nn
 from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
 from rsparse.errors import EngineError
-from rsparse.runtime.ops import MAX_PARTS, decode_attention, fused_projections, kernel_runs_on
+from rsparse.runtime.ops import (MAX_PARTS, decode_attention, fused_projections, gated_projections, kernel_runs_on,
+                                 projection_add_rmsnorm)
 from rsparse.runtime.sampling import Sampling, choose
 
 __all__ = ["Engine", "EngineError", "Generation", "Sampling"]
 
 MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
+# norms whose forward is weight * (h * rsqrt(mean(h^2) + eps)).to(dtype): the kernel's fused epilogue
+LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 @dataclass
@@ -105,6 +108,13 @@ class Engine:
         self.lm_head = model.get_output_embeddings()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.norm = base.norm
+        # what the sparse decode step may fuse into the kernel's epilogue: SiLU x up after gate/up,
+        # and the residual add + next norm after o_proj / down_proj
+        self.silu = [type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") for m in self.mlp]
+        self.next_norms = []  # after block i's o_proj, then after its down_proj
+        for i, block in enumerate(self.blocks):
+            following = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
+            self.next_norms += [block.post_attention_layernorm, following]
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -178,26 +188,48 @@ class Engine:
                                                scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
         else:
             o = decode_attention(q, self.k_cache[i], self.v_cache[i], mask, write_at, self.scale)
-        return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return o.transpose(1, 2).reshape(b, t, -1)  # o_proj's input
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """down_proj's input: act(gate) * up (SiLU: in the gate/up kernel call's epilogue)."""
         mlp = self.mlp[i]
+        if self.silu[i] and self._fusable(h, (mlp.gate_proj, mlp.up_proj)):
+            return gated_projections(h, mlp.gate_proj, mlp.up_proj)
         gate, up = self._project(h, (mlp.gate_proj, mlp.up_proj))
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        return mlp.act_fn(gate) * up
+
+    def _fusable(self, h: torch.Tensor, layers) -> bool:
+        """Whether each layer is one kernel call on h (a sparse decode step), fusion allowed."""
+        fusable = self.fuse
+        for layer in layers:  # a plain loop: dynamo traces it without a graph break
+            fusable = fusable and isinstance(layer, RSparseLinear) and layer.runs_kernel(h)
+        return fusable
 
     def _project(self, h: torch.Tensor, layers) -> list[torch.Tensor]:
         """Projections that share the input h: one fused kernel call for sparse decode steps
         (q/k/v, gate/up), else each layer on its own."""
-        fusable = self.fuse and 2 <= len(layers) <= MAX_PARTS
-        for layer in layers:  # a plain loop: dynamo traces it without a graph break
-            fusable = fusable and isinstance(layer, RSparseLinear) and layer.runs_kernel(h)
-        return fused_projections(h, layers) if fusable else [layer(h) for layer in layers]
+        if 2 <= len(layers) <= MAX_PARTS and self._fusable(h, layers):
+            return fused_projections(h, layers)
+        return [layer(h) for layer in layers]
+
+    def _add_norm(self, layer, a: torch.Tensor, h: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + layer(a), norm(h + layer(a))): in the layer's kernel call for sparse decode steps
+        when the norm is a Llama-style RMSNorm in the model's dtype."""
+        if (type(norm).__name__ in LLAMA_RMSNORMS and norm.weight.dtype == self.dtype
+                and self._fusable(a, (layer,))):
+            return projection_add_rmsnorm(a, layer, h, norm)
+        h = h + layer(a)
+        return h, norm(h)
 
     def _blocks(self, h, cos, sin, mask, write_at, prefill):
+        """Logits (B, V) at the last position. Each block's o_proj and down_proj output goes
+        through _add_norm, which adds it to the residual stream h and applies the next norm."""
+        x = self.blocks[0].input_layernorm(h)
         for i, block in enumerate(self.blocks):
-            h = h + self._attention(i, block.input_layernorm(h), cos, sin, mask, write_at, prefill)
-            h = h + self._mlp(i, block.post_attention_layernorm(h))
-        return self.lm_head(self.norm(h[:, -1:]))[:, -1]
+            a = self._attention(i, x, cos, sin, mask, write_at, prefill)
+            h, x = self._add_norm(self.attn[i].o_proj, a, h, self.next_norms[2 * i])
+            h, x = self._add_norm(self.mlp[i].down_proj, self._mlp(i, x), h, self.next_norms[2 * i + 1])
+        return self.lm_head(x[:, -1:])[:, -1]
 
     def _decode_logits(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after the token at cache slot `pos` (one token per row)."""

@@ -11,6 +11,14 @@ that gives the output's shape and dtype); on a device where Triton cannot run (a
 TRITON_INTERPRET) it computes the torch reference, so the same traced graph runs everywhere.
 Dense layers need no op: they stay `F.linear`, which Inductor already understands.
 
+    torch.ops.rsparse.decode_linear_silu_mul(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases)
+    torch.ops.rsparse.decode_linear_add_rmsnorm(x, w_t, threshold, score_scale, lr_down, lr_up, bias,
+                                                residual, norm_weight, eps)
+
+are the same call with the block's next step fused into its epilogue: silu(gate) * up for the
+gate/up pair, and the residual add plus the next RMSNorm after o_proj / down_proj
+(rsparse.runtime.kernels.fused_epilogues), so the decode step runs no kernel of its own for them.
+
     torch.ops.rsparse.decode_attention(q, k_cache, v_cache, lo, hi, scale)
 
 is the split-KV decode attention over a static cache (`rsparse.runtime.kernels.decode_attention`),
@@ -30,10 +38,14 @@ from rsparse.runtime.kernels import (
     decode_attention_reference,
     MAX_PARTS,
     rsparse_decode_linear,
+    rsparse_decode_linear_add_rmsnorm,
     rsparse_decode_linear_multi,
     rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
+    rsparse_decode_linear_silu_mul,
     triton_available,
+    Epilogue,
+    apply_epilogue_torch,
 )
 
 
@@ -78,6 +90,44 @@ def _decode_linear_multi_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_up
     return [x.new_empty(*x.shape[:-1], w_t.shape[1]) for w_t in w_ts]
 
 
+@torch.library.custom_op("rsparse::decode_linear_silu_mul", mutates_args=())
+def decode_linear_silu_mul(x: torch.Tensor, w_ts: list[torch.Tensor], thresholds: list[torch.Tensor],
+                           score_scales: list[Optional[torch.Tensor]], lr_downs: list[Optional[torch.Tensor]],
+                           lr_ups: list[Optional[torch.Tensor]], biases: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """silu(gate(x)) * up(x) for the two parts (gate, up) given as decode_linear_multi's lists."""
+    gate, up = zip(w_ts, thresholds, score_scales, lr_downs, lr_ups, biases)
+    if kernel_runs_on(x.device):
+        return rsparse_decode_linear_silu_mul(x, gate, up)
+    (h,) = apply_epilogue_torch(Epilogue("silu_mul"), rsparse_decode_linear_multi_reference(x, [gate, up]))
+    return h
+
+
+@decode_linear_silu_mul.register_fake
+def _decode_linear_silu_mul_fake(x, w_ts, thresholds, score_scales, lr_downs, lr_ups, biases):
+    torch._check(len(w_ts) == 2, lambda: f"gate and up: 2 parts, got {len(w_ts)}")
+    return x.new_empty(*x.shape[:-1], w_ts[0].shape[1])
+
+
+@torch.library.custom_op("rsparse::decode_linear_add_rmsnorm", mutates_args=())
+def decode_linear_add_rmsnorm(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor,
+                              score_scale: Optional[torch.Tensor], lr_down: Optional[torch.Tensor],
+                              lr_up: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: torch.Tensor,
+                              norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, xn): h = residual + decode_linear(x, ...), xn = norm_weight * rmsnorm(h) (Llama's RMSNorm)."""
+    part = (w_t, threshold, score_scale, lr_down, lr_up, bias)
+    if kernel_runs_on(x.device):
+        return rsparse_decode_linear_add_rmsnorm(x, part, residual, norm_weight, eps)
+    epi = Epilogue("add_rmsnorm", residual, norm_weight, eps)
+    return apply_epilogue_torch(epi, [rsparse_decode_linear_reference(x, *part)])
+
+
+@decode_linear_add_rmsnorm.register_fake
+def _decode_linear_add_rmsnorm_fake(x, w_t, threshold, score_scale, lr_down, lr_up, bias, residual, norm_weight,
+                                    eps):
+    torch._check(residual.shape[-1] == w_t.shape[1], lambda: "residual and the layer's output differ in width")
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
 @torch.library.custom_op("rsparse::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, scale: float) -> torch.Tensor:
@@ -100,3 +150,17 @@ def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor]:
     (RSparseLinear.runs_kernel)."""
     args = [layer.kernel_args() for layer in layers]
     return decode_linear_multi(x, *[list(a) for a in zip(*args)])
+
+
+def gated_projections(x: torch.Tensor, gate, up) -> torch.Tensor:
+    """silu(gate(x)) * up(x) for RSparseLinear layers gate and up, from ONE fused kernel call
+    (the caller checks RSparseLinear.runs_kernel and that the activation is SiLU)."""
+    args = [gate.kernel_args(), up.kernel_args()]
+    return decode_linear_silu_mul(x, *[list(a) for a in zip(*args)])
+
+
+def projection_add_rmsnorm(x: torch.Tensor, layer, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + layer(x), norm(that)) from ONE kernel call for an RSparseLinear layer and a
+    Llama-style RMSNorm module (the caller checks both)."""
+    return decode_linear_add_rmsnorm(x, *layer.kernel_args(), residual, norm.weight, float(norm.variance_epsilon))
+

@@ -153,7 +153,9 @@ def test_requests_that_do_not_fit_are_refused():
 
 
 def test_compiled_step_traces_through_the_kernel_op(windows, monkeypatch):
-    """fullgraph=True: RSparseLinear's kernel call is a torch.library op, no graph break."""
+    """fullgraph=True: RSparseLinear's kernel call is a torch.library op, no graph break; the
+    projections sharing an input are one call, and SiLU x up and the residual add + next norm
+    run in the kernel calls' epilogues."""
     model = sparse_tiny(windows).to(DEVICE)
     for layer in rsparse_layers(model):
         layer.kernel = "always"  # the Triton kernel (interpreted on CPU) behind the op
@@ -161,13 +163,17 @@ def test_compiled_step_traces_through_the_kernel_op(windows, monkeypatch):
     expected = hf_greedy(model, rows, 4)  # transformers runs each layer on its own (no fusion)
     torch._dynamo.reset()
     calls = []
-    real = ops.decode_linear_multi
-    monkeypatch.setattr(ops, "decode_linear_multi", lambda *a: calls.append(len(a[1])) or real(*a))
+    for name in ("decode_linear_multi", "decode_linear_silu_mul", "decode_linear_add_rmsnorm"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     for layer in rsparse_layers(model):  # re-configured modules: dynamo treats them as unspecialized
         layer.threshold = layer.threshold.clone()
     got = Engine(model, batch_size=2, max_seq_len=24, compile="aot_eager").generate(rows, 4)
     assert got.tokens == expected
-    assert calls.count(3) >= 2 and calls.count(2) >= 2  # q/k/v and gate/up of both blocks, fused
+    steps = calls.count("decode_linear_multi") // 2  # q/k/v of both blocks per decode step
+    assert steps >= 1
+    assert calls.count("decode_linear_silu_mul") == 2 * steps  # gate/up with SiLU x up
+    assert calls.count("decode_linear_add_rmsnorm") == 4 * steps  # o_proj and down_proj
 
 
 def test_kernel_op_fake_and_schema():
@@ -191,6 +197,17 @@ def test_kernel_op_fake_and_schema():
     y = torch.ops.rsparse.decode_linear(*args)
     assert torch.allclose(y1, y)
     assert torch.allclose(y, rsparse_decode_linear_reference(*args), atol=1e-5)
+    # the fused epilogues: SiLU x up of two equal-width parts; residual add + RMSNorm of one
+    gated = (x, [w_t, w_t.flip(1)], [args[2], torch.tensor(0.3)], [args[3], None], [args[4], None],
+             [args[5], None], [args[6], None])
+    torch.library.opcheck(torch.ops.rsparse.decode_linear_silu_mul.default, gated)
+    ya, yb = torch.ops.rsparse.decode_linear_multi(*gated)
+    assert torch.allclose(torch.ops.rsparse.decode_linear_silu_mul(*gated), torch.nn.functional.silu(ya) * yb)
+    residual, weight = torch.randn(2, 1, 48, generator=g), torch.rand(48, generator=g) + 0.5
+    torch.library.opcheck(torch.ops.rsparse.decode_linear_add_rmsnorm.default, args + (residual, weight, 1e-6))
+    h, xn = torch.ops.rsparse.decode_linear_add_rmsnorm(*args, residual, weight, 1e-6)
+    assert torch.allclose(h, residual + y)
+    assert torch.allclose(xn, weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-5)
 
 
 def test_bench_conversion_hits_the_budget():

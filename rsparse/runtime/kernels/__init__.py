@@ -5,11 +5,14 @@ from .triton_rsparse import (
     MAX_BATCH_ROWS,
     MAX_PARTS,
     rsparse_decode_linear,
+    rsparse_decode_linear_add_rmsnorm,
     rsparse_decode_linear_multi,
     rsparse_decode_linear_multi_reference,
     rsparse_decode_linear_reference,
+    rsparse_decode_linear_silu_mul,
     triton_available,
 )
+from .fused_epilogues import Epilogue, apply_epilogue_torch
 
 __all__ = [
     "decode_attention",
@@ -17,8 +20,12 @@ __all__ = [
     "MAX_BATCH_ROWS",
     "MAX_PARTS",
     "rsparse_decode_linear",
+    "rsparse_decode_linear_add_rmsnorm",
     "rsparse_decode_linear_multi",
     "rsparse_decode_linear_multi_reference",
     "rsparse_decode_linear_reference",
+    "rsparse_decode_linear_silu_mul",
     "triton_available",
+    "Epilogue",
+    "apply_epilogue_torch",
 ]

@@ -78,6 +78,7 @@ from .rsparse_configs import (  # noqa: F401
     _pick_config,
 )
 from .rsparse_device import _HAS_TRITON, _interpret_mode, tl, triton  # noqa: F401
+from .fused_epilogues import MAX_NORM_WIDTH, Epilogue, apply_epilogue_torch, launch_epilogue
 
 if _HAS_TRITON:
     from .rsparse_device import _epilogue_kernel, _main_kernel, _split_input_kernel, _z_kernel
@@ -282,7 +283,8 @@ def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
             ys[i].addmm_(xd[i] @ p.lr_down, p.lr_up)
 
 
-def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor], cfg: dict):
+def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor], cfg: dict,
+                epi: Optional[Epilogue] = None):
     M, K = x2.shape
     dev = x2.device
     interp = _interpret_mode()
@@ -397,6 +399,11 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     BLOCK_E = cfg["BLOCK_E"]
     has_bias = [i < n_parts and parts[i].bias is not None for i in range(MAX_PARTS)]
     rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
+    if epi is not None:
+        launch_epilogue(epi, ws, zbuf, 0 if lr_fused or det else n_z, parts, ys, ws_off,
+                        ws_slots, rtne_fix=rtne_fix, use_pdl=use_pdl, det=det, block_e=BLOCK_E,
+                        pdl_kw=pdl_kw)
+        return
     eargs, e_end, ec = [], [], 0
     for p in parts:
         ec += triton.cdiv(p.N, BLOCK_E)
@@ -412,8 +419,10 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
 
 
 def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional[torch.Tensor]],
-            _config: Optional[dict]) -> list:
-    """Shared body of the public functions: validate, allocate, dispatch; returns (M, N_p) views."""
+            _config: Optional[dict], epi: Optional[Epilogue] = None) -> list:
+    """Shared body of the public functions: validate, allocate, dispatch; returns (M, N_p) views.
+    With a fused epilogue, its outputs instead (apply_epilogue_torch's), however they were
+    computed."""
     if not _HAS_TRITON:
         raise RuntimeError("rsparse_decode_linear needs triton (pip install triton)")
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -434,17 +443,18 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
                              f"on {dev}")
         ys.append(torch.empty(M, p.N, dtype=x.dtype, device=dev) if out is None
                   else out.view(M, p.N))
+    done = lambda: list(apply_epilogue_torch(epi, ys)) if epi is not None else ys  # noqa: E731
     if M == 0:
-        return ys
+        return done()
     if K == 0:
         for p, y in zip(parts, ys):
             y.zero_()
             if p.bias is not None:
                 y += p.bias.to(x.dtype)
-        return ys
+        return done()
     live = [i for i, p in enumerate(parts) if p.N > 0]
     if not live:
-        return ys
+        return done()
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -455,9 +465,13 @@ def _decode(x: torch.Tensor, raw_parts: Sequence[tuple], outs: Sequence[Optional
     run_parts, run_ys = [parts[i] for i in live], [ys[i] for i in live]
     if cfg["PATH"] == "cublas":
         _run_cublas(x2, run_parts, run_ys)
+    elif epi is not None and len(live) == len(parts) and (
+            epi.kind != "add_rmsnorm" or parts[0].N <= MAX_NORM_WIDTH):
+        _run_triton(x2, run_parts, run_ys, cfg, epi)
+        return [ys[0], epi.xn] if epi.kind == "add_rmsnorm" else [ys[0]]
     else:
         _run_triton(x2, run_parts, run_ys, cfg)
-    return ys
+    return done()
 
 
 def rsparse_decode_linear(x: torch.Tensor, w_t: torch.Tensor, threshold: Union[float, torch.Tensor],
@@ -520,3 +534,41 @@ def rsparse_decode_linear_multi(x: torch.Tensor, parts: Sequence[tuple], *,
     lead = x.shape[:-1]
     ys = _decode(x, parts, outs, _config)
     return tuple(y.view(*lead, y.shape[-1]) for y in ys)
+
+
+def rsparse_decode_linear_silu_mul(x: torch.Tensor, gate: tuple, up: tuple, *,
+                                   _config: Optional[dict] = None) -> torch.Tensor:
+    """silu(gate(x)) * up(x) for two R-Sparse layers of equal width that share x (a gated MLP's
+    gate_proj and up_proj), in one set of launches: the epilogue computes the product, so no
+    kernel runs for it (rsparse.runtime.kernels.fused_epilogues). gate, up: parts as for
+    :func:`rsparse_decode_linear_multi`. Returns (..., out) in x's dtype."""
+    parts = [_part_tuple(gate), _part_tuple(up)]
+    if parts[0][0].shape[-1] != parts[1][0].shape[-1]:
+        raise ValueError(f"gate and up must have the same width, got {parts[0][0].shape[-1]} "
+                         f"and {parts[1][0].shape[-1]}")
+    (h,) = _decode(x, parts, [None, None], _config, Epilogue("silu_mul"))
+    return h.view(*x.shape[:-1], h.shape[-1])
+
+
+def rsparse_decode_linear_add_rmsnorm(x: torch.Tensor, part: tuple, residual: torch.Tensor,
+                                      norm_weight: torch.Tensor, eps: float, *,
+                                      _config: Optional[dict] = None) -> tuple:
+    """(h, xn) with h = residual + layer(x) and xn = norm_weight * rmsnorm(h) (transformers'
+    Llama RMSNorm, eps inside the square root), the layer being the R-Sparse part (as for
+    :func:`rsparse_decode_linear_multi`): a block's o_proj or down_proj, its residual add and
+    the next norm in one set of launches. residual: (..., out) in x's dtype; norm_weight: (out,)."""
+    part = _part_tuple(part)
+    N = part[0].shape[-1]
+    lead = x.shape[:-1]
+    if tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be a {x.dtype} tensor of shape {(*lead, N)}, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if norm_weight.numel() != N or norm_weight.device != x.device:
+        raise ValueError(f"norm_weight must have {N} elements on {x.device}")
+    M = math.prod(lead) if len(lead) else 1
+    res2 = residual.reshape(M, N).contiguous()
+    epi = Epilogue("add_rmsnorm", res2, norm_weight.reshape(N).to(x.dtype).contiguous(),
+                   float(eps), torch.empty(M, N, dtype=x.dtype, device=x.device))
+    h, xn = _decode(x, [part], [None], _config, epi)
+    return h.view(*lead, N), xn.view(*lead, N)
+
