@@ -23,7 +23,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .rsparse_device import _HAS_TRITON, _pdl_release, _pdl_wait, _round_out, _slot_sum, tl, triton
+from .rsparse_device import _HAS_TRITON, tl, triton
+
+if _HAS_TRITON:  # the device helpers exist only with triton
+    from .rsparse_device import _pdl_release, _pdl_wait, _round_out, _slot_sum
 
 EPILOGUES = ("silu_mul", "add_rmsnorm")
 MAX_NORM_WIDTH = 16384  # add_rmsnorm keeps a whole row in one program
