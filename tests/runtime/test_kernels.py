@@ -99,10 +99,9 @@ MODES = {
     "compact": dict(SMALL, COMPACT=True, CH=32, G=8),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
     "dot": dict(SMALL, M1_DOT=True),
-    "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
-    # one group ahead in the slot walk; low-rank tiles 4 factor rows per step (rank 5: 2 steps)
-    # and scheduled after the sparse tiles
-    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True),
+    "compact_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True),
+    # low-rank tiles 4 factor rows per step (rank 5: 2 steps), scheduled after the sparse tiles
+    "compact_lr_last": dict(SMALL, COMPACT=True, CH=32, G=8, LR_G=4, LR_LAST=True),
 }
 
 
@@ -303,6 +302,8 @@ def test_config_choice(monkeypatch):
         K._pick_config(1, 64, 64, 2, {"PATH": "magic"})
     with pytest.raises(ValueError, match="unknown.*EPI"):  # the v5 in-kernel epilogue is gone
         K._pick_config(1, 64, 64, 2, {"EPI": "tile"})
+    with pytest.raises(ValueError, match="unknown.*REGIDX"):  # and v4's REGIDX walk (v7)
+        K._pick_config(1, 64, 64, 2, {"REGIDX": True})
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,18 +316,16 @@ VARIANTS = {
     "compact": dict(SMALL, COMPACT=True, CH=32, G=16),
     "compact_g8_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True),
     "compact_dot": dict(SMALL, COMPACT=True, CH=32, G=16, M1_DOT=True),
-    "compact_regidx": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True),
-    "compact_pf": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True),
-    "compact_pf_dyn": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, DYN=True, LR_G=8),
+    "compact_g8_lr_last": dict(SMALL, COMPACT=True, CH=32, G=8, LR_G=4, LR_LAST=True),
+    "compact_g8_dyn_lr_g": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True, LR_G=8),
     "lr_fused": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, LR_KS=32, LR_NG=3,
                      BLOCK_NL=16),
     "cublas": dict(PATH="cublas"),
     # deterministic sums: per-program slots added in a fixed order (LR_FUSED is then off)
     "plain_det": dict(SMALL, DET=True),
-    "compact_regidx_det": dict(SMALL, COMPACT=True, CH=32, G=8, REGIDX=True, DET=True),
     "compact_g8_dyn_det": dict(SMALL, COMPACT=True, CH=32, G=8, DYN=True, DET=True),
-    "compact_pf_det": dict(SMALL, COMPACT=True, CH=32, G=8, PF=True, LR_G=4, LR_LAST=True,
-                           DET=True),
+    "compact_g8_lr_last_det": dict(SMALL, COMPACT=True, CH=32, G=8, LR_G=4, LR_LAST=True,
+                                   DET=True),
     "lr_fused_det": dict(SMALL, COMPACT=True, CH=32, G=16, LR_FUSED=True, DET=True),
 }
 # the cuBLAS path rounds the sparse product and the low-rank product to 16 bits separately
@@ -395,7 +394,7 @@ def _check_parts(ys, x, parts, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", ["qkv", "gate_up"])
-@pytest.mark.parametrize("variant", ["compact_regidx", "compact_pf", "plain_dot", "cublas"])
+@pytest.mark.parametrize("variant", ["compact_g8_dyn", "compact_g8_lr_last", "plain_dot", "cublas"])
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (3, torch.float16),
                                      (8, torch.float32)])
 def test_multi_matches_fp64(kind, variant, M, dtype):
@@ -587,7 +586,7 @@ def test_deterministic_algorithms_give_the_same_bits_every_call():
 # fused epilogues: SiLU x up after gate/up, residual add + RMSNorm after o_proj / down_proj
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["compact_pf", "compact_regidx", "plain_det", "cublas"])
+@pytest.mark.parametrize("variant", ["compact_g8_lr_last", "compact_g8_dyn", "plain_det", "cublas"])
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (3, torch.float16),
                                      (8, torch.float32)])
 def test_silu_mul_epilogue_matches_fp64(variant, M, dtype):
@@ -601,7 +600,8 @@ def test_silu_mul_epilogue_matches_fp64(variant, M, dtype):
     _assert_scratch_clean()
 
 
-@pytest.mark.parametrize("variant", ["compact_pf", "compact_g8_dyn", "plain_det", "cublas"])
+@pytest.mark.parametrize("variant", ["compact_g8_lr_last", "compact_g8_dyn_lr_g", "plain_det",
+                                     "cublas"])
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (3, torch.float16),
                                      (8, torch.float32)])
 def test_add_rmsnorm_epilogue_matches_fp64(variant, M, dtype):
@@ -625,7 +625,7 @@ def test_fused_epilogues_equal_the_unfused_steps():
     # of every intermediate the separate path rounds); and input checks
     dtype = torch.bfloat16
     x, parts = _make_parts("gate_up", 1, dtype, seed=1400)
-    cfg = _cfg_for("compact_pf", 1)
+    cfg = _cfg_for("compact_g8_lr_last", 1)
     ys = K.rsparse_decode_linear_multi(x, parts, _config=cfg)
     (h_ref,) = K.apply_epilogue_torch(K.Epilogue("silu_mul"), ys)
     assert torch.equal(K.rsparse_decode_linear_silu_mul(x, *parts, _config=cfg), h_ref)

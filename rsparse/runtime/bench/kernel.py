@@ -65,37 +65,17 @@ SMOKE_SHAPES = [("smoke a", 64, (96,)), ("smoke b", 150, (40,)), ("smoke qkv", 6
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --tune candidates (16-bit). Batch 1: sparse-tile variants; then low-rank variants on the best.
-# (Measured once and dropped from the sweep, run 1 of docs/kernel-notes.md: LR_FUSED low-rank
-# tiles, 2-4x slower; PDL off, 1-3 us slower; FMA over whole masked tiles, 2x slower; the
-# compacted tl.dot walk at batch 1 and 2-8, slower than compact FMA / masked tiles.)
+# (Measured and dropped from the kernel, docs/kernel-notes.md: LR_FUSED low-rank tiles, 2-4x
+# slower, and PDL off, 1-3 us slower (run 1 of v4); FMA over whole masked tiles, 2x slower; the
+# compacted tl.dot walk at batch 1 and 2-8; REGIDX and the walk with one group in flight, slower
+# than the walk with two at every shape (v7).)
 VARIANTS_M1 = {
     "cmp512-128-8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4),
-    "cmp512-128-16": dict(COMPACT=True, BLOCK_N=512, CH=128, G=16, BLOCK_KR=64, num_warps=8),
-    "cmp256-128-16": dict(COMPACT=True, BLOCK_N=256, CH=128, G=16, BLOCK_KR=32, num_warps=4),
-    "cmp256-64-8": dict(COMPACT=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32, num_warps=4),
-    "cmp512-128-8-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
+    "cmp512-128-8-dyn": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
                              num_warps=4),
-    "cmp512-128-16-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=512, CH=128, G=16,
-                              BLOCK_KR=64, num_warps=8),
-    "cmp256-128-16-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=256, CH=128, G=16,
-                              BLOCK_KR=32, num_warps=4),
-    "cmp256-64-8-reg": dict(COMPACT=True, REGIDX=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32,
-                            num_warps=4),
-    "cmp512-128-8-dyn2": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
-                              num_warps=4, num_stages=2),
-    "cmp512-128-8-pf": dict(COMPACT=True, PF=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
-                            num_warps=4),
-    "cmp512-128-8-pfdyn": dict(COMPACT=True, PF=True, DYN=True, BLOCK_N=512, CH=128, G=8,
-                               BLOCK_KR=64, num_warps=4),
-    # the same with low-rank tiles 8 factor rows per step (R-Sparse only differs)
-    "cmp512-128-8-g8": dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, LR_G=8,
-                            num_warps=4),
-    "cmp512-128-8-dyn2-g8": dict(COMPACT=True, DYN=True, BLOCK_N=512, CH=128, G=8,
-                                 BLOCK_KR=64, LR_G=8, num_warps=4, num_stages=2),
-    "cmp512-128-8-pf-g8": dict(COMPACT=True, PF=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64,
-                               LR_G=8, num_warps=4),
-    "cmp256-128-8-pf": dict(COMPACT=True, PF=True, BLOCK_N=256, CH=128, G=8, BLOCK_KR=64,
-                            num_warps=4),
+    "cmp512-128-16": dict(COMPACT=True, BLOCK_N=512, CH=128, G=16, BLOCK_KR=64, num_warps=8),
+    "cmp256-128-8": dict(COMPACT=True, BLOCK_N=256, CH=128, G=8, BLOCK_KR=64, num_warps=4),
+    "cmp256-64-8": dict(COMPACT=True, BLOCK_N=256, CH=64, G=8, BLOCK_KR=32, num_warps=4),
     "plaindot128x64": dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
 }
 LR_VARIANTS = {  # applied on top of the best batch-1 sparse variant (R-Sparse only)

@@ -31,19 +31,19 @@ _LR_DEFAULTS = dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=0, LR_G=0, LR_LAST=False,
 # column groups) multiply their partial z straight into lr_up, BLOCK_NL columns at a time.
 _LR_FUSED_DEFAULTS = dict(LR_FUSED=False, LR_KS=512, LR_NG=4, BLOCK_NL=128)
 # COMPACT: each sparse program compacts its chunk's kept channels (CH per chunk) and walks them
-# G at a time (PF: the next group's loads issued before the current group's FMAs). M1_DOT:
-# batch-1 also uses the tensor-core (tl.dot) path. PDL: programmatic dependent launch between
-# the kernels of a call (GPU only). PATH "cublas": split x, then cuBLAS.
+# G at a time (batch 1: the next group's loads issued before the current group's FMAs; DYN:
+# a run-time loop over the groups instead of an unrolled one). M1_DOT: batch-1 also uses the
+# tensor-core (tl.dot) path. PDL: programmatic dependent launch between the kernels of a call
+# (GPU only). PATH "cublas": split x, then cuBLAS.
 # DET: deterministic sums (set when torch.use_deterministic_algorithms(True) is on): every
 # program stores its partial sums in its own slot and the epilogue (and, for z, the low-rank
 # programs) adds the slots in a fixed order, so a call gives the same bits every time (LR_FUSED
 # is then off).
-_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, REGIDX=False, PF=False,
-                      M1_DOT=False, PDL=True, PATH="triton", DET=False)
+_MODE_DEFAULTS = dict(COMPACT=False, CH=128, G=16, DYN=False, M1_DOT=False, PDL=True,
+                      PATH="triton", DET=False)
 
 _CMP_FMA = dict(COMPACT=True, BLOCK_N=512, CH=128, G=8, BLOCK_KR=64, num_warps=4)
-_CMP_PF = dict(_CMP_FMA, PF=True)
-_CMP_PF_DYN = dict(_CMP_FMA, PF=True, DYN=True)
+_CMP_FMA_DYN = dict(_CMP_FMA, DYN=True)
 _PLAIN_DOT = dict(M1_DOT=True, BLOCK_N=128, BLOCK_K=64, num_warps=4)
 _MM_128 = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4)
 _MM_256X2 = dict(BLOCK_N=256, BLOCK_K=64, K_ITERS=2, num_warps=8)
@@ -56,12 +56,12 @@ _CUBLAS = dict(PATH="cublas")
 # slower than the cuBLAS path (split x, then cuBLAS). Entries are the per-op winners of
 # `rsparse bench kernel --tune` on the H200, 2026-11-30 (torch 2.11, triton 3.6, bf16,
 # s = 0.5, rho = 0.9, i.i.d. Laplace inputs: union of kept rows 75% / 94% / 99.6% at batch
-# 2 / 4 / 8); docs/kernel-notes.md, run 2. The batch-1 entries are from the PF sweep of
+# 2 / 4 / 8); docs/kernel-notes.md, run 2. The batch-1 entries are from the v7 sweep of
 # 2026-12-01 (same settings; docs/kernel-notes.md, v7). Unlisted shapes use _default_16bit.
 _CONFIG_TABLE: dict = {
     # Llama-2-7B q/k/v/o
-    ("m1", 4096, 4096): _CMP_PF,
-    ("m1+lr", 4096, 4096): dict(_CMP_PF, BLOCK_KR=32, LR_G=8, LR_LAST=True),
+    ("m1", 4096, 4096): _CMP_FMA,
+    ("m1+lr", 4096, 4096): dict(_CMP_FMA, BLOCK_KR=32, LR_G=8, LR_LAST=True),
     ("m2", 4096, 4096): _MM_256X2,
     ("m2+lr", 4096, 4096): _MM_128,
     ("m4", 4096, 4096): _CUBLAS,
@@ -69,16 +69,16 @@ _CONFIG_TABLE: dict = {
     ("m8", 4096, 4096): _CUBLAS,
     ("m8+lr", 4096, 4096): _MM_128,
     # Llama-2-7B gate/up, down
-    ("m1", 4096, 11008): _CMP_PF_DYN,
-    ("m1+lr", 4096, 11008): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8),
+    ("m1", 4096, 11008): _CMP_FMA_DYN,
+    ("m1+lr", 4096, 11008): dict(_CMP_FMA_DYN, BLOCK_KR=32, LR_G=8),
     ("m2", 4096, 11008): _CUBLAS,
     ("m2+lr", 4096, 11008): _MM_128,
     ("m4", 4096, 11008): _CUBLAS,
     ("m4+lr", 4096, 11008): _MM_256X2,
     ("m8", 4096, 11008): _CUBLAS,
     ("m8+lr", 4096, 11008): _MM_256X2,
-    ("m1", 11008, 4096): _CMP_PF_DYN,
-    ("m1+lr", 11008, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
+    ("m1", 11008, 4096): _CMP_FMA_DYN,
+    ("m1+lr", 11008, 4096): dict(_CMP_FMA_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 11008, 4096): _CUBLAS,
     ("m2+lr", 11008, 4096): _MM_256X2,
     ("m4", 11008, 4096): _CUBLAS,
@@ -86,16 +86,16 @@ _CONFIG_TABLE: dict = {
     ("m8", 11008, 4096): _CUBLAS,
     ("m8+lr", 11008, 4096): _MM_256X2,
     # Llama-3-8B gate/up, down, k/v
-    ("m1", 4096, 14336): _CMP_PF_DYN,
-    ("m1+lr", 4096, 14336): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
+    ("m1", 4096, 14336): _CMP_FMA_DYN,
+    ("m1+lr", 4096, 14336): dict(_CMP_FMA_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 4096, 14336): _CUBLAS,
     ("m2+lr", 4096, 14336): _MM_256X2,
     ("m4", 4096, 14336): _CUBLAS,
     ("m4+lr", 4096, 14336): _MM_256X2,
     ("m8", 4096, 14336): _CUBLAS,
     ("m8+lr", 4096, 14336): _MM_256X2,
-    ("m1", 14336, 4096): _CMP_PF_DYN,
-    ("m1+lr", 14336, 4096): dict(_CMP_PF_DYN, BLOCK_KR=16, LR_LAST=True),
+    ("m1", 14336, 4096): _CMP_FMA_DYN,
+    ("m1+lr", 14336, 4096): dict(_CMP_FMA_DYN, BLOCK_KR=16, LR_LAST=True),
     ("m2", 14336, 4096): _CUBLAS,
     ("m2+lr", 14336, 4096): _MM_256X2,
     ("m4", 14336, 4096): _CUBLAS,
@@ -113,17 +113,17 @@ _CONFIG_TABLE: dict = {
     # sparse-only), and so did the gate+up groups with R-Sparse; sparse-only gate+up groups take
     # the cuBLAS path, as their parts do (the fused kernel measured 0.7x of cuBLAS there, the
     # separate cuBLAS-path calls 0.92-0.96x; the fused cuBLAS path saves one split launch).
-    ("m1", 4096, 12288): _CMP_PF_DYN,
-    ("m1+lr", 4096, 12288): dict(_CMP_PF_DYN, BLOCK_KR=32, LR_G=8, LR_LAST=True),
-    ("m1", 4096, 22016): _CMP_PF_DYN,
-    ("m1+lr", 4096, 22016): dict(_CMP_PF_DYN, BLOCK_KR=16),
+    ("m1", 4096, 12288): _CMP_FMA_DYN,
+    ("m1+lr", 4096, 12288): dict(_CMP_FMA_DYN, BLOCK_KR=32, LR_G=8, LR_LAST=True),
+    ("m1", 4096, 22016): _CMP_FMA_DYN,
+    ("m1+lr", 4096, 22016): dict(_CMP_FMA_DYN, BLOCK_KR=16),
     ("m2", 4096, 22016): _CUBLAS,
     ("m4", 4096, 22016): _CUBLAS,
     ("m8", 4096, 22016): _CUBLAS,
-    ("m1", 4096, 6144): _CMP_PF,
-    ("m1+lr", 4096, 6144): dict(_CMP_PF, BLOCK_KR=32, LR_G=8, LR_LAST=True),
-    ("m1", 4096, 28672): _CMP_PF_DYN,
-    ("m1+lr", 4096, 28672): dict(_CMP_PF_DYN, BLOCK_KR=16),
+    ("m1", 4096, 6144): _CMP_FMA,
+    ("m1+lr", 4096, 6144): dict(_CMP_FMA, BLOCK_KR=32, LR_G=8, LR_LAST=True),
+    ("m1", 4096, 28672): _CMP_FMA_DYN,
+    ("m1+lr", 4096, 28672): dict(_CMP_FMA_DYN, BLOCK_KR=16),
     ("m2", 4096, 28672): _CUBLAS,
     ("m4", 4096, 28672): _CUBLAS,
     ("m8", 4096, 28672): _CUBLAS,
@@ -136,8 +136,8 @@ def _default_16bit(cls: str, K: int, N: int) -> dict:
         # large layers: compacted kept rows, FMA product, one group ahead (the run-time loop
         # won at >= 45M weights, the unrolled one at 16-25M); small ones: masked tiles, tl.dot
         if K * N >= 32 * 2**20:
-            return _CMP_PF_DYN
-        return _CMP_PF if K * N >= 8 * 2**20 else _PLAIN_DOT
+            return _CMP_FMA_DYN
+        return _CMP_FMA if K * N >= 8 * 2**20 else _PLAIN_DOT
     return {}  # batch: masked row tiles, tl.dot (the "mm" base config)
 
 

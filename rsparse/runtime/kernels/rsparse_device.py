@@ -339,15 +339,6 @@ if _HAS_TRITON:
                  (offs_m < M)[:, None] & n_ok[None, :], DET)
 
     @triton.jit
-    def _group_select(g0, pos_k, offs_c, xc, cnt, G: tl.constexpr):
-        """Channels (and x values) of kept ranks g0 .. g0+G-1 of a chunk, from registers."""
-        ranks = g0 + tl.arange(0, G)
-        sel = pos_k[None, :] == ranks[:, None]  # (G, CH), at most one match per row
-        rows = tl.sum(tl.where(sel, offs_c[None, :], 0), axis=1)
-        xg = tl.sum(tl.where(sel, xc[None, :], 0.0), axis=1)
-        return rows, xg, ranks < cnt
-
-    @triton.jit
     def _slot_group(g0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk, offs_n, n_ok, G: tl.constexpr):
         """Weights (G, BN) and x values of kept ranks g0 .. g0+G-1 (from the slot); ranks past
         cnt are masked off, so a group past the end loads nothing."""
@@ -363,18 +354,14 @@ if _HAS_TRITON:
     def _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                              scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                              CH: tl.constexpr, G: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             DYN: tl.constexpr, REGIDX: tl.constexpr, PF: tl.constexpr,
-                             DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                             DYN: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Tile (n, kc) over the KEPT rows only: the program compacts its chunk's kept channels
         into its own scratch slot (cumsum + scatter; no other program touches the slot), then
         walks them G at a time: dropped rows cost neither traffic nor arithmetic.
-        DYN: a run-time loop over ceil(count / G) groups (software-pipelined by triton when
-        num_stages > 1) instead of CH / G unrolled groups each behind an `if`.
-        REGIDX (batch 1): no slot; each group's row indices and x values are selected from the
-        registers holding the chunk (a (G, CH) match against the cumsum), and the loop keeps
-        the next group's weight tile in flight while it multiplies the current one.
-        PF (batch 1, slot walk): the same one-group-ahead prefetch over the slot, so two groups'
-        loads are in flight per program instead of one."""
+        Batch 1: the next group's loads are issued before the current group's FMAs, so two
+        groups are in flight per program (faster than one at every shape measured,
+        docs/kernel-notes.md v7); DYN: a run-time loop over ceil(count / G) groups instead of
+        CH / G unrolled groups each behind an `if`."""
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
@@ -390,107 +377,67 @@ if _HAS_TRITON:
             kany = tl.max(keepcm.to(tl.int32), axis=0)  # union over the batch rows
         pos = tl.cumsum(kany, 0) - 1
         cnt = tl.sum(kany, 0)
-        if REGIDX and M_PAD == 1:
-            # rank j of the group <-> the channel whose cumsum position is g0 + j
-            pos_k = tl.where(kany > 0, pos, -1)
+        tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
+        # the slot is written and read back by different threads of this program: a CTA
+        # barrier orders global stores before loads within the CTA (same SM, same L1)
+        tl.debug_barrier()
+        if M_PAD == 1:
+            # (G, BN) accumulator: one FMA per loaded element, one reduction at the end;
+            # w, xv: the group being multiplied (the next one is loaded first)
             acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-            rows, xg, r_ok = _group_select(0, pos_k, offs_c, xc, cnt, G)
-            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            for g0 in range(G, cnt + G, G):
-                rows_n, xg_n, r_ok_n = _group_select(g0, pos_k, offs_c, xc, cnt, G)
-                w_n = tl.load(w_ptr + rows_n[:, None] * stride_wk + offs_n[None, :],
-                              mask=r_ok_n[:, None] & n_ok[None, :], other=0.0,
-                              eviction_policy="evict_first")
-                acc2 += w.to(tl.float32) * xg[:, None]
-                w = w_n
-                xg = xg_n
+            w, xv = _slot_group(0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk, offs_n, n_ok, G)
+            if DYN:
+                for g0 in range(G, cnt + G, G):
+                    w_n, xv_n = _slot_group(g0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk,
+                                            offs_n, n_ok, G)
+                    acc2 += w.to(tl.float32) * xv[:, None]
+                    w, xv = w_n, xv_n
+            else:
+                for g in tl.static_range(1, CH // G):
+                    if (g - 1) * G < cnt:
+                        w_n, xv_n = _slot_group(g * G, cnt, slot_ptr, x_ptr, w_ptr,
+                                                stride_wk, offs_n, n_ok, G)
+                        acc2 += w.to(tl.float32) * xv[:, None]
+                        w, xv = w_n, xv_n
+                if (CH // G - 1) * G < cnt:  # every group kept: the last one
+                    acc2 += w.to(tl.float32) * xv[:, None]
             _put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET)
         else:
-            tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
-            # the slot is written and read back by different threads of this program: a CTA
-            # barrier orders global stores before loads within the CTA (same SM, same L1)
-            tl.debug_barrier()
-            if M_PAD == 1:
-                # (G, BN) accumulator: one FMA per loaded element, one reduction at the end
-                acc2 = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-                if PF:
-                    # w, xv: the group being multiplied; the next one is loaded first
-                    w, xv = _slot_group(0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk, offs_n, n_ok, G)
-                    if DYN:
-                        for g0 in range(G, cnt + G, G):
-                            w_n, xv_n = _slot_group(g0, cnt, slot_ptr, x_ptr, w_ptr, stride_wk,
-                                                    offs_n, n_ok, G)
-                            acc2 += w.to(tl.float32) * xv[:, None]
-                            w, xv = w_n, xv_n
-                    else:
-                        for g in tl.static_range(1, CH // G):
-                            if (g - 1) * G < cnt:
-                                w_n, xv_n = _slot_group(g * G, cnt, slot_ptr, x_ptr, w_ptr,
-                                                        stride_wk, offs_n, n_ok, G)
-                                acc2 += w.to(tl.float32) * xv[:, None]
-                                w, xv = w_n, xv_n
-                        if (CH // G - 1) * G < cnt:  # every group kept: the last one
-                            acc2 += w.to(tl.float32) * xv[:, None]
-                elif DYN:
-                    for g0 in range(0, cnt, G):
-                        r = g0 + tl.arange(0, G)
-                        r_ok = r < cnt
-                        rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
-                        xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
-                        w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                    mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-                                    eviction_policy="evict_first")
-                        acc2 += w.to(tl.float32) * xv[:, None]
-                else:
-                    for g in tl.static_range(CH // G):
-                        if g * G < cnt:
-                            r = g * G + tl.arange(0, G)
-                            r_ok = r < cnt
-                            rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
-                            xv = tl.load(x_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
-                            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-                                        eviction_policy="evict_first")
-                            acc2 += w.to(tl.float32) * xv[:, None]
-                _put(ws_ptr + offs_n, tl.sum(acc2, axis=0), n_ok, DET)
-            else:
-                offs_m = tl.arange(0, M_PAD)
-                m_ok = offs_m < M
-                acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-                for g in tl.static_range(CH // G):
-                    if g * G < cnt:
-                        r = g * G + tl.arange(0, G)
-                        r_ok = r < cnt
-                        rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
-                        ok = m_ok[:, None] & r_ok[None, :]
-                        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
-                                     other=0.0).to(tl.float32)
-                        score = tl.abs(xv)
-                        if HAS_SCALE:
-                            sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
-                            score = score * sc[None, :]
-                        keep = (score > thr) & ok  # per-row semantics inside the union
-                        acc = _macm(acc, tl.where(keep, xv, 0.0),
-                                    w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                                    r_ok, n_ok, False, DOT_UPCAST)
-                _put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
-                     m_ok[:, None] & n_ok[None, :], DET)
+            offs_m = tl.arange(0, M_PAD)
+            m_ok = offs_m < M
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            for g in tl.static_range(CH // G):
+                if g * G < cnt:
+                    r = g * G + tl.arange(0, G)
+                    r_ok = r < cnt
+                    rows = tl.load(slot_ptr + r, mask=r_ok, other=0)
+                    ok = m_ok[:, None] & r_ok[None, :]
+                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=ok,
+                                 other=0.0).to(tl.float32)
+                    score = tl.abs(xv)
+                    if HAS_SCALE:
+                        sc = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
+                        score = score * sc[None, :]
+                    keep = (score > thr) & ok  # per-row semantics inside the union
+                    acc = _macm(acc, tl.where(keep, xv, 0.0),
+                                w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                                r_ok, n_ok, False, DOT_UPCAST)
+            _put(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                 m_ok[:, None] & n_ok[None, :], DET)
 
     @triton.jit
     def _sparse_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr_ptr, thr_val,
                      scale_ptr, ws_ptr, N, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, CH: tl.constexpr,
                      G: tl.constexpr, COMPACT: tl.constexpr, DYN: tl.constexpr,
-                     REGIDX: tl.constexpr, PF: tl.constexpr, THR_IS_PTR: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                     THR_IS_PTR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """The part's sparse program q."""
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         if COMPACT:
             _sparse_compact_part(q, slot_ptr, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr,
                                  scale_ptr, ws_ptr, N, M_PAD, BLOCK_N, CH, G, HAS_SCALE, DYN,
-                                 REGIDX, PF, DOT_UPCAST, DET)
+                                 DOT_UPCAST, DET)
         else:
             _sparse_plain_part(q, x_ptr, stride_xm, M, K, w_ptr, stride_wk, thr, scale_ptr,
                                ws_ptr, N, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, HAS_SCALE,
@@ -592,14 +539,13 @@ if _HAS_TRITON:
                      TP: tl.constexpr, HS: tl.constexpr,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_ITERS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
-                     COMPACT: tl.constexpr, DYN: tl.constexpr, REGIDX: tl.constexpr,
-                     PF: tl.constexpr, DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
+                     COMPACT: tl.constexpr, DYN: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr, DET: tl.constexpr):
         """Sparse program q of a part. DET: its partial sums go to workspace slot (its input
         chunk)."""
         ws_out = _own_slot(ws_ptr, 0, q, M, N, BLOCK_N, DET)
         _sparse_part(q, slot, x_ptr, stride_xm, M, K, w, sw, thr, tv, sc, ws_out, N, M_PAD,
-                     BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, REGIDX, PF, TP, HS,
-                     DOT_UPCAST, DET)
+                     BLOCK_N, BLOCK_K, K_ITERS, CH, G, COMPACT, DYN, TP, HS, DOT_UPCAST, DET)
 
     @triton.jit
     def _main_kernel(x_ptr, stride_xm, M, K, ws_ptr, z_ptr, slot_ptr, n_kc, n_sp,
@@ -612,10 +558,10 @@ if _HAS_TRITON:
                      NUM_PARTS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, BLOCK_KR: tl.constexpr,
                      CH: tl.constexpr, G: tl.constexpr, COMPACT: tl.constexpr,
-                     DYN: tl.constexpr, REGIDX: tl.constexpr, BLOCK_R: tl.constexpr,
+                     DYN: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_KP: tl.constexpr, LR_KS: tl.constexpr,
                      LR_NG: tl.constexpr, BLOCK_NL: tl.constexpr, LR_FUSED: tl.constexpr,
-                     LR_G: tl.constexpr, PF: tl.constexpr, LR_LAST: tl.constexpr,
+                     LR_G: tl.constexpr, LR_LAST: tl.constexpr,
                      DOT_UPCAST: tl.constexpr, USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr,
                      DET: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][sparse tiles p0 | p1 | p2] (LR_LAST: the sparse tiles
@@ -668,17 +614,17 @@ if _HAS_TRITON:
             if q < SE0:
                 _sparse_tile(q, slot, x_ptr, stride_xm, M, K, w0, sw0, thr0, tv0, sc0,
                              ws_ptr + wo0, N0, TP0, HS0, M_PAD, BLOCK_N, BLOCK_K, K_ITERS, CH, G,
-                             COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
+                             COMPACT, DYN, DOT_UPCAST, DET)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _sparse_tile(q - SE0, slot, x_ptr, stride_xm, M, K, w1, sw1, thr1, tv1, sc1,
                                  ws_ptr + wo1, N1, TP1, HS1, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
-                                 CH, G, COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
+                                 CH, G, COMPACT, DYN, DOT_UPCAST, DET)
             else:
                 if NUM_PARTS > 2:
                     _sparse_tile(q - SE1, slot, x_ptr, stride_xm, M, K, w2, sw2, thr2, tv2, sc2,
                                  ws_ptr + wo2, N2, TP2, HS2, M_PAD, BLOCK_N, BLOCK_K, K_ITERS,
-                                 CH, G, COMPACT, DYN, REGIDX, PF, DOT_UPCAST, DET)
+                                 CH, G, COMPACT, DYN, DOT_UPCAST, DET)
 
     @triton.jit
     def _epilogue_kernel(ws_ptr, z_ptr, ZN,

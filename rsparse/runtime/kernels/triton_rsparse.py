@@ -27,8 +27,8 @@ each one is resident before its predecessor ends:
    and add ``z @ lr_up[chunk, tile]``. Each sparse tile (column tile n, chunk kc of CH input
    channels) computes its chunk's keep mask itself, writes the compacted list of kept channels
    to its own scratch slot (cumsum + scatter), barriers, and walks only the kept rows of
-   ``w_t``, G at a time (COMPACT; REGIDX selects each group's rows from registers instead of
-   the slot), or loads whole row tiles predicated on the mask (plain, "TEAL-style").
+   ``w_t``, G at a time with the next group's loads in flight (COMPACT), or loads whole row
+   tiles predicated on the mask (plain, "TEAL-style").
    Partial sums go to an fp32 workspace with relaxed atomic adds. (LR_FUSED: low-rank tiles
    that need no z pass; measured slower, kept as an option.)
 3. ``_epilogue_kernel``, after ``gdc_wait`` on the main grid: y = cast(ws + bias) in x's
@@ -389,10 +389,8 @@ def _run_triton(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     _main_kernel[(last(lr_end) + last(sp_end),)](
         x2, x2.stride(0), M, K, ws, zbuf, slots, n_kc, last(sp_end), *margs, *all_flags,
         NUM_PARTS=n_parts, M_PAD=M_PAD, BLOCK_N=BN, BLOCK_K=BK, K_ITERS=KIT, BLOCK_KR=BLOCK_KR,
-        CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]),
-        REGIDX=bool(cfg["REGIDX"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
-        LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, LR_G=LR_G, PF=bool(cfg["PF"]),
-        LR_LAST=bool(cfg["LR_LAST"]) and any_lr,
+        CH=CH, G=G, COMPACT=compact, DYN=bool(cfg["DYN"]), BLOCK_R=BLOCK_R, BLOCK_KP=BLOCK_KP, LR_KS=LR_KS,
+        LR_NG=LR_NG, BLOCK_NL=BLOCK_NL, LR_FUSED=lr_fused, LR_G=LR_G, LR_LAST=bool(cfg["LR_LAST"]) and any_lr,
         DOT_UPCAST=dot_upcast,
         USE_PDL=use_pdl, AFTER_Z=any_lr and not lr_fused, DET=det, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **pdl_kw)
