@@ -34,7 +34,9 @@ each one is resident before its predecessor ends:
 3. ``_epilogue_kernel``, after ``gdc_wait`` on the main grid: y = cast(ws + bias) in x's
    dtype, ws (and z) zeroed for the next call. (Writing y in the main kernel instead, by the
    last program to finish each column tile, was measured 1.1-1.6x slower per call and removed:
-   docs/kernel-notes.md, v5.)
+   docs/kernel-notes.md, v5.) :func:`rsparse_decode_linear_silu_mul` and
+   :func:`rsparse_decode_linear_add_rmsnorm` replace it with a fused epilogue that also does the
+   decoder block's next step (fused_epilogues.py).
 
 PDL rules that make the chain safe whatever kernel precedes a call: every kernel that reads or
 writes data another grid produced calls ``gdc_wait`` first (the main kernel's sparse tiles skip
