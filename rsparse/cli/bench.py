@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
+import sys
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "kernel" and "--smoke" in args.rest and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # the CPU smoke test needs Triton's interpreter, which triton chooses when it is first
+        # imported, and this process has imported it: run the benchmark in a fresh one
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.run([sys.executable, "-m", "rsparse.runtime.bench.kernel", *args.rest], env=env).returncode
     return importlib.import_module(f"rsparse.runtime.bench.{args.what}").main(args.rest)
 
 

@@ -10,8 +10,9 @@ per block -- nn.Linear or RSparseLinear --, lm_head) in the spirit of gpt-fast:
 - prefill runs the whole (left-padded) prompt at once, dense, with PyTorch's SDPA;
 - the decode step (one token per row: embedding, every block, lm_head, token choice, cache and
   position update) is compiled with `torch.compile(fullgraph=True)` -- the R-Sparse kernel is a
-  `torch.library` op (rsparse.runtime.ops), so Inductor fuses the norms, rotary, SiLU x up and
-  residual adds around it -- and captured once as a CUDA graph, then replayed per token;
+  `torch.library` op (rsparse.runtime.ops), so Inductor fuses the elementwise glue around it,
+  and for sparse layers the kernel's epilogue does SiLU x up and the residual add + next norm --
+  and captured once as a CUDA graph, then replayed per token;
 - the next token is chosen on the device (greedy, or temperature / top-k / top-p sampling from
   the seeded default generator), so the host never waits on the GPU except to stream tokens,
   which it does one step behind the GPU.
@@ -83,7 +84,9 @@ class Engine:
         all of them each step.
     compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
         backend ("inductor" when True; tests trace with "aot_eager").
-    fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each.
+    fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each,
+        with SiLU x up, and the residual add + next RMSNorm after o_proj / down_proj, in the
+        kernel calls' epilogues (False: every layer and step on its own).
     attention: decode attention, "kernel" (split-KV Triton kernel that reads only the visible
         slots: rsparse.runtime.kernels.decode_attention), "sdpa" (SDPA with a mask over every
         slot of the cache) or "auto" (the kernel on CUDA, SDPA elsewhere).

@@ -13,11 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kernel
 
 
-@pytest.mark.parametrize("how", ["module", "script"])
+@pytest.mark.parametrize("how", ["module", "script", "cli"])
 def test_bench_kernel_smoke_runs_and_checks_every_op(how, tmp_path):
-    cmd = ([sys.executable, "-m", "rsparse.runtime.bench.kernel"] if how == "module"
-           else [sys.executable, str(ROOT / "rsparse/runtime/bench/kernel.py")])
+    cmd = {"module": [sys.executable, "-m", "rsparse.runtime.bench.kernel"],
+           "script": [sys.executable, str(ROOT / "rsparse/runtime/bench/kernel.py")],
+           "cli": [sys.executable, "-m", "rsparse.cli", "bench", "kernel"]}[how]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    if how == "cli":  # `rsparse bench kernel --smoke` sets the interpreter up itself
+        env.pop("TRITON_INTERPRET")
     args = ["--smoke", "--dtypes", "fp32", "--batches", "1,2", "--out", str(tmp_path)]
     done = subprocess.run(cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
