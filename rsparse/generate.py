@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Sequence
 
 import torch
 
@@ -42,6 +43,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise BadInputError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     if getattr(args, "prompt", None) is not None and not args.prompt.strip():
         raise BadInputError("--prompt is empty: give the text to continue or answer")
+    if any(not text for text in getattr(args, "stop", None) or ()):
+        raise BadInputError("--stop is empty: give the text that ends generation")
     for flag in ("prompt", "system"):
         try:  # bytes that are not UTF-8 reach argv as lone surrogates, which the tokenizer rejects
             (getattr(args, flag, None) or "").encode("utf-8")
@@ -176,22 +179,51 @@ def generation_kwargs(model, tokenizer, args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def stream_generate(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
-                    extra: dict | None = None) -> tuple[str, dict]:
-    """Generate with tokens streamed to stdout; returns (new text, timing stats).
-    extra: more keyword arguments for model.generate."""
+                    stops: Sequence[str] = ()) -> tuple[str, dict]:
+    """Generate with tokens streamed to stdout; returns (new text, timing stats). Generation ends
+    at an end-of-sequence token or once the new text contains one of `stops` (the text returned
+    ends before it; the stream has shown it)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     streamer = _streamer(tokenizer)
+    extra = {"stopping_criteria": _stop_criteria(tokenizer, input_ids.shape[1], stops)} if stops else {}
     t0 = time.perf_counter()
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                         **generation_kwargs(model, tokenizer, args), **(extra or {}))
+                         **generation_kwargs(model, tokenizer, args), **extra)
     t1 = time.perf_counter()
     new = out[0, input_ids.shape[1]:]
     first = streamer.first_token_at or t1
     stats = {"prompt_tokens": int(input_ids.shape[1]), "new_tokens": int(new.numel()), "seconds": t1 - t0,
              "prefill_seconds": first - t0, "tokens_per_s": new.numel() / max(t1 - t0, 1e-9),
              "decode_tokens_per_s": (new.numel() - 1) / (t1 - first) if new.numel() > 1 and t1 > first else None}
-    return tokenizer.decode(new, skip_special_tokens=True), stats
+    return cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stops), stats
+
+
+def _has_stop(tokenizer, new_tokens: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether the text of the new tokens contains a stop text. Only the tail is decoded: a
+    character takes at most 4 byte-level tokens, so 4 per character (+4) cover the longest stop."""
+    if not stops:
+        return False
+    tail = new_tokens[-(4 * max(map(len, stops)) + 4):]
+    text = tokenizer.decode(tail, skip_special_tokens=True)
+    return any(stop in text for stop in stops)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """text up to the first stop text in it (all of it if none occurs)."""
+    return text[:min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
+
+
+def _stop_criteria(tokenizer, prompt_len: int, stops: Sequence[str]):
+    """transformers stopping criteria for _has_stop (batch 1: the rows of generate's input)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [_has_stop(tokenizer, row[prompt_len:].tolist(), stops) for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -208,8 +240,8 @@ def make_engine(model, tokenizer, args: argparse.Namespace, max_seq_len: int):
 
 @torch.no_grad()
 def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
-                    stop_text: str | None = None) -> tuple[str, dict]:
-    """Like stream_generate, with the decode engine; stop_text ends a reply once it appears."""
+                    stops: Sequence[str] = ()) -> tuple[str, dict]:
+    """Like stream_generate, with the decode engine."""
     from rsparse.runtime.engine import Sampling
 
     streamer = _streamer(tokenizer)
@@ -221,7 +253,7 @@ def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.N
             return True
         new.append(step[0])
         streamer.put(torch.tensor([step[0]]))
-        return stop_text is not None and stop_text in tokenizer.decode(new[-16:], skip_special_tokens=True)
+        return _has_stop(tokenizer, new, stops)
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     t0 = time.perf_counter()
@@ -233,7 +265,7 @@ def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.N
              "seconds": time.perf_counter() - t0 - result.warmup_seconds, "prefill_seconds": result.prefill_seconds,
              "tokens_per_s": len(tokens) / max(result.prefill_seconds + result.decode_seconds, 1e-9),
              "decode_tokens_per_s": result.decode_tokens_per_s, "warmup_seconds": result.warmup_seconds}
-    return tokenizer.decode(tokens, skip_special_tokens=True), stats
+    return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops), stats
 
 
 def _print_stats(stats: dict) -> None:
@@ -257,24 +289,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.engine == "rsparse":
         # cache sized to the request (attention reads every slot), in steps of 256 to reuse compiled code
         engine = make_engine(model, tokenizer, args, -(-(ids.shape[1] + args.max_new_tokens) // 256) * 256)
-        _, stats = engine_generate(engine, tokenizer, ids, args)
+        _, stats = engine_generate(engine, tokenizer, ids, args, args.stop or ())
     else:
-        _, stats = stream_generate(model, tokenizer, ids, args)
+        _, stats = stream_generate(model, tokenizer, ids, args, args.stop or ())
     _print_stats(stats)
     return 0
-
-
-def _stop_on_text(tokenizer, prompt_len: int, text: str):
-    """Stopping criteria: stop once the generated text contains `text` (plain transcripts)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopOnText(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            tail = input_ids[:, max(prompt_len, input_ids.shape[1] - 16):]
-            done = [text in tokenizer.decode(row, skip_special_tokens=True) for row in tail]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnText()])
 
 
 def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
@@ -283,6 +302,8 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
     model, tokenizer = prepare_model(args)
     template = uses_chat_template(tokenizer, args)
     start = [{"role": "system", "content": args.system}] if args.system and template else []
+    # a plain transcript (no chat template) would go on to write the user's next turn
+    stops = list(args.stop or ()) + ([] if template else ["\nUser:"])
     history = list(start)
     limit = getattr(model.config, "max_position_embeddings", None)
     engine = make_engine(model, tokenizer, args, 2048) if args.engine == "rsparse" else None
@@ -312,11 +333,10 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
             del history[len(start):len(start) + 2]
             ids = encode(tokenizer, history, template)
         if engine is not None:
-            reply, stats = engine_generate(engine, tokenizer, ids, args, None if template else "\nUser:")
+            reply, stats = engine_generate(engine, tokenizer, ids, args, stops)
         else:
-            extra = {} if template else {"stopping_criteria": _stop_on_text(tokenizer, ids.shape[1], "\nUser:")}
-            reply, stats = stream_generate(model, tokenizer, ids, args, extra)
-        reply = reply.split("\nUser:")[0].strip() if not template else reply.strip()
+            reply, stats = stream_generate(model, tokenizer, ids, args, stops)
+        reply = reply.strip()
         history.append({"role": "assistant", "content": reply})
         _print_stats(stats)
     return 0

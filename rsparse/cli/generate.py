@@ -14,6 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --temperature > 0)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the reply once its text contains TEXT (repeatable; shown in the stream, cut from "
+                        "a chat reply kept in the history)")
     p.add_argument("--seed", type=int, default=common.RSPARSE.seed, help="sampling and calibration seed")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the text as is, even if the tokenizer has a chat template")

@@ -90,9 +90,9 @@ def test_chat_keeps_history_with_the_template_and_resets(compressed, tmp_path, m
     prompts = []
     original = generate.stream_generate
 
-    def recording(model, tokenizer, input_ids, args, extra=None):
+    def recording(model, tokenizer, input_ids, args, stops=()):
         prompts.append(tokenizer.decode(input_ids[0]))
-        return original(model, tokenizer, input_ids, args, extra)
+        return original(model, tokenizer, input_ids, args, stops)
 
     monkeypatch.setattr(generate, "stream_generate", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nthe quick fox\n/reset\nrivers\n/exit\nnever read\n"))
@@ -144,12 +144,47 @@ def test_chat_through_the_engine_keeps_history(compressed, monkeypatch, capsys):
     seen = []
     original = generate.engine_generate
 
-    def recording(engine, tokenizer, input_ids, args, stop_text=None):
-        seen.append((input_ids.shape[1], engine.max_seq_len, stop_text))
-        return original(engine, tokenizer, input_ids, args, stop_text)
+    def recording(engine, tokenizer, input_ids, args, stops=()):
+        seen.append((input_ids.shape[1], engine.max_seq_len, stops))
+        return original(engine, tokenizer, input_ids, args, stops)
 
     monkeypatch.setattr(generate, "engine_generate", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("The quick\nbrown fox\n"))
     assert run_cli(["chat", "--model", str(compressed), "--max-new-tokens", "3", "--engine", "rsparse"]) == 0
     assert len(seen) == 2 and seen[1][0] > seen[0][0]  # the second prompt holds the first exchange
-    assert seen[0][2] == "\nUser:" and seen[0][1] == 256  # one engine, sized to the tiny model's context
+    assert seen[0][2] == ["\nUser:"] and seen[0][1] == 256  # one engine, sized to the tiny model's context
+
+
+def test_stop_text_ends_generation_in_both_engines(compressed, monkeypatch, capsys):
+    """--stop ends generation at the token whose text completes the stop text, with transformers'
+    generate and with the engine alike; the returned text ends before it."""
+    from transformers import TextStreamer
+
+    model, tok = load(compressed)
+    prompt = "Rivers flow to the"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    args = argparse.Namespace(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0)
+    kwargs = generate.generation_kwargs(model, tok, args) | {"eos_token_id": None}
+    new = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+    texts = [tok.decode(new[: i + 1], skip_special_tokens=True) for i in range(len(new))]
+    # the first token that adds text not seen before: generation must end right there
+    at = next(i for i in range(3, len(new)) if texts[i] != texts[i - 1] and texts[i][len(texts[i - 1]):].strip()
+              and texts[i][len(texts[i - 1]):].strip() not in texts[i - 1])
+    stop = texts[at][len(texts[at - 1]):].strip()
+    monkeypatch.setattr(TextStreamer, "on_finalized_text", lambda self, text, stream_end=False: print(text, end=""))
+    monkeypatch.setattr(generate, "eos_ids", lambda model, tokenizer: [])  # a random model may end anywhere
+    outs = []
+    for engine in ("hf", "rsparse"):
+        capsys.readouterr()
+        base = ["generate", "--model", str(compressed), "--prompt", prompt, "--max-new-tokens", "12"]
+        assert run_cli(base + ["--stop", stop, "--stop", "never-generated", "--engine", engine]) == 0
+        out, err = capsys.readouterr()
+        assert f"[{at + 1} tokens in" in err, (engine, err)
+        outs.append(out)
+    assert outs[0] == outs[1] and stop in outs[0]
+    assert generate.cut_at_stop(texts[-1], [stop, "zzz"]) == texts[-1][: texts[-1].index(stop)]
+    assert generate.cut_at_stop("no stop here", [stop]) == "no stop here"
+
+
+def test_empty_stop_text_is_refused(compressed, capsys):
+    cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--stop", ""], "--stop is empty")
