@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .rsparse_device import _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:  # the device helpers exist only with triton
-    from .rsparse_device import _pdl_release, _pdl_wait, _round_out, _slot_sum
+    from .rsparse_device import _pdl_release, _pdl_wait, _round_out, _ws_sum
 
 EPILOGUES = ("silu_mul", "add_rmsnorm")
 MAX_NORM_WIDTH = 16384  # add_rmsnorm keeps a whole row in one program
@@ -62,12 +62,7 @@ if _HAS_TRITON:
                   RTNE_FIX: tl.constexpr, DET: tl.constexpr, OUT_DTYPE: tl.constexpr):
         """Row b of a part's output at offs, fp32 holding the model-dtype value: the workspace
         (DET: its n_slots slots in a fixed order) + bias, rounded to OUT_DTYPE."""
-        if DET:
-            v = _slot_sum(ws_ptr + b * N, n_slots, tl.num_programs(1) * N, offs, ok, 8)
-        else:
-            v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v = _ws_sum(ws_ptr, b, N, offs, ok, n_slots, bias_ptr, HAS_BIAS, DET)
         return _round_out(v, RTNE_FIX).to(OUT_DTYPE).to(tl.float32)
 
     @triton.jit

@@ -444,20 +444,27 @@ if _HAS_TRITON:
                                DOT_UPCAST, DET)
 
     @triton.jit
-    def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, n_slots,
-                       BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr,
-                       DET: tl.constexpr):
-        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0. DET: ws holds n_slots
-        partial sums (n_slots, M, N), added in a fixed order, and every call rewrites them."""
-        offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
-        ok = offs < N
+    def _ws_sum(ws_ptr, b, N, offs, ok, n_slots, bias_ptr, HAS_BIAS: tl.constexpr,
+                DET: tl.constexpr):
+        """Row b of a part's fp32 sums at offs (grid dim 1: the rows): the workspace plus the
+        bias. DET: ws holds n_slots partial sums (n_slots, M, N), added in a fixed order."""
         if DET:
             v = _slot_sum(ws_ptr + b * N, n_slots, tl.num_programs(1) * N, offs, ok, 8)
         else:
             v = tl.load(ws_ptr + b * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             v += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        v = _round_out(v, RTNE_FIX)
+        return v
+
+    @triton.jit
+    def _epilogue_part(q, b, ws_ptr, y_ptr, stride_ym, bias_ptr, N, n_slots,
+                       BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RTNE_FIX: tl.constexpr,
+                       DET: tl.constexpr):
+        """y[b, block] = cast(ws[b, block] + bias); ws[b, block] = 0 (DET: every call rewrites
+        the slots, nothing to zero)."""
+        offs = q * BLOCK_E + tl.arange(0, BLOCK_E)
+        ok = offs < N
+        v = _round_out(_ws_sum(ws_ptr, b, N, offs, ok, n_slots, bias_ptr, HAS_BIAS, DET), RTNE_FIX)
         tl.store(y_ptr + b * stride_ym + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
         if not DET:
             tl.store(ws_ptr + b * N + offs, tl.zeros([BLOCK_E], dtype=tl.float32), mask=ok)
