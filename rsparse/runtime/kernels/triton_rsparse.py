@@ -1,4 +1,4 @@
-"""Triton decode kernels for R-Sparse linear layers (kernel v4): host side and public API.
+"""Triton decode kernels for R-Sparse linear layers (kernel v7): host side and public API.
 
 The ``@triton.jit`` device code lives in rsparse_device.py, the tile configs and the
 per-shape config table (``_CONFIG_TABLE``) in rsparse_configs.py.
@@ -13,7 +13,9 @@ Math (per input row ``b``; ``W ~= A B``, ``w_t = W^T`` (in, out), ``lr_down = B^
 Public functions: :func:`rsparse_decode_linear` (one layer) and
 :func:`rsparse_decode_linear_multi` (2-3 layers that share the input x, e.g. q/k/v or gate/up,
 each with its own threshold, score_scale, factors and bias: one set of launches for all of
-them), plus their torch references.
+them), plus their torch references; :func:`rsparse_decode_linear_silu_mul` and
+:func:`rsparse_decode_linear_add_rmsnorm` are those calls with a decoder block's next step fused
+into the epilogue.
 
 Design (no host synchronisation, no memset, CUDA-graph safe; all scratch is zero again after
 each call). Launches per call, chained with programmatic dependent launch (PDL) on the GPU so
