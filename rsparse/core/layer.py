@@ -10,9 +10,10 @@ through them instead of being lost.
 
 Storage is laid out for decoding: the weight is kept column-major (its transpose is contiguous,
 so a kept input channel is one contiguous row in memory) and the factors are stored as
-lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps use the fused
-Triton kernel of rsparse.runtime.kernels; everywhere else a torch reference path computes the same
-function with masked dense math.
+lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps that are compiled or
+captured in a CUDA graph (the decode engine's) use the fused Triton kernel of
+rsparse.runtime.kernels; everywhere else, eager calls included, a torch reference path computes
+the same function with masked dense math.
 
 Which tokens are sparsified is a per-layer setting (`tokens`, rsparse.core.sparse_modules):
 decode steps only, the second half of each sequence, all or none. In a right-padded batch
@@ -107,9 +108,11 @@ class RSparseLinear(SparseModule, nn.Linear):
         self.register_buffer("score_scale", torch.ones(in_features, device=device, dtype=torch.float32))
         self.register_buffer("lr_down", torch.zeros(in_features, self.rank, device=device, dtype=dtype))
         self.register_buffer("lr_up", torch.zeros(self.rank, out_features, device=device, dtype=dtype))
-        # "auto": the Triton kernel for sparse calls of <= 8 rows on CUDA, the torch reference
-        # elsewhere; "always": the kernel wherever Triton runs (on CPU only under
-        # TRITON_INTERPRET=1, for tests); "never": the torch reference.
+        # "auto": the Triton kernel for sparse calls of <= 8 rows on CUDA when compiled or
+        # captured in a CUDA graph (rsparse.runtime.ops.kernel_pays), the torch reference
+        # elsewhere (eager calls included: there it costs less host time); "always": the kernel
+        # wherever Triton runs (on CPU only under TRITON_INTERPRET=1, for tests); "never": the
+        # torch reference.
         self.kernel = "auto"
         self.track_stats = False
         self.reset_stats()
@@ -200,9 +203,12 @@ class RSparseLinear(SparseModule, nn.Linear):
         and able to run here, statistics off): then decoders may fuse it with its siblings."""
         one_token = x.dim() == 1 or x.shape[-2] == 1
         sparse = self.method != "dense" and (self.tokens == "all" or self.tokens == "decode" and one_token)
-        allowed = self.kernel == "always" or (self.kernel == "auto" and x.is_cuda
-                                              and x.numel() // self.in_features <= MAX_BATCH_ROWS)
-        return sparse and allowed and not self.track_stats and kernel_runs_on(x.device)
+        return sparse and not self.track_stats and self._kernel_allowed(x) and kernel_runs_on(x.device)
+
+    def _kernel_allowed(self, x: torch.Tensor) -> bool:
+        """The `kernel` setting applied to a sparse call on x (see __init__)."""
+        return self.kernel == "always" or (self.kernel == "auto" and x.is_cuda
+                                           and x.numel() // self.in_features <= MAX_BATCH_ROWS and ops.kernel_pays(x))
 
     def kernel_args(self) -> tuple:
         """(w_t, threshold, score_scale, lr_down, lr_up, bias): this layer as the kernel op takes it."""
@@ -215,7 +221,7 @@ class RSparseLinear(SparseModule, nn.Linear):
             keep = self.mask(x)
             self.stat_tokens += keep.numel() // self.in_features
             self.stat_kept = self.stat_kept + keep.sum()
-        if self.kernel == "always" or (self.kernel == "auto" and x.is_cuda and x.numel() // self.in_features <= MAX_BATCH_ROWS):
+        if self._kernel_allowed(x):
             if kernel_runs_on(x.device):  # a torch.library op: torch.compile traces through it
                 return ops.decode_linear(x, *self.kernel_args())
             if self.kernel == "always":

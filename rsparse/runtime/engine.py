@@ -39,8 +39,8 @@ from torch import nn
 from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
 from rsparse.errors import EngineError
-from rsparse.runtime.ops import (MAX_PARTS, decode_attention, fused_projections, gated_projections, kernel_runs_on,
-                                 projection_add_rmsnorm)
+from rsparse.runtime.ops import (MAX_PARTS, decode_attention, eager_kernels, fused_projections, gated_projections,
+                                 kernel_runs_on, projection_add_rmsnorm)
 from rsparse.runtime.sampling import Sampling, choose
 
 __all__ = ["Engine", "EngineError", "Generation", "Sampling"]
@@ -289,12 +289,14 @@ class Engine:
             self.pos.zero_()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles, autotunes, allocates kernel scratch
+            # eager_kernels: without torch.compile, the warm-up must run (and so compile and
+            # allocate for) the kernels that the capture records
+            with eager_kernels(), torch.cuda.stream(stream):  # warm-up: compiles, allocates kernel scratch
                 for _ in range(3):
                     self._step(sampling)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with eager_kernels(), torch.cuda.graph(graph):
                 self._step(sampling)
             for buf, value in zip((self.token, self.pos, self.done), saved):
                 buf.copy_(value)

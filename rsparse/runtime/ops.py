@@ -27,6 +27,8 @@ which the decode engine uses on CUDA instead of SDPA with a mask.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Optional
 
@@ -54,6 +56,31 @@ def kernel_runs_on(device: torch.device) -> bool:
     CUDA, or on the CPU under TRITON_INTERPRET=1 (tests)."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return triton_available() and (device.type == "cuda" or interpreted)
+
+
+# Eager callers of RSparseLinear ("auto") get the torch reference: the kernel's Python launch path
+# costs more host time per call (~270 us measured) than the reference's dozen small launches, and
+# an eager loop is bound by host time. Inside this context they get the kernel too (the engine's
+# warm-up before it captures a CUDA graph without torch.compile).
+_EAGER_KERNELS = contextvars.ContextVar("rsparse_eager_kernels", default=False)
+
+
+@contextlib.contextmanager
+def eager_kernels(enabled: bool = True):
+    """Within: eager sparse calls of RSparseLinear ("auto") run the kernel, as compiled or
+    captured ones do."""
+    token = _EAGER_KERNELS.set(enabled)
+    try:
+        yield
+    finally:
+        _EAGER_KERNELS.reset(token)
+
+
+def kernel_pays(x: torch.Tensor) -> bool:
+    """Whether a sparse call on x with kernel="auto" should run the kernel: its launches are free
+    of host cost only when traced by torch.compile or captured in a CUDA graph (or asked for)."""
+    return (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            or _EAGER_KERNELS.get())
 
 
 @torch.library.custom_op("rsparse::decode_linear", mutates_args=())

@@ -176,6 +176,22 @@ def test_compiled_step_traces_through_the_kernel_op(windows, monkeypatch):
     assert calls.count("decode_linear_add_rmsnorm") == 4 * steps  # o_proj and down_proj
 
 
+def test_auto_layers_run_the_kernel_only_where_its_launches_are_free():
+    """kernel="auto": eager calls take the torch reference (the kernel's launch path costs more
+    host time than it saves an eager loop); calls traced by torch.compile, captured, or inside
+    eager_kernels() (the engine's warm-up before a capture) take the kernel."""
+    x = torch.zeros(3)
+    assert not ops.kernel_pays(x)
+    with ops.eager_kernels():
+        assert ops.kernel_pays(x)
+        with ops.eager_kernels(False):
+            assert not ops.kernel_pays(x)
+    assert not ops.kernel_pays(x)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda t: t + 1 if ops.kernel_pays(t) else t - 1, fullgraph=True, backend="eager")
+    assert traced(x).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_kernel_op_fake_and_schema():
     from rsparse.runtime import ops  # noqa: F401  (registers torch.ops.rsparse)
     from rsparse.runtime.kernels import rsparse_decode_linear_reference

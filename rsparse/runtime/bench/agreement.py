@@ -119,9 +119,11 @@ def main(argv=None) -> int:
                         "greedy choice are ~65000x larger)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--kernel", default="auto", choices=["auto", "never"],
-                   help="never: R-Sparse layers compute with the torch reference on both sides (no fp32 atomics: "
-                        "run to run deterministic), to tell the kernel's summation order from the engine's numerics")
+    p.add_argument("--kernel", default="auto", choices=["auto", "always", "never"],
+                   help="auto: R-Sparse layers run the kernel in the engine's compiled step and the torch reference "
+                        "in transformers' eager loop; always: the kernel on both sides; never: the torch reference on "
+                        "both sides (no fp32 atomics: run to run deterministic), to tell the kernel's summation order "
+                        "from the engine's numerics")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): the kernel adds its partial sums in a fixed order, "
                         "so each side repeats itself bit for bit")

@@ -12,9 +12,10 @@ rho 1 for sparse-only; thresholds calibrated on the model's own activations over
 windows and refined once on the sparsified model, so decoding keeps the target fraction), except that the rank-r factors are random
 matrices of the right shape instead of SVDs of random weights (same bytes, no float64 SVDs).
 
-Rows per model: transformers' eager `generate` (the loop a user has, a few tokens), the engine
-dense (the original nn.Linear layers), the engine sparse-only and the engine R-Sparse at each
-sparsity. Each engine row is built, compiled and captured (warm-up, reported), then timed over
+Rows per model: transformers' eager `generate` (the loop a user has, a few tokens) on the dense
+model and on the R-Sparse model at the middle sparsity (as it runs there, and with the kernel
+forced into the eager loop), the engine dense (the original nn.Linear layers), the engine
+sparse-only and the engine R-Sparse at each sparsity. Each engine row is built, compiled and captured (warm-up, reported), then timed over
 `--repeats` generate calls (median): decode tokens/s excludes prefill. Columns: tokens/s, ms per
 token, speed-up over the engine dense, achieved sparsity (measured in an untimed eager pass) and
 the weight-bandwidth bound: bytes read per token over the device-to-device copy bandwidth
@@ -227,6 +228,26 @@ def time_hf_generate(model, prompt: list[int], gen: int) -> dict:
     return {"tokens_per_s": gen / sec, "ms_per_token": 1e3 * sec / gen, "first_tokens": out[0, len(prompt):][:8].tolist()}
 
 
+def hf_sparse_rows(model, prompt: list[int], gen: int, name: str, sparsity: float, achieved: float,
+                   bandwidth: float) -> list[dict]:
+    """transformers' eager `generate` on a sparse model, as RSparseLinear runs it there (kernel
+    "auto": the torch reference in eager calls) and with the kernel forced: what the eager rule
+    of rsparse.runtime.ops.kernel_pays is worth."""
+    from rsparse.core.layer import rsparse_layers
+
+    rows = []
+    for kernel, label in (("auto", ""), ("always", ", kernel forced")):
+        for layer in rsparse_layers(model):
+            layer.kernel = kernel
+        hf = time_hf_generate(model, prompt, gen)
+        rows.append(_row(f"transformers eager {name}{label}", "R-Sparse", sparsity, hf, achieved,
+                         weight_bytes(model, achieved), bandwidth))
+        print(f"{rows[-1]['row']}: {hf['tokens_per_s']:.1f} tok/s", flush=True)
+    for layer in rsparse_layers(model):
+        layer.kernel = "auto"
+    return rows
+
+
 def _suffix(args, attention: str) -> str:
     """Row label suffix when several decode attentions are compared."""
     return f" ({attention} attention)" if len(args.attention) > 1 else ""
@@ -261,10 +282,13 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
         print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
               flush=True)
     scores = calibration_scores(model)
+    hf_sparsity = sorted(args.sparsities)[(len(args.sparsities) - 1) // 2]  # transformers' loop on one sparse model
     for ratio, method in _methods(args):
         for s in args.sparsities:
             make_rsparse(model, s, ratio, scores)
             achieved = measure_sparsity(model, prompt)
+            if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity:
+                rows += hf_sparse_rows(model, prompt, args.hf_tokens, f"{method} {100 * s:.0f}%", s, achieved, bandwidth)
             for attn in args.attention:  # speed-up over engine dense with the same attention
                 t = time_engine(model, prompt, args.gen, args.repeats, args.profile, attn)
                 rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, attn), method, s, t, achieved,
