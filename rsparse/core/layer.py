@@ -10,8 +10,8 @@ through them instead of being lost.
 
 Storage is laid out for decoding: the weight is kept column-major (its transpose is contiguous,
 so a kept input channel is one contiguous row in memory) and the factors are stored as
-lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps that are compiled or
-captured in a CUDA graph (the decode engine's) use the fused Triton kernel of
+lr_down = B^T (in, r) and lr_up = A^T (r, out). On CUDA, single-token decode steps that are
+compiled or captured in a CUDA graph (the decode engine's) use the fused Triton kernel of
 rsparse.runtime.kernels; everywhere else, eager calls included, a torch reference path computes
 the same function with masked dense math.
 

@@ -58,9 +58,9 @@ def kernel_runs_on(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or interpreted)
 
 
-# Eager callers of RSparseLinear ("auto") get the torch reference: the kernel's Python launch path
-# costs more host time per call (~270 us measured) than the reference's dozen small launches, and
-# an eager loop is bound by host time. Inside this context they get the kernel too (the engine's
+# Eager callers of RSparseLinear ("auto") get the torch reference: an eager loop is bound by host
+# time, and the kernel's Python launch path costs more of it than the reference's dozen small
+# launches (0.2-0.4 ms more per call in transformers' loop at 7-8B shapes, docs/decode-engine.md). Inside this context they get the kernel too (the engine's
 # warm-up before it captures a CUDA graph without torch.compile).
 _EAGER_KERNELS = contextvars.ContextVar("rsparse_eager_kernels", default=False)
 
