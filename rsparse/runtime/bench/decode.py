@@ -15,8 +15,9 @@ matrices of the right shape instead of SVDs of random weights (same bytes, no fl
 Rows per model: transformers' eager `generate` (the loop a user has, a few tokens) on the dense
 model and on the R-Sparse model at the middle sparsity (as it runs there, and with the kernel
 forced into the eager loop), the engine dense (the original nn.Linear layers), the engine
-sparse-only and the engine R-Sparse at each sparsity. Each engine row is built, compiled and captured (warm-up, reported), then timed over
-`--repeats` generate calls (median): decode tokens/s excludes prefill. Columns: tokens/s, ms per
+sparse-only and the engine R-Sparse at each sparsity. Each engine row is built, compiled and
+captured (warm-up, reported), then timed over `--repeats` generate calls (median): decode
+tokens/s excludes prefill. Columns: tokens/s, ms per
 token, speed-up over the engine dense, achieved sparsity (measured in an untimed eager pass) and
 the weight-bandwidth bound: bytes read per token over the device-to-device copy bandwidth
 measured in the same run. Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
@@ -235,16 +236,18 @@ def hf_sparse_rows(model, prompt: list[int], gen: int, name: str, sparsity: floa
     of rsparse.runtime.ops.kernel_pays is worth."""
     from rsparse.core.layer import rsparse_layers
 
-    rows = []
-    for kernel, label in (("auto", ""), ("always", ", kernel forced")):
-        for layer in rsparse_layers(model):
-            layer.kernel = kernel
-        hf = time_hf_generate(model, prompt, gen)
-        rows.append(_row(f"transformers eager {name}{label}", "R-Sparse", sparsity, hf, achieved,
-                         weight_bytes(model, achieved), bandwidth))
-        print(f"{rows[-1]['row']}: {hf['tokens_per_s']:.1f} tok/s", flush=True)
-    for layer in rsparse_layers(model):
-        layer.kernel = "auto"
+    rows, layers = [], rsparse_layers(model)
+    try:
+        for kernel, label in (("auto", ""), ("always", ", kernel forced")):
+            for layer in layers:
+                layer.kernel = kernel
+            hf = time_hf_generate(model, prompt, gen)
+            rows.append(_row(f"transformers eager {name}{label}", "R-Sparse", sparsity, hf, achieved,
+                             weight_bytes(model, achieved), bandwidth))
+            print(f"{rows[-1]['row']}: {hf['tokens_per_s']:.1f} tok/s", flush=True)
+    finally:
+        for layer in layers:
+            layer.kernel = "auto"
     return rows
 
 
