@@ -289,15 +289,16 @@ class Engine:
             self.pos.zero_()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
             # eager_kernels: without torch.compile, the warm-up must run (and so compile and
             # allocate for) the kernels that the capture records
-            with eager_kernels(), torch.cuda.stream(stream):  # warm-up: compiles, allocates kernel scratch
-                for _ in range(3):
+            with eager_kernels():
+                with torch.cuda.stream(stream):  # warm-up: compiles, allocates kernel scratch
+                    for _ in range(3):
+                        self._step(sampling)
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph):
                     self._step(sampling)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with eager_kernels(), torch.cuda.graph(graph):
-                self._step(sampling)
             for buf, value in zip((self.token, self.pos, self.done), saved):
                 buf.copy_(value)
             fn = graph.replay
