@@ -188,3 +188,25 @@ def test_stop_text_ends_generation_in_both_engines(compressed, monkeypatch, caps
 
 def test_empty_stop_text_is_refused(compressed, capsys):
     cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--stop", ""], "--stop is empty")
+
+
+def test_compile_flag_reaches_the_engine_and_only_the_engine(compressed, monkeypatch, capsys):
+    """--compile on: the engine compiles its step (its CUDA default, compile=None); unset or off:
+    the step is only captured (compile=False). With transformers' generate the flag is refused."""
+    from rsparse.runtime import engine as engine_module
+
+    built = []
+
+    class Recording(engine_module.Engine):
+        def __init__(self, model, **kwargs):
+            built.append(kwargs["compile"])
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    base = ["generate", "--model", str(compressed), "--prompt", "hello", "--max-new-tokens", "2", "--engine", "rsparse"]
+    for flags in ([], ["--compile", "off"], ["--compile", "on"]):
+        assert run_cli(base + flags) == 0
+    assert built == [False, False, None]
+    capsys.readouterr()
+    cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--compile", "on"],
+              "--compile applies to the rsparse engine, not to --engine hf")

@@ -2,7 +2,7 @@
 all in ONE run (absolute speeds move 10-15% between GPU leases; ratios within a run do not).
 
     rsparse bench decode [--models llama2-7b,llama3-8b] [--sparsities 0.4,0.5,0.6,0.7] [--ratio 0.9]
-                         [--prompt 512] [--gen 128] [--out DIR]
+                         [--prompt 512] [--gen 128] [--compile on|off|on,off] [--out DIR]
     rsparse bench decode --model CHECKPOINT_OR_MODEL ...   a real model: its dense and saved layers
 
 Shapes: Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (bf16 by default):
@@ -20,7 +20,10 @@ captured (warm-up, reported), then timed over `--repeats` generate calls (median
 tokens/s excludes prefill. Columns: tokens/s, ms per
 token, speed-up over the engine dense, achieved sparsity (measured in an untimed eager pass) and
 the weight-bandwidth bound: bytes read per token over the device-to-device copy bandwidth
-measured in the same run. Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
+measured in the same run. `--compile on,off` adds engine rows whose step is only captured as a
+CUDA graph, not compiled (what `rsparse generate` runs unless told --compile on), each with its
+speed-up over the engine dense of its own kind.
+Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
 """
 
 from __future__ import annotations
@@ -197,13 +200,15 @@ def profile_step(engine, prompt: list[int], steps: int = 16) -> dict:
 
 
 def time_engine(model, prompt: list[int], gen: int, repeats: int, profile: bool = False,
-                attention: str = "auto") -> dict:
+                variant: tuple[str, bool] = ("auto", True)) -> dict:
     """Build the engine (compile + capture: warm-up), then the median decode speed of `repeats`
-    runs (and, with profile, where a step's device time goes)."""
+    runs (and, with profile, where a step's device time goes). variant: (decode attention,
+    whether the step is compiled; either way it is captured as a CUDA graph)."""
     from rsparse.runtime.engine import Engine
 
+    attention, compiled = variant
     t0 = time.perf_counter()
-    engine = Engine(model, max_seq_len=-(-(len(prompt) + gen) // 128) * 128, attention=attention)
+    engine = Engine(model, max_seq_len=-(-(len(prompt) + gen) // 128) * 128, attention=attention, compile=compiled)
     first = engine.generate([prompt], gen)
     warmup = time.perf_counter() - t0
     runs = [engine.generate([prompt], gen) for _ in range(repeats)]
@@ -251,9 +256,17 @@ def hf_sparse_rows(model, prompt: list[int], gen: int, name: str, sparsity: floa
     return rows
 
 
-def _suffix(args, attention: str) -> str:
-    """Row label suffix when several decode attentions are compared."""
-    return f" ({attention} attention)" if len(args.attention) > 1 else ""
+def _variants(args) -> list[tuple[str, bool]]:
+    """(decode attention, compiled) of the engine rows asked for."""
+    return [(attn, compiled) for attn in args.attention for compiled in args.compile]
+
+
+def _suffix(args, variant: tuple[str, bool]) -> str:
+    """Row label suffix when several engine variants are compared."""
+    attention, compiled = variant
+    parts = ([f"{attention} attention"] if len(args.attention) > 1 else []) + \
+        (["compiled" if compiled else "graph only, not compiled"] if len(args.compile) > 1 else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _methods(args) -> list[tuple[float, str]]:
@@ -277,10 +290,10 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
         hf = time_hf_generate(model, prompt, args.hf_tokens)
         rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
     dense_tps = {}
-    for attn in args.attention:
-        dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, attn)
-        dense_tps[attn] = dense["tokens_per_s"]
-        rows.append(_row("engine dense" + _suffix(args, attn), "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0),
+    for variant in _variants(args):
+        dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
+        dense_tps[variant] = dense["tokens_per_s"]
+        rows.append(_row("engine dense" + _suffix(args, variant), "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0),
                          bandwidth, dense["tokens_per_s"]))
         print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
               flush=True)
@@ -292,10 +305,10 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
             achieved = measure_sparsity(model, prompt)
             if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity:
                 rows += hf_sparse_rows(model, prompt, args.hf_tokens, f"{method} {100 * s:.0f}%", s, achieved, bandwidth)
-            for attn in args.attention:  # speed-up over engine dense with the same attention
-                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, attn)
-                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, attn), method, s, t, achieved,
-                                 weight_bytes(model, achieved), bandwidth, dense_tps[attn]))
+            for variant in _variants(args):  # speed-up over the engine dense of the same variant
+                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
+                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, variant), method, s, t, achieved,
+                                 weight_bytes(model, achieved), bandwidth, dense_tps[variant]))
                 print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
                       f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     assert rsparse_layers(model)
@@ -316,27 +329,29 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     model, tokenizer = load_any(path, device="cuda", dtype=args.dtype)
     text = "The history of the city begins with a small settlement on the river. " * 64
     prompt = tokenizer(text).input_ids[: args.prompt] if tokenizer is not None else list(range(args.prompt))
-    saved = None
+    variants = _variants(args)
+    saved = {}
     if rsparse_layers(model):  # a checkpoint: time it as saved, then its dense layers
         achieved = measure_sparsity(model, prompt)
-        saved = (achieved, time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0]))
+        saved = {v: time_engine(model, prompt, args.gen, args.repeats, args.profile, v) for v in variants}
         restore_(model)
-    dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0])
-    rows = [_row("engine dense", "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"])]
-    if saved is not None:
-        achieved, t = saved
-        rows.append(_row("engine checkpoint", "checkpoint", None, t, achieved, weight_bytes(model, achieved),
-                         bandwidth, dense["tokens_per_s"]))
-        return rows
+    dense = {v: time_engine(model, prompt, args.gen, args.repeats, args.profile, v) for v in variants}
+    rows = [_row("engine dense" + _suffix(args, v), "dense", 0.0, t, 0.0, weight_bytes(model, 0.0), bandwidth,
+                 t["tokens_per_s"]) for v, t in dense.items()]
+    if saved:
+        return rows + [_row("engine checkpoint" + _suffix(args, v), "checkpoint", None, t, achieved,
+                            weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"])
+                       for v, t in saved.items()]
     calib = load_windows(tokenizer, "coqa", 512, 16, "calibration")
     for ratio, method in _methods(args):
         for s in args.sparsities:
             restore_(model)
             sparsify_(model, RSparseConfig(sparsity=s, ratio=ratio), calib)
             achieved = measure_sparsity(model, prompt)
-            t = time_engine(model, prompt, args.gen, args.repeats, args.profile, args.attention[0])
-            rows.append(_row(f"engine {method} {100 * s:.0f}%", method, s, t, achieved,
-                             weight_bytes(model, achieved), bandwidth, dense["tokens_per_s"]))
+            for v in variants:
+                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, v)
+                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, v), method, s, t, achieved,
+                                 weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
     return rows
 
 
@@ -379,11 +394,18 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also profile each engine row's decode step by kernel group")
     p.add_argument("--attention", default="auto",
                    help="decode attention of the engine rows: auto, kernel, sdpa, or a comma list to compare")
+    p.add_argument("--compile", default="on",
+                   help="engine rows with the decode step compiled (on) or only captured as a CUDA graph (off), "
+                        "or on,off to compare")
     p.add_argument("--out", default="out/bench-decode")
     args = p.parse_args(argv)
     args.attention = [a for a in args.attention.split(",") if a]
     if not args.attention or not set(args.attention) <= {"auto", "kernel", "sdpa"}:
         raise SystemExit("error: --attention takes auto, kernel and/or sdpa")
+    compile_modes = [c for c in args.compile.split(",") if c]
+    if not compile_modes or not set(compile_modes) <= {"on", "off"}:
+        raise SystemExit("error: --compile takes on and/or off")
+    args.compile = [c == "on" for c in compile_modes]
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
