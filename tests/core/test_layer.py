@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import read_fraction
@@ -202,3 +203,21 @@ def test_planner_plans_the_same_with_or_without_its_caches(factors):
         if budget.rank:
             torch.testing.assert_close(a.lr_down.to(b.lr_down.dtype), b.lr_down)
             torch.testing.assert_close(a.lr_up.to(b.lr_up.dtype), b.lr_up)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_path_equals_the_formula_bit_for_bit(dtype):
+    """The eager reference computes y = m(x) W^T + (x - m(x)) A B exactly as written out with a
+    boolean mask and its complement, in the layer's dtype (the kernel is checked against it)."""
+    lin, layer = make_layer()
+    down, up = lowrank_factors(lin.weight, 5)
+    scale = lin.weight.norm(dim=0)
+    layer.configure("rsparse", 1.0, 0.5, score_scale=scale, lr_down=down, lr_up=up)
+    layer = layer.to(dtype)
+    layer.tokens = "all"
+    x = heavy_tailed(3, 40).to(dtype)
+    m = (x.abs().float() * layer.score_scale) > layer.threshold
+    assert 0 < m.sum() < m.numel()
+    expected = F.linear(x * m, layer.weight, layer.bias) + ((x * ~m) @ layer.lr_down) @ layer.lr_up
+    assert torch.equal(layer.mask(x), m)
+    assert torch.equal(layer(x), expected)
