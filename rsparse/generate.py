@@ -40,6 +40,8 @@ def _validate(args: argparse.Namespace) -> None:
     if args.compile is not None and args.engine != "rsparse":
         raise BadInputError(f"--compile applies to the rsparse engine, not to --engine {args.engine} "
                             "(the rsparse engine is the default on CUDA)")
+    if args.compile == "on" and not str(args.device).startswith("cuda"):
+        raise BadInputError(f"--compile on needs a CUDA device, not {args.device} (elsewhere the engine runs eagerly)")
     if args.max_new_tokens < 1:
         raise BadInputError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:

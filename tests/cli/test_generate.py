@@ -191,8 +191,9 @@ def test_empty_stop_text_is_refused(compressed, capsys):
 
 
 def test_compile_flag_reaches_the_engine_and_only_the_engine(compressed, monkeypatch, capsys):
-    """--compile on: the engine compiles its step (its CUDA default, compile=None); unset or off:
-    the step is only captured (compile=False). With transformers' generate the flag is refused."""
+    """--compile off or unset: the engine's step is only captured (compile=False); on (CUDA only):
+    compiled too (compile=None, the engine's CUDA default). With transformers' generate, or on
+    the CPU, --compile on is refused."""
     from rsparse.runtime import engine as engine_module
 
     built = []
@@ -204,9 +205,14 @@ def test_compile_flag_reaches_the_engine_and_only_the_engine(compressed, monkeyp
 
     monkeypatch.setattr(engine_module, "Engine", Recording)
     base = ["generate", "--model", str(compressed), "--prompt", "hello", "--max-new-tokens", "2", "--engine", "rsparse"]
-    for flags in ([], ["--compile", "off"], ["--compile", "on"]):
+    for flags in ([], ["--compile", "off"]):
         assert run_cli(base + flags) == 0
-    assert built == [False, False, None]
-    capsys.readouterr()
-    cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--compile", "on"],
+    assert built == [False, False]
+    cli_error(capsys, base + ["--compile", "on"], "--compile on needs a CUDA device, not cpu")
+    cli_error(capsys, ["generate", "--model", str(compressed), "--prompt", "x", "--compile", "off"],
               "--compile applies to the rsparse engine, not to --engine hf")
+    # on a CUDA device (pretended: the model stays on the CPU) the engine is asked to compile
+    monkeypatch.setattr("rsparse.core.models.check_device", lambda device: None)
+    monkeypatch.setattr(generate, "prepare_model", lambda args: load(str(compressed)))
+    assert run_cli(base + ["--device", "cuda", "--compile", "on"]) == 0
+    assert built == [False, False, None]
