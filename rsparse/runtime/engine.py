@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,18 @@ MAX_BATCH = 8  # the decode kernel's row limit
 MAX_EOS = 8  # end-of-sequence ids per engine call
 # norms whose forward is weight * (h * rsqrt(mean(h^2) + eps)).to(dtype): the kernel's fused epilogue
 LLAMA_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class BlockParts(NamedTuple):
+    """What one block's step reads: its modules, its KV cache and the norms after its two halves."""
+
+    attn: nn.Module
+    mlp: nn.Module
+    k_cache: torch.Tensor  # (B, kv heads, max_seq_len, head_dim)
+    v_cache: torch.Tensor
+    silu: bool  # the MLP's activation is SiLU (fusable into the gate/up kernel call)
+    attn_norm: nn.Module  # after o_proj: the block's post-attention norm
+    mlp_norm: nn.Module  # after down_proj: the next block's input norm, or the final norm
 
 
 @dataclass
@@ -82,8 +94,9 @@ class Engine:
     max_seq_len: KV-cache slots per row (prompt + new tokens must fit; default: the model's
         context, capped at 2048). The attention kernel reads only the filled slots; SDPA reads
         all of them each step.
-    compile / cuda_graph: default on CUDA, off elsewhere; compile may name a torch.compile
-        backend ("inductor" when True; tests trace with "aot_eager").
+    compile / cuda_graph: default on CUDA, off elsewhere; compile may be a torch.compile
+        backend, by name or callable ("inductor" when True; tests trace with "aot_eager").
+        Compiled, each decode step runs one compiled graph per block, shared by all blocks.
     fuse: run the sparse q/k/v and gate/up projections of a decode step as one kernel call each,
         with SiLU x up, and the residual add + next RMSNorm after o_proj / down_proj, in the
         kernel calls' epilogues (False: every layer and step on its own).
@@ -93,7 +106,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int | None = None,
-                 compile: bool | str | None = None, cuda_graph: bool | None = None, fuse: bool = True,
+                 compile: bool | str | Callable | None = None, cuda_graph: bool | None = None, fuse: bool = True,
                  attention: str = "auto"):
         cfg = model.config
         if not 1 <= batch_size <= MAX_BATCH:
@@ -113,11 +126,6 @@ class Engine:
         self.norm = base.norm
         # what the sparse decode step may fuse into the kernel's epilogue: SiLU x up after gate/up,
         # and the residual add + next norm after o_proj / down_proj
-        self.silu = [type(m.act_fn).__name__ in ("SiLU", "SiLUActivation") for m in self.mlp]
-        self.next_norms = []  # after block i's o_proj, then after its down_proj
-        for i, block in enumerate(self.blocks):
-            following = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
-            self.next_norms += [block.post_attention_layernorm, following]
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -140,12 +148,17 @@ class Engine:
 
         dev, b, s = self.device, batch_size, max_seq_len
         shape = (b, self.n_kv, s, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.blocks]
-        self.v_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.blocks]
+        self.parts = []  # what each block's step reads (its modules and cache), in order
+        for i, (block, attn, mlp) in enumerate(zip(self.blocks, self.attn, self.mlp)):
+            following = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
+            self.parts.append(BlockParts(attn, mlp, torch.zeros(shape, device=dev, dtype=self.dtype),
+                                         torch.zeros(shape, device=dev, dtype=self.dtype),
+                                         type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),
+                                         block.post_attention_layernorm, following))
         # rotary tables for every position, computed once by the model's own rotary module
         positions = torch.arange(s, device=dev)
         with torch.no_grad():
-            cos, sin = base.rotary_emb(self.k_cache[0], positions[None])
+            cos, sin = base.rotary_emb(self.parts[0].k_cache, positions[None])
         self.cos, self.sin = cos[0], sin[0]  # (S, head_dim)
         self.slots = positions
         # decode-step state, static buffers: the graph reads and advances them
@@ -158,20 +171,24 @@ class Engine:
         self.temperature = torch.ones((), device=dev)
         self.top_p = torch.ones((), device=dev)
         self._step_fns: dict = {}  # sampling mode -> step callable (compiled and/or graph)
-        backend = self.compile if isinstance(self.compile, str) else "inductor"
-        self._forward_step, self._advance = self._decode_logits, self._advance_state
+        backend = "inductor" if self.compile is True else self.compile
+        self._decode_block, self._advance = self._block, self._advance_state
         if self.compile:
             # each engine is a new `self` to dynamo's guards: allow many engines per process
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._forward_step = torch.compile(self._decode_logits, fullgraph=True, dynamic=False, backend=backend)
+            # One block at a time: every block of the same structure reuses one compiled graph
+            # (dynamo takes the modules' parameters and the cache as inputs), so the warm-up
+            # compiles one block instead of the whole step. The step is captured as one CUDA
+            # graph either way, and the kernels' epilogues already fuse across block borders.
+            self._decode_block = torch.compile(self._block, fullgraph=True, dynamic=False, backend=backend)
             self._advance = torch.compile(self._advance_state, fullgraph=True, dynamic=False, backend=backend)
 
     # -- the model ------------------------------------------------------------------------
-    def _attention(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attention(self, part: "BlockParts", h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None, write_at: torch.Tensor, prefill: bool) -> torch.Tensor:
         """mask: prefill, SDPA's mask (None: causal); decode, SDPA's mask over the cache, or with
         the attention kernel the first visible slot of each row (the last is write_at)."""
-        attn = self.attn[i]
+        attn, k_cache, v_cache = part.attn, part.k_cache, part.v_cache
         b, t, _ = h.shape
         q, k, v = self._project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = q.view(b, t, -1, self.head_dim), k.view(b, t, -1, self.head_dim)
@@ -181,22 +198,22 @@ class Engine:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        self.k_cache[i].index_copy_(2, write_at, k)
-        self.v_cache[i].index_copy_(2, write_at, v)
+        k_cache.index_copy_(2, write_at, k)
+        v_cache.index_copy_(2, write_at, v)
         if prefill or not self.attention_kernel:
             # SDPA over the whole cache when decoding (cuDNN's kernel on the H200, ~10 us per 7B
             # block at 640 slots; plain matmuls and flex_attention measured 4% and 17% slower)
-            kk, vv = (k, v) if prefill else (self.k_cache[i], self.v_cache[i])
+            kk, vv = (k, v) if prefill else (k_cache, v_cache)
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=prefill and mask is None,
                                                scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
         else:
-            o = decode_attention(q, self.k_cache[i], self.v_cache[i], mask, write_at, self.scale)
+            o = decode_attention(q, k_cache, v_cache, mask, write_at, self.scale)
         return o.transpose(1, 2).reshape(b, t, -1)  # o_proj's input
 
-    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, part: "BlockParts", h: torch.Tensor) -> torch.Tensor:
         """down_proj's input: act(gate) * up (SiLU: in the gate/up kernel call's epilogue)."""
-        mlp = self.mlp[i]
-        if self.silu[i] and self._fusable(h, (mlp.gate_proj, mlp.up_proj)):
+        mlp = part.mlp
+        if part.silu and self._fusable(h, (mlp.gate_proj, mlp.up_proj)):
             return gated_projections(h, mlp.gate_proj, mlp.up_proj)
         gate, up = self._project(h, (mlp.gate_proj, mlp.up_proj))
         return mlp.act_fn(gate) * up
@@ -224,14 +241,20 @@ class Engine:
         h = h + layer(a)
         return h, norm(h)
 
+    def _block(self, part: "BlockParts", h, x, cos, sin, mask, write_at, prefill: bool):
+        """One block: (h, x) -> (h, x), with h the residual stream and x = norm(h) the next
+        projections' input. Its o_proj and down_proj outputs go through _add_norm, which adds
+        them to h and applies the following norm (the next block's input norm after down_proj)."""
+        a = self._attention(part, x, cos, sin, mask, write_at, prefill)
+        h, x = self._add_norm(part.attn.o_proj, a, h, part.attn_norm)
+        return self._add_norm(part.mlp.down_proj, self._mlp(part, x), h, part.mlp_norm)
+
     def _blocks(self, h, cos, sin, mask, write_at, prefill):
-        """Logits (B, V) at the last position. Each block's o_proj and down_proj output goes
-        through _add_norm, which adds it to the residual stream h and applies the next norm."""
+        """Logits (B, V) at the last position; decode steps run the (compiled) _decode_block."""
+        block = self._block if prefill else self._decode_block
         x = self.blocks[0].input_layernorm(h)
-        for i, block in enumerate(self.blocks):
-            a = self._attention(i, x, cos, sin, mask, write_at, prefill)
-            h, x = self._add_norm(self.attn[i].o_proj, a, h, self.next_norms[2 * i])
-            h, x = self._add_norm(self.mlp[i].down_proj, self._mlp(i, x), h, self.next_norms[2 * i + 1])
+        for part in self.parts:
+            h, x = block(part, h, x, cos, sin, mask, write_at, prefill)
         return self.lm_head(x[:, -1:])[:, -1]
 
     def _decode_logits(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -273,7 +296,7 @@ class Engine:
         self.pos.add_(1)
 
     def _step(self, sampling: Sampling) -> None:
-        self._advance(self._choose(self._forward_step(self.token, self.pos), sampling))
+        self._advance(self._choose(self._decode_logits(self.token, self.pos), sampling))
 
     def _step_fn(self, sampling: Sampling) -> Callable[[], None]:
         """The decode step for this sampling mode: on CUDA a captured graph (compiled on first use)."""

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from rsparse import RSparseConfig, sparsify_
 from rsparse.core.layer import rsparse_layers
+from rsparse.core.models import decoder_blocks
 from rsparse.core.data import calibration_windows
 from rsparse.runtime import ops
 from rsparse.runtime.engine import Engine, EngineError, Sampling
@@ -255,3 +256,28 @@ def test_forced_choices_follow_the_given_tokens(windows):
     engine = Engine(sparse, max_seq_len=32)
     free = engine.generate([prompt], 10).tokens[0]
     assert engine.forced_choices(prompt, free[:-1]) == free
+
+
+def test_compiled_engine_compiles_one_block_for_all_blocks(windows):
+    """The warm-up compiles one block's step, which every block reuses (dynamo takes the blocks'
+    parameters and caches as inputs), not the whole model: a graph for the block, run once per
+    block per step, and one for the state update, run once per step."""
+    model = sparse_tiny(windows).to(DEVICE)
+    n_blocks = len(decoder_blocks(model))
+    assert n_blocks >= 2
+    calls = []
+
+    def counting(gm, example_inputs):
+        calls.append(0)
+        index = len(calls) - 1
+
+        def run(*args):
+            calls[index] += 1
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    rows = prompts([9])
+    got = Engine(model, max_seq_len=24, compile=counting).generate(rows, 5)
+    assert got.tokens == hf_greedy(model, rows, 5)
+    assert got.decode_steps == 4 and sorted(calls) == [4, 4 * n_blocks]
