@@ -241,8 +241,9 @@ def make_engine(model, tokenizer, args: argparse.Namespace, max_seq_len: int):
 
     context = getattr(model.config, "max_position_embeddings", None) or max_seq_len
     # Not compiled unless asked: a one-shot answer or a chat turn pays the warm-up in full. On a
-    # 7B shape (H200, bf16) the compiled step decodes R-Sparse 50% at 304 tok/s after 38 s, the
-    # graph alone at 246 tok/s after 1 s: compiling gains 0.8 ms per token, 48k tokens to repay.
+    # 7B shape (H200, bf16) the compiled step decodes R-Sparse 50% at 304 tok/s after ~9 s of
+    # warm-up in a fresh process, the graph alone at 246 tok/s after ~1 s: compiling gains
+    # 0.8 ms per token, about 10k tokens to repay it (docs/decode-engine.md).
     # compile=None: the engine's default (compiled on CUDA, eager elsewhere).
     return Engine(model, max_seq_len=min(context, max_seq_len), compile=None if args.compile == "on" else False)
 

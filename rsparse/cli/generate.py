@@ -31,8 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "auto (default): rsparse on CUDA, hf elsewhere")
     p.add_argument("--compile", default=None, choices=["on", "off"],
                    help="with the rsparse engine on CUDA, the decode step is captured as a CUDA graph; on: also "
-                        "compiled with torch.compile (1.2-1.6x faster decoding of sparse models after a warm-up of "
-                        "10-45 s, repaid only over tens of thousands of tokens); off (default): a warm-up of 1-10 s")
+                        "compiled with torch.compile (1.2-1.6x faster decoding of sparse models after a warm-up "
+                        "of ~10 s, repaid over about ten thousand tokens); off (default): a warm-up of 1-10 s, "
+                        "mostly Triton compiling the kernels on a machine's first run")
     g = p.add_argument_group("on-the-fly sparsification (only for a model that is not a checkpoint)")
     g.add_argument("--dense", action="store_true", help="no sparsification (a checkpoint: restore its dense layers)")
     g.add_argument("--sparsity", type=float, default=None, help=f"target sparsity (default {common.RSPARSE.sparsity})")

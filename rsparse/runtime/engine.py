@@ -1,5 +1,5 @@
-"""The decode engine: static KV cache, dense prefill, a compiled one-token step replayed as a CUDA
-graph, sampling on the device.
+"""The decode engine: static KV cache, dense prefill, a (compiled) one-token step replayed as a
+CUDA graph, sampling on the device.
 
 Hugging Face's eager `generate` is launch-bound at batch 1 (hundreds of small kernel launches per
 token, each costing more CPU time than the GPU needs for it), so the bytes that sparsity saves do
@@ -9,10 +9,11 @@ per block -- nn.Linear or RSparseLinear --, lm_head) in the spirit of gpt-fast:
 - the KV cache is preallocated (`max_seq_len` slots per row), so a decode step has static shapes;
 - prefill runs the whole (left-padded) prompt at once, dense, with PyTorch's SDPA;
 - the decode step (one token per row: embedding, every block, lm_head, token choice, cache and
-  position update) is compiled with `torch.compile(fullgraph=True)` -- the R-Sparse kernel is a
-  `torch.library` op (rsparse.runtime.ops), so Inductor fuses the elementwise glue around it,
-  and for sparse layers the kernel's epilogue does SiLU x up and the residual add + next norm --
-  and captured once as a CUDA graph, then replayed per token;
+  position update) is captured once as a CUDA graph, then replayed per token; compiled, each
+  block's part of it is one `torch.compile(fullgraph=True)` graph that all blocks share -- the
+  R-Sparse kernel is a `torch.library` op (rsparse.runtime.ops), so Inductor fuses the
+  elementwise glue around it, and for sparse layers the kernel's epilogue does SiLU x up and
+  the residual add + next norm;
 - the next token is chosen on the device (greedy, or temperature / top-k / top-p sampling from
   the seeded default generator), so the host never waits on the GPU except to stream tokens,
   which it does one step behind the GPU.
