@@ -125,8 +125,6 @@ class Engine:
         self.lm_head = model.get_output_embeddings()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.norm = base.norm
-        # what the sparse decode step may fuse into the kernel's epilogue: SiLU x up after gate/up,
-        # and the residual add + next norm after o_proj / down_proj
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -185,7 +183,7 @@ class Engine:
             self._advance = torch.compile(self._advance_state, fullgraph=True, dynamic=False, backend=backend)
 
     # -- the model ------------------------------------------------------------------------
-    def _attention(self, part: "BlockParts", h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attention(self, part: BlockParts, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None, write_at: torch.Tensor, prefill: bool) -> torch.Tensor:
         """mask: prefill, SDPA's mask (None: causal); decode, SDPA's mask over the cache, or with
         the attention kernel the first visible slot of each row (the last is write_at)."""
@@ -211,7 +209,7 @@ class Engine:
             o = decode_attention(q, k_cache, v_cache, mask, write_at, self.scale)
         return o.transpose(1, 2).reshape(b, t, -1)  # o_proj's input
 
-    def _mlp(self, part: "BlockParts", h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, part: BlockParts, h: torch.Tensor) -> torch.Tensor:
         """down_proj's input: act(gate) * up (SiLU: in the gate/up kernel call's epilogue)."""
         mlp = part.mlp
         if part.silu and self._fusable(h, (mlp.gate_proj, mlp.up_proj)):
@@ -242,7 +240,7 @@ class Engine:
         h = h + layer(a)
         return h, norm(h)
 
-    def _block(self, part: "BlockParts", h, x, cos, sin, mask, write_at, prefill: bool):
+    def _block(self, part: BlockParts, h, x, cos, sin, mask, write_at, prefill: bool):
         """One block: (h, x) -> (h, x), with h the residual stream and x = norm(h) the next
         projections' input. Its o_proj and down_proj outputs go through _add_norm, which adds
         them to h and applies the following norm (the next block's input norm after down_proj)."""
