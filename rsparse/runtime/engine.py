@@ -173,7 +173,8 @@ class Engine:
         backend = "inductor" if self.compile is True else self.compile
         self._decode_block, self._advance = self._block, self._advance_state
         if self.compile:
-            # each engine is a new `self` to dynamo's guards: allow many engines per process
+            # dynamo keeps a compiled block per distinct block shape (a searched recipe's per-layer
+            # ranks make each block distinct) and per model: allow many
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # One block at a time: every block of the same structure reuses one compiled graph
             # (dynamo takes the modules' parameters and the cache as inputs), so the warm-up
