@@ -192,8 +192,8 @@ def test_empty_stop_text_is_refused(compressed, capsys):
 
 def test_compile_flag_reaches_the_engine_and_only_the_engine(compressed, monkeypatch, capsys):
     """--compile off or unset: the engine's step is only captured (compile=False); on (CUDA only):
-    compiled too (compile=None, the engine's CUDA default). With transformers' generate, or on
-    the CPU, --compile on is refused."""
+    compiled too (compile=None, the engine's CUDA default). With transformers' generate the flag
+    is refused, and --compile on off CUDA."""
     from rsparse.runtime import engine as engine_module
 
     built = []
