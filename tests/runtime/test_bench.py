@@ -93,6 +93,7 @@ def test_decode_profile_groups_kernels_by_name():
     ("attention", ["--batches", "1,x"], "error: --batches takes a comma list"),
     ("attention", ["--batches", "0"], "error: --batches takes a comma list"),
     ("decode", ["--attention", "flash"], "error: --attention takes auto, kernel and/or sdpa"),
+    ("decode", ["--compile", "on,maybe"], "error: --compile takes on and/or off"),
 ])
 def test_bench_bad_flags_end_in_one_error_line(verb, argv, message, tmp_path):
     # checked before any model is built or GPU looked for; the CLI prints the one line, exit 1
