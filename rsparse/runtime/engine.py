@@ -119,16 +119,15 @@ class Engine:
         self.model = model
         self.blocks = decoder_blocks(model)
         linears = decoder_linears(model)  # raises UnsupportedModelError for other architectures
-        self.attn = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "q_proj"]
-        self.mlp = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "gate_proj"]
+        attns = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "q_proj"]
+        mlps = [model.get_submodule(l.name.rpartition(".")[0]) for l in linears if l.kind == "gate_proj"]
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.norm = base.norm
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scale = getattr(self.attn[0], "scaling", None) or 1.0 / math.sqrt(self.head_dim)
+        self.scale = getattr(attns[0], "scaling", None) or 1.0 / math.sqrt(self.head_dim)
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         self.window = int(window) if window else None
         p = next(model.parameters())
@@ -148,8 +147,8 @@ class Engine:
         dev, b, s = self.device, batch_size, max_seq_len
         shape = (b, self.n_kv, s, self.head_dim)
         self.parts = []  # what each block's step reads (its modules and cache), in order
-        for i, (block, attn, mlp) in enumerate(zip(self.blocks, self.attn, self.mlp)):
-            following = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
+        for i, (block, attn, mlp) in enumerate(zip(self.blocks, attns, mlps)):
+            following = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else base.norm
             self.parts.append(BlockParts(attn, mlp, torch.zeros(shape, device=dev, dtype=self.dtype),
                                          torch.zeros(shape, device=dev, dtype=self.dtype),
                                          type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"),

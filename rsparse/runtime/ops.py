@@ -59,9 +59,10 @@ def kernel_runs_on(device: torch.device) -> bool:
 
 
 # Eager callers of RSparseLinear ("auto") get the torch reference: an eager loop is bound by host
-# time, and the kernel's Python launch path costs more of it than the reference's dozen small
-# launches (0.2-0.4 ms more per call in transformers' loop at 7-8B shapes, docs/decode-engine.md). Inside this context they get the kernel too (the engine's
-# warm-up before it captures a CUDA graph without torch.compile).
+# time, and the kernel's Python launch path costs more of it than the reference's few small
+# launches (0.2-0.4 ms more per call in transformers' loop at 7-8B shapes, docs/decode-engine.md).
+# Inside this context they get the kernel too (the engine's warm-up before it captures a CUDA
+# graph without torch.compile).
 _EAGER_KERNELS = contextvars.ContextVar("rsparse_eager_kernels", default=False)
 
 
