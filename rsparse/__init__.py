@@ -14,7 +14,7 @@ from rsparse.errors import RsparseError
 from rsparse.eval.harness import evaluate_tasks
 from rsparse.eval.perplexity import evaluate_perplexity
 from rsparse.io.checkpoint import load_any as load_checkpoint
-from rsparse.io.transformers_format import save_pretrained  # registers quant_method "rsparse" with transformers
+from rsparse.io.checkpoint import save_pretrained  # registers quant_method and model_type "rsparse" with transformers
 from rsparse.methods import restore_, sparsify_
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import sys
 from rsparse.errors import RsparseError
 
 # verb modules, in the order of `rsparse --help`
-VERBS = ("run", "eval", "compress", "generate", "search", "compare_recipes", "analyze", "bench")
+VERBS = ("run", "eval", "compress", "convert", "generate", "search", "compare_recipes", "analyze", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,11 +15,10 @@ from rsparse.core.config import RSparseConfig, load_recipe
 from rsparse.core.data import load_windows
 from rsparse.core.layer import LAYER_METHODS
 from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
+from rsparse.eval.perplexity import model_card_perplexity
 from rsparse.errors import BadInputError
-from rsparse.io.checkpoint import _check_target
+from rsparse.io.checkpoint import check_target, save_pretrained
 from rsparse.io.outdir import check_writable, remove_stale_temps
-from rsparse.io.model_card import measure_perplexity
-from rsparse.io.transformers_format import save_pretrained
 from rsparse.methods import sparsify_
 
 
@@ -57,7 +56,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if target.is_dir() and any(target.iterdir()) and not args.overwrite:
         raise BadInputError(f"--out {target} already exists and is not empty (a model directory or other files): "
                             "pass --overwrite to replace it, or choose another directory")
-    _check_target(target, args.overwrite)
+    check_target(target, args.overwrite)
     remove_stale_temps(target)
     common.check_model(args.model, args.seq_len, config)  # the recipe and --seq-len, before the weights load
 
@@ -70,7 +69,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"model: {name}; calibrating on {calib.shape[0]} x {calib.shape[1]} tokens of {args.calib_corpus}",
           file=sys.stderr)
     report = sparsify_(model, config, calib)
-    ppl = measure_perplexity(model, tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
+    ppl = model_card_perplexity(model, tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
     model.to(save_dtype)  # float32 storage of a bfloat16 model doubled the files for nothing
     out = save_pretrained(model, tokenizer, args.out, report=report, config=config, perplexity=ppl, source=name,
                           overwrite=args.overwrite, max_shard_size=args.max_shard_size)

@@ -22,8 +22,8 @@ from rsparse.core.budget import check_sparsity
 from rsparse.errors import BadInputError, MissingDataError
 from rsparse.eval.perplexity import SCORED_MODES
 from rsparse.eval.tasks import PAPER_TASKS
-from rsparse.io.results import merge_results, previous_rows, read_previous
-from rsparse.io.tables import row_label, weight_label, write_reports
+from rsparse.io.results import merge_results, previous_rows, read_previous, write_reports
+from rsparse.io.tables import row_label, weight_label
 from rsparse.methods import BASELINES, METHODS
 
 DEFAULT_METHODS = "dense,relu,cats,griffin,rsparse"

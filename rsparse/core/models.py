@@ -195,6 +195,17 @@ def check_architecture(directory) -> ModelSpec:
     return _meta_spec(config, directory)
 
 
+def _is_sparsified_directory(path: Path) -> bool:
+    """A model directory saved after sparsify_ (config.json names quant_method "rsparse")."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return config.get("quantization_config", {}).get("quant_method") == "rsparse"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def model_spec(name_or_path: str | os.PathLike | None = None) -> ModelSpec:
     """The config and decoder projections (names, shapes) of the model that load_model (or, for
     an rsparse checkpoint, load_checkpoint) would load, without reading a weight: the config
@@ -209,10 +220,8 @@ def model_spec(name_or_path: str | os.PathLike | None = None) -> ModelSpec:
         if not path.is_file():
             raise MissingDataError(f"no such model: {path} (GGUF file not found)")
         return _meta_spec(_gguf_config(path), path)
-    from rsparse.io.manifest import is_checkpoint  # here: rsparse.io imports this module
-
-    if is_checkpoint(path):
-        from transformers import AutoConfig
+    if _is_sparsified_directory(path):
+        from transformers import AutoConfig  # model_type "rsparse": registered by `import rsparse`
 
         try:
             return ModelSpec(AutoConfig.from_pretrained(path, local_files_only=True), None)

@@ -17,6 +17,8 @@ from torch import nn
 from rsparse.core.models import replace_module
 from rsparse.errors import BadInputError
 
+QUANT_METHOD = "rsparse"  # R-Sparse's quant_method in a transformers model's quantization_config
+
 TOKEN_MODES = ("decode", "second_half", "all", "none")
 
 
@@ -85,7 +87,24 @@ def restore_(model: nn.Module) -> nn.Module:
     for m in sparse_modules(model):
         if id(m) in names:  # not inside a module already put back
             replace_module(model, names[id(m)], m.dense_module())
-    from rsparse.io.transformers_format import detach
-
-    detach(model)  # dense again: save_pretrained writes a plain transformers model
+    _forget_quantizer(model)  # dense again: save_pretrained writes a plain transformers model
     return model
+
+
+def _forget_quantizer(model: nn.Module) -> None:
+    """Remove the rsparse quantizer and quantization_config that sparsify_ or from_pretrained gave
+    the model (rsparse.io.transformers_format)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) == QUANT_METHOD:
+        model.hf_quantizer = None
+        if hasattr(model, "quantization_method"):
+            delattr(model, "quantization_method")
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and (getattr(qc, "quant_method", None) == QUANT_METHOD
+                           or (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD)):
+        del config.quantization_config
+        if hasattr(config, "_is_quantized"):
+            config._is_quantized = False

@@ -103,3 +103,16 @@ def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, tokens: str = "
         if baseline_layers(model):
             result.update(measured_sparsity(model))
     return result
+
+
+def model_card_perplexity(model: nn.Module, tokenizer, corpus: str, seq_len: int, windows: int) -> dict | None:
+    """Perplexity of a sparsified model (second half of each window sparse), as the model card of
+    `rsparse compress` records it; None for windows < 1."""
+    if windows < 1:
+        return None
+    from rsparse.core.data import load_windows
+
+    evalw = load_windows(tokenizer, corpus, seq_len, windows, "perplexity")
+    result = evaluate_perplexity(model, evalw, tokens="second_half", desc="perplexity (model card)")
+    return {"ppl": result["ppl"], "achieved_sparsity": result["achieved_sparsity"], "corpus": corpus,
+            "windows": int(evalw.shape[0]), "seq_len": seq_len, "tokens": "second_half"}

@@ -8,15 +8,11 @@ import contextlib
 import contextvars
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from rsparse.io.transformers_format import RSparseQuantizationConfig
 
 from rsparse.errors import CheckpointError, CheckpointFileMissing
-from rsparse.io.manifest import layer_tensor_shapes
 
 CONFIG = "config.json"
 _BUFFERS = ("lr_down", "lr_up", "threshold", "score_scale")
@@ -44,6 +40,16 @@ def verify_hashes(enabled: bool = True):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
+    """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies."""
+    out_f, in_f = entry["shape"]
+    r = entry["rank"]
+    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
+              "score_scale": [in_f]}
+    if entry.get("bias"):
+        shapes["bias"] = [out_f]
+    return shapes
+
 
 
 def _hash_tensor(h, key: str, tensor: torch.Tensor) -> None:
@@ -131,7 +137,7 @@ def check_files(checkpoint_files, layers: dict) -> dict[str, tuple[str, list[int
     return stored
 
 
-def check_hashes(checkpoint_files, stored: dict, qc: RSparseQuantizationConfig) -> None:
+def check_hashes(checkpoint_files, stored: dict, qc) -> None:
     """The sha256 of every layer's tensors and of all other tensors against quantization_config."""
     from safetensors import safe_open
 

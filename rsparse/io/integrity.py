@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 from rsparse.errors import CheckpointError, CheckpointFileMissing
-from rsparse.io.manifest import _sha256
 
 CONFIG = "config.json"
 KEY = "integrity"
@@ -28,6 +27,14 @@ KEY = "integrity"
 HASHED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                 "generation_config.json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _canonical(value) -> str:
@@ -62,7 +69,7 @@ def record(directory) -> None:
         return
     config_sha, layers_sha = _digests(config)
     qc[KEY] = {"config_sha256": config_sha, "layers_sha256": layers_sha,
-               "files": {n: _sha256(directory / n) for n in HASHED_FILES if (directory / n).is_file()}}
+               "files": {n: sha256_file(directory / n) for n in HASHED_FILES if (directory / n).is_file()}}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -92,5 +99,5 @@ def verify(directory, require_all: bool = True) -> None:
             if not require_all:
                 continue
             raise CheckpointFileMissing(f"{path} is missing: copy the whole model directory again")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path} does not match its recorded sha256: the file {edited}")

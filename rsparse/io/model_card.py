@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from rsparse.io.transformers_format import RSparseQuantizationConfig
 
 def _pct(x) -> str:
     return "-" if not isinstance(x, (int, float)) or x != x else f"{100 * x:.1f}%"
 
 
-def model_card(model: nn.Module, qc: RSparseQuantizationConfig, name: str) -> str:
+def model_card(model: nn.Module, qc, name: str) -> str:
     s = qc.summary
     cfg = qc.rsparse_config or {}
     source = s.get("source") or getattr(model.config, "_name_or_path", "") or ""
@@ -65,22 +62,9 @@ def model_card(model: nn.Module, qc: RSparseQuantizationConfig, name: str) -> st
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto")',
         f'tok = AutoTokenizer.from_pretrained("{name}")', "```", "",
-        f"or `rsparse generate --model {name} --prompt \"...\"`. Without `import rsparse`, transformers warns that it "
-        "does not know the method and loads the dense weights only. The R-Sparse layout, recipe and tensor hashes "
-        "are in `config.json` (`quantization_config`).", "",
+        f"or `rsparse generate --model {name} --prompt \"...\"`. This directory needs rsparse (`pip install "
+        "rsparse`, then `import rsparse`): without it transformers refuses it (model type `rsparse`) rather than "
+        "loading a dense model. lm-eval: `rsparse-lm-eval run --model rsparse --model_args pretrained=DIR ...`. The R-Sparse layout, "
+        "recipe and tensor hashes are in `config.json` (`quantization_config`).", "",
     ]
     return "\n".join(lines)
-
-
-# -- rsparse compress: optional perplexity for the card ---------------------------------------------------
-def measure_perplexity(model: nn.Module, tokenizer, corpus: str, seq_len: int, windows: int) -> dict | None:
-    """Perplexity of the sparsified model (second half of each window sparse), for the model card."""
-    if windows < 1:
-        return None
-    from rsparse.core.data import load_windows
-    from rsparse.eval.perplexity import evaluate_perplexity
-
-    evalw = load_windows(tokenizer, corpus, seq_len, windows, "perplexity")
-    result = evaluate_perplexity(model, evalw, tokens="second_half", desc="perplexity (model card)")
-    return {"ppl": result["ppl"], "achieved_sparsity": result["achieved_sparsity"], "corpus": corpus,
-            "windows": int(evalw.shape[0]), "seq_len": seq_len, "tokens": "second_half"}

@@ -4,6 +4,7 @@ resuming and merging the results of `rsparse eval` runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -13,13 +14,37 @@ from rsparse.errors import BadInputError, MissingDataError
 
 
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
-    import rsparse
-
-    return {"rsparse": rsparse.__version__, "torch": torch.__version__,
+    try:
+        ours = version("rsparse")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        ours = "unknown"
+    return {"rsparse": ours, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def json_safe(value):
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"; paths, dtypes and
+    one-element tensors their text or value; anything else its str()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool, float)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if type(value).__name__ == "dtype" and str(value).startswith("torch."):
+        return str(value).removeprefix("torch.")
+    if type(value).__name__ == "Tensor" and value.numel() == 1:
+        return json_safe(value.item())
+    return str(value)
 
 
 def _fmt(value) -> str:
@@ -158,3 +183,19 @@ def merge_results(paths: list[str | Path]) -> dict:
     merged["merged_from"] = [str(p) for p, _ in runs]
     merged["row_seconds"] = sum(r.get("seconds", 0.0) for r in merged["rows"])
     return merged
+
+
+def write_reports(results: dict, out: Path, plot: bool) -> list[Path]:
+    """results.json, results.md and (plot=True) sweep.png under `out`; prints the markdown."""
+    from rsparse.io.tables import plot_sweep, results_markdown
+
+    write_json(out / "results.json", results)
+    md = results_markdown(results)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    written = [out / "results.json", out / "results.md"]
+    if plot:
+        plot_sweep(results, out / "sweep.png")
+        written.append(out / "sweep.png")
+    print(md)
+    print(f"\nwrote {', '.join(map(str, written))}")
+    return written

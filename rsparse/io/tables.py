@@ -156,22 +156,6 @@ def plot_sweep(results: dict, path: str | Path) -> Path:
     plt.close(fig)
     return path
 
-def write_reports(results: dict, out: Path, plot: bool) -> list[Path]:
-    """results.json, results.md and (plot=True) sweep.png under `out`; prints the markdown."""
-    from rsparse.io.results import write_json
-
-    write_json(out / "results.json", results)
-    md = results_markdown(results)
-    (out / "results.md").write_text(md, encoding="utf-8")
-    written = [out / "results.json", out / "results.md"]
-    if plot:
-        plot_sweep(results, out / "sweep.png")
-        written.append(out / "sweep.png")
-    print(md)
-    print(f"\nwrote {', '.join(map(str, written))}")
-    return written
-
-
 def _num(v, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{scale * v:.{digits}f}"
 

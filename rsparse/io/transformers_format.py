@@ -1,58 +1,101 @@
-"""A sparsified model as a standard transformers directory, read back by a registered quantizer.
+"""The rsparse quant method in transformers: a registered quantization config and quantizer that
+rebuild R-Sparse layers in `from_pretrained`, and a registered config type that keeps the
+directory from ever loading as a dense model where rsparse is not installed.
 
+    import rsparse                                   # registers all of this with transformers
     rsparse.sparsify_(model, config, calib)          # attaches the "rsparse" quantizer to the model
-    model.save_pretrained("out/m")                   # safetensors shards + config.json quantization_config
-    rsparse.save_pretrained(model, tok, "out/m")     # the same, plus tokenizer and a model card (README.md)
-
-    import rsparse                                   # registers quant_method "rsparse" with transformers
+    model.save_pretrained("out/m")                   # safetensors shards + config.json (model_type "rsparse")
     model = AutoModelForCausalLM.from_pretrained("out/m", dtype="auto", device_map="cpu")
 
-The directory is what `save_pretrained` writes for any model: `model.safetensors` (or
-`model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`), `config.json`,
-`generation_config.json`, plus tokenizer files and README.md from `rsparse.save_pretrained`. The
-tensors are the state dict: for every R-Sparse layer N, `N.weight` (out, in) row-major, `N.bias`,
-`N.lr_down` (in, r), `N.lr_up` (r, out), `N.threshold` () float32 and `N.score_scale` (in,) float32.
-`config.json` carries `"quantization_config": {"quant_method": "rsparse", "format_version": 1,
-"layers": {N: {method, tokens, keep_fraction, rank, shape, bias, sha256}}, ...}` (see
-docs/checkpoint-format.md). On load the quantizer checks the format version, the shard headers,
-the layer list against the tensors and the model config, and the sha256 of every tensor before
-any weight is read into the model; it then builds RSparseLinear layers in place of the listed
-nn.Linear layers, and lays the weights out column-major after loading (as sparsify_ does), so
-the logits are bit-identical to the saved model's on the same device and dtype.
+The tensors are the state dict: for every R-Sparse layer N, `N.weight` (out, in) row-major,
+`N.bias`, `N.lr_down` (in, r), `N.lr_up` (r, out), `N.threshold` () float32 and `N.score_scale`
+(in,) float32. `config.json` has `"model_type": "rsparse"` and `"quantization_config":
+{"quant_method": "rsparse", "base_model_type": "llama", "format_version": 1, "layers": {N: {method,
+tokens, keep_fraction, rank, shape, bias, sha256}}, ...}` (docs/checkpoint-format.md). On load the
+quantizer checks the format version, the shard headers, the layer list against the tensors and the
+model config, and the sha256 of every tensor before any weight is read into the model; it then
+builds RSparseLinear layers in place of the listed nn.Linear layers, and lays the weights out
+column-major after loading (as sparsify_ does), so the logits are bit-identical to the saved
+model's on the same device and dtype.
 
-Without `import rsparse`, transformers does not know "rsparse": it warns, skips the quantizer and
-loads the dense weights only (the extra tensors are reported unexpected and ignored).
+Why model_type "rsparse": transformers skips a quantization_config it does not know with a warning
+and loads the dense weights; an unknown model_type it refuses. With rsparse imported, the
+registered `RSparseModelConfig` reads such a config.json as the base model's config (LlamaConfig,
+...) with the rsparse quantization_config, so every Auto class works as for any model.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from rsparse.core.layer import LAYER_METHODS as METHODS
 from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
-from rsparse.errors import CheckpointError
+from rsparse.core.sparse_modules import QUANT_METHOD
 from rsparse.io import integrity
-from rsparse.io.hf_checks import (_VERIFY, CONFIG, TransformersFormatError, TransformersFormatFileMissing,
-                                  _digest, _layer_keys, _read_fraction, _tied_aliases, check_files, check_hashes, layer_tensor_shapes,
-                                  verify_hashes)
-from rsparse.io.manifest import _json_safe
-from rsparse.io.model_card import model_card
-from rsparse.io.outdir import staged_replacement
+from rsparse.io.hf_checks import (_VERIFY, CONFIG, TransformersFormatError, _digest, _layer_keys, _read_fraction,
+                                  _tied_aliases, check_files, check_hashes, layer_tensor_shapes)
+from rsparse.io.results import json_safe
 
-QUANT_METHOD = "rsparse"
 FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-MODEL_CARD = "README.md"
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+# -- model_type "rsparse" ---------------------------------------------------------------------------
+def mark_config_dict(config: dict) -> dict:
+    """config.json as written for an rsparse model: model_type "rsparse", the base model's type kept
+    in quantization_config["base_model_type"]."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD and config.get("model_type") != QUANT_METHOD:
+        qc["base_model_type"] = config["model_type"]
+        config["model_type"] = QUANT_METHOD
+    return config
+
+
+_MARKED: dict[type, type] = {}
+
+
+def _marked_class(base: type) -> type:
+    """`base` (LlamaConfig, ...) whose next to_json_string writes model_type "rsparse" and then
+    turns the config back into a plain `base`. The quantizer switches a model's config to it while
+    transformers saves the model (get_state_dict_and_metadata runs just before config.json is
+    written), so `model.save_pretrained` writes the marked config.json too."""
+    if base not in _MARKED:
+        def to_json_string(self, use_diff: bool = True) -> str:
+            self.__class__ = base
+            return json.dumps(mark_config_dict(json.loads(base.to_json_string(self, use_diff))), indent=2,
+                              sort_keys=True) + "\n"
+
+        # the same name: transformers' auto mappings look config classes up by name
+        _MARKED[base] = type(base.__name__, (base,), {"to_json_string": to_json_string,
+                                                      "__module__": base.__module__, "__qualname__": base.__qualname__})
+    return _MARKED[base]
+
+
+class RSparseModelConfig(PreTrainedConfig):
+    """model_type "rsparse" in AutoConfig: reads the config as the base model's own config class
+    (with the rsparse quantization_config), so AutoModelForCausalLM builds the base architecture."""
+
+    model_type = QUANT_METHOD
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        qc = config_dict.get("quantization_config")
+        base = qc.get("base_model_type") if isinstance(qc, dict) else None
+        if base not in CONFIG_MAPPING or base == QUANT_METHOD:
+            raise TransformersFormatError(
+                f"{CONFIG} has model_type {QUANT_METHOD!r} but its quantization_config names no known base model "
+                f"type (base_model_type {base!r}): the file is damaged or written by a newer rsparse")
+        return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
+
+
+AutoConfig.register(QUANT_METHOD, RSparseModelConfig, exist_ok=True)
 
 # -- the quantization config ------------------------------------------------------------------------
 @register_quantization_config(QUANT_METHOD)
@@ -82,11 +125,12 @@ class RSparseQuantizationConfig(QuantizationConfigMixin):
         self.rsparse_config = rsparse_config
         self.summary = dict(summary or {})
         self.versions = dict(versions or {})
+        self.base_model_type = kwargs.pop("base_model_type", None)  # config.json's model_type before "rsparse"
         for key, value in kwargs.items():  # optional fields of newer writers (same format version)
             setattr(self, key, value)
 
     def to_dict(self) -> dict:
-        return _json_safe(dict(self.__dict__))
+        return json_safe(dict(self.__dict__))
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()
@@ -171,6 +215,9 @@ class RSparseHfQuantizer(HfQuantizer):
         state = model.state_dict()
         self.quantization_config.describe(model, state)
         model.config.quantization_config = self.quantization_config
+        base = type(model.config)
+        if base.model_type in CONFIG_MAPPING and CONFIG_MAPPING[base.model_type] is base:
+            model.config.__class__ = _marked_class(base)  # config.json is written next: model_type "rsparse"
         return state, {"rsparse_format_version": str(FORMAT_VERSION)}
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
@@ -257,147 +304,3 @@ def attach(model: nn.Module, config=None, report: list[dict] | None = None) -> R
         model.config.quantization_config = qc
     model.hf_quantizer = current if isinstance(current, RSparseHfQuantizer) else RSparseHfQuantizer(qc, pre_quantized=True)
     return qc
-
-
-def detach(model: nn.Module) -> None:
-    """Remove the rsparse quantizer (restore_: the model is dense again and saves as a plain model)."""
-    if isinstance(getattr(model, "hf_quantizer", None), RSparseHfQuantizer):
-        model.hf_quantizer = None
-        for attr in ("quantization_method",):
-            if hasattr(model, attr):
-                delattr(model, attr)
-        if getattr(model, "is_quantized", False):
-            model.is_quantized = False
-    config = getattr(model, "config", None)
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None and (getattr(qc, "quant_method", None) == QUANT_METHOD
-                           or (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD)):
-        del config.quantization_config
-        if hasattr(config, "_is_quantized"):
-            config._is_quantized = False
-
-
-# -- directories ----------------------------------------------------------------------------------
-def read_quantization_config(directory) -> dict | None:
-    """The rsparse quantization_config dict of a directory's config.json, or None if it has none."""
-    try:
-        path = Path(directory) / CONFIG
-        if not path.is_file():
-            return None
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (TypeError, OSError, ValueError):
-        return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
-
-
-def is_rsparse_directory(path) -> bool:
-    """True if `path` is a transformers model directory whose config names quant_method "rsparse"."""
-    try:
-        return path is not None and Path(path).is_dir() and read_quantization_config(path) is not None
-    except (TypeError, OSError):
-        return False
-
-
-def weight_files(directory) -> list[Path]:
-    """The safetensors files of a directory (the shards its index lists, or model.safetensors);
-    raises TransformersFormatFileMissing for a missing one."""
-    directory = Path(directory)
-    index = directory / WEIGHTS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TransformersFormatError(f"{index} is not a valid shard index ({e}): save the model again") from None
-    else:
-        files = [WEIGHTS]
-    for name in files:
-        if not (directory / name).is_file():
-            raise TransformersFormatFileMissing(f"{directory} is incomplete: weight shard {name} is missing; copy the "
-                                                "whole directory again")
-    return [directory / name for name in files]
-
-
-def load(directory, device: str | torch.device = "cpu", dtype=None, verify: bool = True):
-    """Load an rsparse transformers directory; returns (model, tokenizer or None).
-
-    The same as `AutoModelForCausalLM.from_pretrained(directory, dtype=..., device_map=...)` after
-    `import rsparse`, with the files checked first, so that every problem (missing shard included)
-    is a TransformersFormatError (a CheckpointError). dtype None: as saved.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rsparse.io.checkpoint import _dtype
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TransformersFormatFileMissing(f"model directory not found: {directory}")
-    if read_quantization_config(directory) is None:
-        raise TransformersFormatError(f"{directory} is not an rsparse model directory: {CONFIG} has no "
-                                      f"quantization_config with quant_method {QUANT_METHOD!r}")
-    integrity.verify(directory)
-    weight_files(directory)
-    dtype = _dtype(dtype) or "auto"
-    device_map = {"": str(device)} if str(device) != "meta" else None
-    try:
-        with verify_hashes(verify), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, device_map=device_map,
-                                                         local_files_only=True)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise TransformersFormatError(f"{directory} cannot be loaded: {type(e).__name__}: {e}") from None
-    model.eval()
-    model.name_or_path = str(directory)
-    tokenizer = None
-    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def save_pretrained(model: nn.Module, tokenizer, directory, *, config=None, report: list[dict] | None = None,
-                    perplexity: dict | None = None, source: str | None = None,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
-    """Write a sparsified model as a transformers directory: shards, config.json with the rsparse
-    quantization_config, generation config, tokenizer files and a model card (README.md).
-
-    config / report: the RSparseConfig and report of sparsify_ (already attached by sparsify_;
-    given here they replace the recipe summary). perplexity: {"ppl", "corpus", "windows",
-    "seq_len", "tokens", ...} for the model card. The write is atomic: everything goes to a
-    temporary directory beside the target, which is renamed into place. An existing rsparse
-    directory (either format) is replaced; another non-empty directory needs overwrite=True.
-    """
-    from rsparse.io.checkpoint import _check_target
-
-    target = _check_target(Path(directory), overwrite)
-    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
-        raise TransformersFormatError("save_pretrained expects a transformers causal LM")
-    current = getattr(model, "hf_quantizer", None)
-    if current is not None and not isinstance(current, RSparseHfQuantizer):
-        raise TransformersFormatError("the model is quantized with another method "
-                                      f"({current.quantization_config.quant_method}); rsparse saves float weights")
-    qc = attach(model, config=config, report=report)
-    if perplexity is not None:
-        qc.summary["perplexity"] = _json_safe(dict(perplexity))
-    if source:
-        qc.summary["source"] = str(source)
-    with staged_replacement(target) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MODEL_CARD).write_text(model_card(model, qc, target.name), encoding="utf-8")
-        integrity.record(tmp)  # hashes of config.json and the tokenizer files: any edit is refused on load
-    return target
-
-
-# -- model card -----------------------------------------------------------------------------------
-
-
-def legacy_notice(directory) -> None:
-    """One line on stderr: an rsparse.json checkpoint loads, read-only, and should be re-saved."""
-    print(f"note: {directory} is a legacy rsparse.json checkpoint (deprecated, read-only); re-save it with "
-          "rsparse.save_pretrained(model, tokenizer, DIR) to get a transformers directory", file=sys.stderr)

@@ -86,7 +86,7 @@ def test_chat_keeps_history_with_the_template_and_resets(compressed, tmp_path, m
     model, _ = load(compressed)
     tok = readable_tokenizer()
     tok.chat_template = TEMPLATE
-    path = checkpoint.save(model, tok, tmp_path / "chat")
+    path = checkpoint.save_pretrained(model, tok, tmp_path / "chat")
     prompts = []
     original = generate.stream_generate
 

@@ -75,14 +75,18 @@ def test_eval_outside_a_git_checkout_prints_no_git_error(tmp_path, monkeypatch, 
     assert "fatal" not in capfd.readouterr().err
 
 
-def test_legacy_checkpoint_refuses_an_edited_manifest_config_or_tokenizer(model, tokenizer, tmp_path):
+def test_a_saved_directory_refuses_an_edited_config_or_tokenizer(model, tokenizer, windows, tmp_path):
     import shutil
 
+    from rsparse import RSparseConfig, sparsify_
+    from rsparse.core.data import calibration_windows
     from rsparse.errors import CheckpointError
-    from rsparse.io.checkpoint import load, save
+    from rsparse.io.checkpoint import load, save_pretrained
 
-    ck = save(model, tokenizer, tmp_path / "legacy")
-    for name, old, new in (("rsparse.json", '"format"', '"format" '), ("config.json", '"rms_norm_eps"', '"x": 1, "rms_norm_eps"'),
+    sparsify_(model, RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=2, max_rows_per_layer=128),
+              calibration_windows(windows, 64, 2, seed=0))
+    ck = save_pretrained(model, tokenizer, tmp_path / "ck")
+    for name, old, new in (("config.json", '"rms_norm_eps"', '"x": 1, "rms_norm_eps"'),
                            ("tokenizer_config.json", "{", "{ ")):
         copy = tmp_path / f"edit-{name}"
         shutil.copytree(ck, copy)

@@ -25,17 +25,13 @@ def test_spec_of_a_directory_is_the_loaded_model(tiny_model_dir):
 
 
 def test_spec_of_a_checkpoint_has_its_context_and_no_projections(tokenizer, windows, tmp_path):
-    from rsparse.io.checkpoint import save
-
     model = tiny_model()
     config = RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=2, max_rows_per_layer=128)
     report = sparsify_(model, config, calibration_windows(windows, 64, 2, seed=0))
     save_pretrained(model, tokenizer, tmp_path / "hf", report=report, config=config)
-    save(model, tokenizer, tmp_path / "legacy", report=report, config=config)  # the older format, still read
-    for directory in ("hf", "legacy"):
-        spec = model_spec(tmp_path / directory)
-        assert spec.linears is None, directory  # already sparsified: a recipe does not apply
-        assert spec.config.max_position_embeddings == 256, directory
+    spec = model_spec(tmp_path / "hf")
+    assert spec.linears is None  # already sparsified: a recipe does not apply
+    assert spec.config.max_position_embeddings == 256 and spec.config.model_type == "llama"
 
 
 def test_spec_of_the_embedded_gguf_reads_only_its_header(monkeypatch):

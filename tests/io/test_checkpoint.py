@@ -1,4 +1,6 @@
-"""rsparse.io.checkpoint: save / load round trips (bit-identical logits), errors, atomic saves, CLI compress."""
+"""rsparse.io.checkpoint (the one format: a transformers directory) and rsparse.io.convert (the older
+rsparse.json format): round trips with bit-identical logits, no unpickling, generation, tied bf16
+and bias models, load_any, refusals, atomic saves, and the conversion of older checkpoints."""
 
 import json
 import shutil
@@ -8,13 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model
+from legacy_writer import save_legacy
 from rsparse import RSparseConfig, sparsify_
+from rsparse.core.data import calibration_windows
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.sparse_modules import set_token_mode
 from rsparse.errors import CheckpointError, CheckpointFileMissing
-from rsparse.io import manifest as ckpt
-from rsparse.io.checkpoint import load, load_any, save
-from rsparse.core.data import calibration_windows
+from rsparse.io.checkpoint import is_checkpoint, load, load_any, save_pretrained
+from rsparse.io.convert import read_legacy
 
 
 def sparsify(model, windows, **kw):
@@ -36,20 +39,20 @@ def same_logits(a, b, x, modes=("decode", "all", "second_half")):
 
 @pytest.fixture(scope="module")
 def base(tokenizer, windows, tmp_path_factory):
-    """A sparsified tiny model (shared, do not change it) and a pristine checkpoint of it."""
+    """A sparsified tiny model (shared, do not change it), its report and config, a saved directory."""
     model = tiny_model()
     report, config = sparsify(model, windows)
-    return model, save(model, tokenizer, tmp_path_factory.mktemp("base") / "ck", report=report, config=config)
+    path = save_pretrained(model, tokenizer, tmp_path_factory.mktemp("base") / "ck", report=report, config=config)
+    return model, path, report, config
 
 
 @pytest.fixture()
 def saved(base, tmp_path):
-    """The shared sparsified model and a private copy of its checkpoint (tests may damage it)."""
-    model, path = base
-    return model, Path(shutil.copytree(path, tmp_path / "ck"))
+    """The shared sparsified model and a private copy of its directory (tests may damage it)."""
+    return base[0], Path(shutil.copytree(base[1], tmp_path / "ck"))
 
 
-def test_sparse_round_trip_is_bit_identical(saved, windows, monkeypatch):
+def test_round_trip_is_bit_identical_and_unpickles_nothing(saved, windows, monkeypatch):
     model, path = saved
 
     def no_pickle(*args, **kwargs):
@@ -57,8 +60,7 @@ def test_sparse_round_trip_is_bit_identical(saved, windows, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_pickle)
     loaded, tok = load(path)
-    x = windows[:48][None]
-    same_logits(model, loaded, x)
+    same_logits(model, loaded, windows[:48][None])
     src = {l.name: l for l in rsparse_layers(model)}
     layers = rsparse_layers(loaded)
     assert len(layers) == 14
@@ -68,16 +70,10 @@ def test_sparse_round_trip_is_bit_identical(saved, windows, monkeypatch):
         assert l.weight.stride() == (1, l.out_features) == s.weight.stride()  # column-major
         for b in ("threshold", "score_scale", "lr_down", "lr_up"):
             assert torch.equal(getattr(l, b), getattr(s, b)) and getattr(l, b).dtype == getattr(s, b).dtype
-    manifest = json.loads((path / "rsparse.json").read_text())
-    assert manifest["format_version"] == ckpt.FORMAT_VERSION and manifest["sparsified"]
-    assert manifest["rsparse_config"]["sparsity"] == 0.5 and len(manifest["report"]) == 14
-    assert {"torch", "transformers", "rsparse"} <= set(manifest["versions"])
-    assert manifest["layers"][1] == {"name": "model.layers.0.self_attn.k_proj", "method": "rsparse", "tokens": "decode",
-                                     "keep_fraction": src["model.layers.0.self_attn.k_proj"].keep_fraction,
-                                     "rank": src["model.layers.0.self_attn.k_proj"].rank, "shape": [32, 64],
-                                     "bias": False}
-    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "rsparse" and config["quantization_config"]["base_model_type"] == "llama"
     assert not [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert not (path / "rsparse.json").exists()
 
 
 def test_generate_works_after_load(saved, windows):
@@ -86,33 +82,16 @@ def test_generate_works_after_load(saved, windows):
     prompt = windows[:12][None]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=2)
     out = loaded.generate(prompt, **kw)
-    assert out.shape == (1, 18)
-    assert torch.equal(out, model.generate(prompt, **kw))
-    assert tok.decode(out[0]) == tok.decode(out[0])  # the tokenizer came back too
-
-
-def test_dense_and_tied_bf16_round_trip(tokenizer, windows, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config()
-    config.tie_word_embeddings = True
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    path = save(model, tokenizer, tmp_path / "dense")
-    manifest = json.loads((path / "rsparse.json").read_text())
-    assert manifest["layers"] == [] and not manifest["sparsified"] and manifest["model"]["dtype"] == "bfloat16"
-    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    loaded, _ = load(path)
-    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    x = windows[:32][None]
-    assert torch.equal(model(x).logits, loaded(x).logits)
+    assert out.shape == (1, 18) and torch.equal(out, model.generate(prompt, **kw))
+    assert tok is not None and tok.decode(out[0])
 
 
 def test_qwen2_with_bias_round_trip(tokenizer, windows, tmp_path):
     model = tiny_model("qwen2")
     report, config = sparsify(model, windows, tokens="all")
-    loaded, _ = load(save(model, tokenizer, tmp_path / "q", report=report, config=config))
+    path = save_pretrained(model, tokenizer, tmp_path / "q", report=report, config=config)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["base_model_type"] == "qwen2"
+    loaded, _ = load(path)
     assert loaded.model.layers[0].self_attn.q_proj.bias is not None
     same_logits(model, loaded, windows[:40][None], modes=("all",))
 
@@ -121,141 +100,116 @@ def test_load_any_falls_back_to_load_model(model, tokenizer, saved, tmp_path):
     hf = tmp_path / "hf"
     model.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
+    assert not is_checkpoint(hf) and is_checkpoint(saved[1])
     plain, _ = load_any(hf)
     assert not rsparse_layers(plain)
     sparse, _ = load_any(saved[1])
     assert len(rsparse_layers(sparse)) == 14
 
 
-# -- errors -----------------------------------------------------------------------------------
-
-
-def test_missing_files(saved, tmp_path):
+def test_missing_directory_and_files(saved, tmp_path):
     _, path = saved
     with pytest.raises(CheckpointFileMissing, match="not found"):
         load(tmp_path / "nowhere")
-    with pytest.raises(CheckpointFileMissing, match="rsparse.json is missing"):
+    with pytest.raises(CheckpointError, match="not an rsparse model directory"):
         load(tmp_path)
-    for name in ("tokenizer.json", "config.json", "model.safetensors"):
-        data = (path / name).read_bytes()
-        (path / name).unlink()
-        with pytest.raises(CheckpointFileMissing, match=f"{name} is missing"):
-            load(path)
-        (path / name).write_bytes(data)
-    load(path)
-
-
-def test_truncated_file(saved):
-    _, path = saved
-    f = path / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated"):
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointFileMissing, match="model.safetensors is missing"):
         load(path)
 
 
-def test_edited_tensor_bytes(saved):
-    _, path = saved
-    f = path / "model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-5000:-4990] = bytes(b ^ 0xFF for b in data[-5000:-4990])
-    f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="sha256"):
-        load(path)
-
-
-def test_broken_header_is_reported_even_with_a_matching_hash(saved):
+def test_broken_header_is_refused(saved):
     _, path = saved
     f = path / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[0:8] = (10 ** 12).to_bytes(8, "little")  # header length beyond the file
     f.write_bytes(bytes(data))
-    manifest = json.loads((path / "rsparse.json").read_text())
-    manifest["files"]["model.safetensors"]["sha256"] = ckpt._sha256(f)
-    (path / "rsparse.json").write_text(json.dumps(manifest))
-    reseal(path)
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load(path)
-
-
-def reseal(path):
-    """Forge the manifest's own hash too, so that the deeper checks behind it are what is tested."""
-    (path / "rsparse.json.sha256").write_text(ckpt._sha256(path / "rsparse.json"))
-
-
-def edit_manifest(path, fn):
-    m = json.loads((path / "rsparse.json").read_text())
-    fn(m)
-    (path / "rsparse.json").write_text(json.dumps(m))
-    reseal(path)
-
-
-def test_layer_list_must_match(saved):
-    _, path = saved
-    original = (path / "rsparse.json").read_text()
-    edit_manifest(path, lambda m: m["layers"][0].update(name="model.layers.0.self_attn.x_proj"))
-    with pytest.raises(CheckpointError, match="x_proj"):
-        load(path)
-    (path / "rsparse.json").write_text(original)
-    reseal(path)
-    edit_manifest(path, lambda m: m["layers"][2].update(shape=[64, 64]))
-    with pytest.raises(CheckpointError, match="shape"):
-        load(path)
-    (path / "rsparse.json").write_text(original)
-    reseal(path)
-    edit_manifest(path, lambda m: m["layers"].pop(3))  # its lr_down etc. become unexpected tensors
-    with pytest.raises(CheckpointError, match="do not match the model"):
-        load(path)
-    (path / "rsparse.json").write_text(original)
-    reseal(path)
-    config = json.loads((path / "config.json").read_text())
-    config["intermediate_size"] = 128
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="config.json does not match its recorded sha256"):
-        load(path)  # an edited config.json is refused by its hash ...
-    edit_manifest(path, lambda m: m["other_sha256"].update({"config.json": ckpt._sha256(path / "config.json")}))
-    with pytest.raises(CheckpointError, match="does not match the model config"):
-        load(path)  # ... and, with the hash forged too, by the layer list
-
-
-def test_newer_format_version(saved):
-    _, path = saved
-    edit_manifest(path, lambda m: m.update(format_version=ckpt.FORMAT_VERSION + 1))
-    with pytest.raises(CheckpointError, match="upgrade rsparse"):
-        load(path)
-    edit_manifest(path, lambda m: m.update(format="something-else"))
-    with pytest.raises(CheckpointError, match="not an rsparse checkpoint"):
+    with pytest.raises(CheckpointError):
         load(path)
 
 
 # -- saving -------------------------------------------------------------------------------------
-
-
 def test_refuses_non_empty_non_checkpoint_directory(base, tokenizer, tmp_path):
     model = base[0]
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="overwrite"):
-        save(model, tokenizer, target)
+        save_pretrained(model, tokenizer, target)
     assert (target / "notes.txt").read_text() == "keep me"
-    save(model, tokenizer, target, overwrite=True)
-    assert not (target / "notes.txt").exists() and ckpt.is_checkpoint(target)
-    save(model, tokenizer, target)  # an existing checkpoint is replaced without overwrite
+    save_pretrained(model, tokenizer, target, overwrite=True)
+    assert not (target / "notes.txt").exists() and is_checkpoint(target)
+    save_pretrained(model, tokenizer, target)  # an existing rsparse directory is replaced without overwrite
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
-        save(model, tokenizer, tmp_path / "file")
+        save_pretrained(model, tokenizer, tmp_path / "file")
 
 
-def test_failed_save_keeps_the_previous_checkpoint(saved, tokenizer, monkeypatch):
+def test_failed_save_keeps_the_previous_directory(saved, tokenizer, monkeypatch):
     model, path = saved
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        save(model, tokenizer, path)
+        save_pretrained(model, tokenizer, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp dirs left
     load(path)
+
+
+# -- the older format: refused with the command that converts it; converted bit for bit ----------
+@pytest.fixture()
+def legacy(base, tokenizer, tmp_path):
+    model, _, report, config = base
+    return save_legacy(model, tokenizer, tmp_path / "legacy", report=report, config=config)
+
+
+def test_older_format_is_refused_with_the_convert_command(legacy):
+    for loader in (load, load_any):
+        with pytest.raises(CheckpointError, match=r"older rsparse.json format.*rsparse convert .*legacy NEW_DIR"):
+            loader(legacy)
+    assert not is_checkpoint(legacy)
+
+
+def test_convert_gives_the_same_logits(base, legacy, windows, tmp_path, capsys):
+    from rsparse.cli import main
+
+    model = base[0]
+    assert main(["convert", str(legacy), str(tmp_path / "new")]) == 0
+    assert "converted" in capsys.readouterr().out
+    converted, tok = load(tmp_path / "new")
+    same_logits(model, converted, windows[:40][None])
+    qc = json.loads((tmp_path / "new" / "config.json").read_text())["quantization_config"]
+    assert qc["rsparse_config"]["sparsity"] == 0.5 and qc["summary"]["calibrated_read_fraction"] > 0
+    assert tok is not None
+
+
+def test_convert_refuses_a_damaged_older_checkpoint(legacy, tmp_path):
+    f = legacy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5000:-4990] = bytes(b ^ 0xFF for b in data[-5000:-4990])
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its sha256"):
+        read_legacy(legacy)
+    (legacy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointFileMissing, match="tokenizer.json is missing"):
+        read_legacy(legacy)
+    with pytest.raises(CheckpointFileMissing, match="not an rsparse.json checkpoint"):
+        read_legacy(tmp_path)
+
+
+def test_dense_tied_bf16_round_trip(tokenizer, windows, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    legacy = save_legacy(model, tokenizer, tmp_path / "dense")  # no R-Sparse layer: converts as a dense model
+    loaded, _, _, _ = read_legacy(legacy)
+    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    x = windows[:32][None]
+    assert torch.equal(model(x).logits, loaded(x).logits)

@@ -1,5 +1,5 @@
 """rsparse.io.transformers_format: save_pretrained -> AutoModelForCausalLM.from_pretrained round trips
-(bit-identical logits), shards, refusals of damaged directories, the legacy format, the CLI, lm-eval."""
+(bit-identical logits), shards, refusals of damaged directories, the CLI, lm-eval."""
 
 import json
 import shutil
@@ -17,6 +17,7 @@ from rsparse.core.layer import rsparse_layers
 from rsparse.core.sparse_modules import set_token_mode
 from rsparse.errors import CheckpointError, CheckpointFileMissing
 from rsparse.io.checkpoint import load_any
+from rsparse.io import checkpoint
 from rsparse.io import transformers_format as tf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +177,7 @@ def test_edited_tensor_bytes_are_refused(saved):
     data[-5000:-4990] = bytes(b ^ 0xFF for b in data[-5000:-4990])
     f.write_bytes(bytes(data))
     refused(path, "sha256")
-    loaded, _ = tf.load(path, verify=False)  # the hash alone can be skipped; everything else is still checked
+    loaded, _ = checkpoint.load(path, verify=False)  # the hash alone can be skipped; everything else is still checked
     assert len(rsparse_layers(loaded)) == 14
 
 
@@ -201,23 +202,6 @@ def test_config_that_does_not_match_the_tensors_is_refused(saved):
 def test_dense_model_cannot_be_sparsified_while_loading(tiny_model_dir):
     with pytest.raises(CheckpointError, match="calibration"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=tf.RSparseQuantizationConfig())
-
-
-# -- the legacy format ---------------------------------------------------------------------------------
-def test_legacy_checkpoint_loads_read_only_with_a_notice_and_converts(base, tokenizer, windows, tmp_path, capsys):
-    from rsparse.io.checkpoint import save
-
-    model, _ = base
-    legacy = save(model, tokenizer, tmp_path / "legacy")
-    assert (legacy / "rsparse.json").is_file()
-    assert "quantization_config" not in json.loads((legacy / "config.json").read_text())
-    capsys.readouterr()
-    loaded, tok = load_any(legacy)
-    err = capsys.readouterr().err
-    assert "legacy rsparse.json checkpoint (deprecated, read-only)" in err and len(err.strip().splitlines()) == 1
-    converted, _ = load_any(rsparse.save_pretrained(loaded, tok, tmp_path / "new"))
-    x = windows[:40][None]
-    assert torch.equal(model(x).logits, converted(x).logits)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------
@@ -260,7 +244,7 @@ def test_lm_eval_api_scores_the_loaded_model_as_the_in_memory_one(base, tmp_path
 
     model, path = base
     loaded = AutoModelForCausalLM.from_pretrained(path)
-    tok = tf.load(path)[1]
+    tok = checkpoint.load(path)[1]
     tasks = [str(p) for p in write_offline_tasks(tmp_path / "tasks", ["piqa", "arc_easy"]).values()]
     results = []
     for m in (model, loaded):
