@@ -12,13 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TIERS = ("cli", "real_model", "kernel")
-# The runtime's tests (owned by rsparse/runtime) carry the kernel tier by their file.
-KERNEL_FILES = ("test_kernels.py", "test_engine.py")
+# The runtime's tests (owned by rsparse/runtime) carry the kernel tier by their file: the R-Sparse
+# kernel's (test_kernel_*.py) and the engine's.
+KERNEL_FILES = ("test_kernel_", "test_engine.py")  # name prefixes
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.path.name in KERNEL_FILES:
+        if item.path.name.startswith(KERNEL_FILES):
             item.add_marker(pytest.mark.kernel)
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.unit)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
 from rsparse.errors import EngineError
+from rsparse.runtime.generation import Generation, deliver
 from rsparse.runtime.ops import (MAX_PARTS, decode_attention, eager_kernels, fused_projections, gated_projections,
                                  kernel_runs_on, projection_add_rmsnorm)
 from rsparse.runtime.sampling import Sampling, choose
@@ -62,24 +62,6 @@ class BlockParts(NamedTuple):
     silu: bool  # the MLP's activation is SiLU (fusable into the gate/up kernel call)
     attn_norm: nn.Module  # after o_proj: the block's post-attention norm
     mlp_norm: nn.Module  # after down_proj: the next block's input norm, or the final norm
-
-
-@dataclass
-class Generation:
-    """The result of Engine.generate: new tokens per prompt and where the time went."""
-
-    tokens: list[list[int]]  # new tokens per prompt (an end-of-sequence token included)
-    prompt_lengths: list[int]
-    prefill_seconds: float
-    decode_seconds: float  # first token to last, excluding prefill and warm-up
-    decode_steps: int  # one-token steps run after prefill (each adds a token to every live row)
-    warmup_seconds: float = 0.0  # compile + graph capture, paid once per engine and sampling mode
-    finished: list[bool] = field(default_factory=list)  # ended at an end-of-sequence token
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Steps per second of the decode loop (tokens per second per row)."""
-        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -432,27 +414,12 @@ class Engine:
                 event.record()
             steps += 1
             if pending is not None:
-                stop = self._deliver(*pending, out, live, eos, on_tokens)
+                stop = deliver(*pending, out, live, eos, on_tokens)
             pending = (host[steps - 1], event)
         if pending is not None and not stop:
-            self._deliver(*pending, out, live, eos, on_tokens)
+            deliver(*pending, out, live, eos, on_tokens)
         sync()
         t2 = time.perf_counter()
         return Generation(tokens=out, prompt_lengths=[len(r) for r in rows], prefill_seconds=t1 - t0,
                           decode_seconds=t2 - t1, decode_steps=steps, warmup_seconds=warm,
                           finished=[not alive for alive in live])
-
-    @staticmethod
-    def _deliver(host: torch.Tensor, event, out, live, eos, on_tokens) -> bool:
-        """Hand one step's tokens to the caller once the GPU has produced them; True: stop."""
-        if event is not None:
-            event.synchronize()
-        step = []
-        for row, tok in enumerate(host.tolist()[: len(out)]):
-            if live[row]:
-                out[row].append(tok)
-                live[row] = tok not in eos
-                step.append(tok)
-            else:
-                step.append(None)
-        return bool(on_tokens(step)) if on_tokens else False

@@ -79,7 +79,7 @@ def test_bench_agreement_on_a_checkpoint(tokenizer, windows, tmp_path, monkeypat
 
 
 def test_decode_profile_groups_kernels_by_name():
-    from rsparse.runtime.bench.decode import _group
+    from rsparse.runtime.bench.step_profile import _group
 
     assert _group("_main_kernel") == _group("_epilogue_kernel") == "R-Sparse kernels"
     assert _group("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT") == "cuBLAS products"

@@ -10,10 +10,10 @@ block needs no separate kernel for it.
   RMSNorm (also Mistral's and Qwen2/3's): the next norm's output, ready for the next
   projections. One program per row: the mean needs the whole row.
 
-Both replace ``_epilogue_kernel`` (rsparse_device.py) in a call and keep its contract: wait for
-the main grid (PDL), zero the workspace and z for the next call (DET: slots added in a fixed
-order, nothing zeroed). ``apply_epilogue_torch`` is the same function in torch: the reference, and
-what the cuBLAS path and CPU runs use.
+Both replace ``_epilogue_kernel`` (rsparse_device_kernels.py) in a call and keep its contract:
+wait for the main grid (PDL), zero the workspace and z for the next call (DET: slots added in a
+fixed order, nothing zeroed). ``apply_epilogue_torch`` is the same function in torch: the
+reference, and what the cuBLAS path and CPU runs use.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .rsparse_device import _HAS_TRITON, tl, triton
+from .optional_triton import _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:  # the device helpers exist only with triton
-    from .rsparse_device import _pdl_release, _pdl_wait, _round_out, _ws_sum
+    from .rsparse_device_common import _pdl_release, _pdl_wait, _round_out, _ws_sum
 
 EPILOGUES = ("silu_mul", "add_rmsnorm")
 MAX_NORM_WIDTH = 16384  # add_rmsnorm keeps a whole row in one program

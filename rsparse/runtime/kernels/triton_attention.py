@@ -20,9 +20,7 @@ import math
 
 import torch
 
-# triton stays optional (the module imports without it): the R-Sparse kernels' device module
-# holds the guarded import and the interpreter switch
-from .rsparse_device import _HAS_TRITON, _interpret_mode, tl, triton
+from .optional_triton import _HAS_TRITON, _interpret_mode, tl, triton  # triton stays optional
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
