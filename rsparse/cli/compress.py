@@ -8,19 +8,9 @@ import argparse
 import sys
 import time
 
-import torch
-
 from rsparse.cli import common
-from rsparse.core.config import RSparseConfig, load_recipe
-from rsparse.core.data import load_windows
-from rsparse.core.layer import LAYER_METHODS
-from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
+from rsparse.core.config import LAYER_METHODS, RSparseConfig, load_recipe
 from rsparse.errors import BadInputError
-from rsparse.io.checkpoint import _check_target
-from rsparse.io.outdir import check_writable, remove_stale_temps
-from rsparse.io.model_card import measure_perplexity
-from rsparse.io.transformers_format import save_pretrained
-from rsparse.methods import sparsify_
 
 
 def register(subparsers) -> None:
@@ -43,6 +33,16 @@ def register(subparsers) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from rsparse.core.data import load_windows
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
+    from rsparse.io.checkpoint import _check_target
+    from rsparse.io.model_card import measure_perplexity
+    from rsparse.io.outdir import check_writable, remove_stale_temps
+    from rsparse.io.transformers_format import save_pretrained
+    from rsparse.methods import sparsify_
+
     # everything cheap first, the target directory included
     config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, recipe=args.recipe, method=args.method,
                            tokens="decode", calibration_samples=args.calib_samples, seq_len=args.seq_len,

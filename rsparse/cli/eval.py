@@ -19,12 +19,9 @@ from pathlib import Path
 
 from rsparse.cli import common
 from rsparse.core.budget import check_sparsity
+from rsparse.core.config import BASELINES, METHODS, SCORED_MODES
 from rsparse.errors import BadInputError, MissingDataError
-from rsparse.eval.perplexity import SCORED_MODES
 from rsparse.eval.tasks import PAPER_TASKS
-from rsparse.io.results import merge_results, previous_rows, read_previous
-from rsparse.io.tables import row_label, weight_label, write_reports
-from rsparse.methods import BASELINES, METHODS
 
 DEFAULT_METHODS = "dense,relu,cats,griffin,rsparse"
 
@@ -136,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.eval.hub import check_hub_for_tasks, perplexity_windows_or_skip
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.eval.xsum import load_xsum, xsum_rouge
-    from rsparse.io.results import versions, write_json
+    from rsparse.io.results import previous_rows, read_previous, versions, write_json
+    from rsparse.io.tables import row_label, weight_label, write_reports
     from rsparse.methods import restore_
 
     from rsparse.io.outdir import check_out
@@ -314,6 +312,9 @@ def apply_row(model, row: dict, activations, args: argparse.Namespace, recipe) -
 
 
 def cmd_merge(paths: list[str], out: Path) -> int:
+    from rsparse.io.results import merge_results
+    from rsparse.io.tables import write_reports
+
     merged = merge_results(paths)
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files", file=sys.stderr)
     write_reports(merged, out, plot=merged["sweep"] is not None)

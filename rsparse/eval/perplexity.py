@@ -25,10 +25,9 @@ from rsparse.core.calibrate import logits_kwargs
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_linears
 from rsparse.core.sparse_modules import token_mode
+from rsparse.core.config import SCORED_MODES
 from rsparse.errors import BadInputError
 from rsparse.methods.mlp import baseline_layers, measured_baseline_sparsity
-
-SCORED_MODES = ("second_half", "all")
 
 
 def measured_read(model: nn.Module) -> dict:
