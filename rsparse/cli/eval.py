@@ -124,7 +124,6 @@ def check_budgets(model, plan: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     from rsparse.core.budget import check_ratio
     from rsparse.core.config import RSparseConfig, load_recipe
@@ -136,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.io.results import previous_rows, read_previous, versions, write_json
     from rsparse.io.tables import row_label, weight_label, write_reports
     from rsparse.methods import restore_
+    from rsparse.progress import progress
 
     from rsparse.io.outdir import check_out
 
@@ -222,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     done = previous_rows(out / "results.json", previous, results) if args.resume else {}
     activations, quantized, current = None, None, "fp"
     jobs = [(fmt, row) for fmt in formats for row in plan]
-    for fmt, row in tqdm(jobs, desc="methods", unit="row"):
+    for fmt, row in progress(jobs, desc="methods", unit="row"):
         m = row["method"]
         t0 = time.time()
         key = (m, weight_label(fmt) + row_label(m, row["sparsity"], row.get("by")))

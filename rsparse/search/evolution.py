@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.budget import layer_budget
 from rsparse.core.calibrate import CalibrationActivations, collect_activations
@@ -35,6 +34,7 @@ from rsparse.core.config import RSparseConfig
 from rsparse.core.models import decoder_linears
 from rsparse.errors import BadInputError
 from rsparse.io.results import write_json
+from rsparse.progress import progress
 from rsparse.search.config import SHARES, SearchConfig  # noqa: F401 (re-exported)
 from rsparse.search.objective import Candidates, _block_inputs, _fitness
 
@@ -101,7 +101,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     t_start = time.time()
     if state is None:
         pop = initial_population(n, cfg, rng)
-        fit = [evaluate(p, 0, {}) for p in tqdm(pop, desc="initial population", leave=False)]
+        fit = [evaluate(p, 0, {}) for p in progress(pop, desc="initial population", unit="candidate", leave=False)]
         state = {"settings": settings, "identity": identity, "group": 0, "generation": 0,
                  "population": pop.tolist(), "fitness": fit, "history": [], "evaluations": len(fit),
                  "seconds": time.time() - t_start}
@@ -109,7 +109,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     pop, fit = np.array(state["population"]), list(state["fitness"])
     total_gens = len(groups) * cfg.generations
     done = state["group"] * cfg.generations + state["generation"]
-    bar = tqdm(total=total_gens, initial=done, desc="search", unit="gen")
+    bar = progress(total=total_gens, initial=done, desc="search", unit="generation")
     while state["group"] < len(groups):
         genes = groups[state["group"]]
         others = [i for i in range(n) if i not in set(genes)]
@@ -127,7 +127,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             pop[0] = best
             noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
             pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * cfg.steps) / cfg.steps
-            fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
+            fit = [evaluate(p, start_block, cache) for p in progress(pop, desc=f"group {state['group']} start", unit="candidate", leave=False)]
             state["group_started"] = True
             state["population"], state["fitness"] = pop.tolist(), fit
             state["evaluations"] += cfg.population
