@@ -61,10 +61,9 @@ def phase(name: str, fn):
     return wrapped
 
 
-def patch(module, attr: str, name: str, *also) -> None:
-    fn = phase(name, getattr(module, attr))
-    for m in (module, *also):
-        setattr(m, attr, fn)
+def patch(module, attr: str, name: str) -> None:
+    # the verbs import what they call inside their command functions: patching its module is enough
+    setattr(module, attr, phase(name, getattr(module, attr)))
 
 
 def main() -> int:
@@ -76,7 +75,6 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import rsparse.cli
-    import rsparse.cli.compress as cli_compress
     import rsparse.core.calibrate as calibrate
     import rsparse.core.data as data
     import rsparse.core.models as models
@@ -89,17 +87,17 @@ def main() -> int:
     stack.append("command")
     order.append("command")
 
-    patch(models, "load_model", "load_model", cli_compress)
+    patch(models, "load_model", "load_model")
     AutoTokenizer.from_pretrained = phase("tokenizer", AutoTokenizer.from_pretrained)
     AutoModelForCausalLM.from_pretrained = phase("weights", AutoModelForCausalLM.from_pretrained)
     patch(gguf_utils, "load_gguf_checkpoint", "gguf_read")
-    patch(data, "load_windows", "load_windows", cli_compress)
+    patch(data, "load_windows", "load_windows")
     patch(calibrate, "collect_activations", "collect_activations")
     patch(calibrate, "_sample_group", "sample")  # each pass over the calibration windows
     patch(methods_rsparse, "sparsify_rsparse_", "sparsify")
     patch(methods_rsparse, "refine_thresholds_", "refine")
     patch(perplexity, "evaluate_perplexity", "perplexity")
-    patch(tf_format, "save_pretrained", "save", cli_compress)
+    patch(tf_format, "save_pretrained", "save")
     rc = rsparse.cli.main(sys.argv[1:])
     _boundary()
     print(f"\n| phase | peak RSS MB |\n|---|---|", file=sys.stderr)

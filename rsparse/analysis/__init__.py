@@ -30,4 +30,11 @@ multiphase_relu.png, kept_channels.png and analysis.json with every number. docs
 describes the definitions and the results on the embedded SmolLM2-135M.
 """
 
+# The names `rsparse analyze` takes; here, torch-free, so that its --help loads nothing heavy.
 PARTS = ("heatmap", "bias", "phase", "kept")
+PHASE_SITES = ("down_input", "act")  # where the multi-phase function acts (multiphase.py)
+PHASE_VARIANTS = {  # name: (phases, description)
+    "1": (1, "1 phase: dropped values -> 0"),
+    "2": (2, "2 phases: dropped values -> midpoint (T0 + T1) / 2 (the paper's tau)"),
+    "2mean": (2, "2 phases, bin mean: dropped values -> their calibration mean"),
+}

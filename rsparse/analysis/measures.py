@@ -7,11 +7,11 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.calibrate import CalibrationActivations, calibrate_threshold
 from rsparse.core.factors import weight_svd
 from rsparse.core.models import PROJ_TYPES, DecoderLinear, decoder_linears
+from rsparse.progress import progress
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def analyze_contributions(model: nn.Module, activations: CalibrationActivations,
     linears = decoder_linears(model)
     wanted = set(blocks.values())
     per_layer, heatmaps = [], {}
-    for lin in tqdm(linears, desc="contributions", unit="layer", leave=False):
+    for lin in progress(linears, desc="contributions", unit="layer", leave=False):
         c = contribution_matrix(lin.module.weight, activations.rows[lin.name], _svd(lin, activations))
         entry = {"name": lin.name, "block": lin.block, "type": lin.kind, "shape": list(c.shape),
                  **mass_fractions(c, fraction)}
@@ -171,7 +171,7 @@ def analyze_bias_rank(model: nn.Module, activations: CalibrationActivations, blo
     out = {"block": block, "tokens": None, "layers": []}
     linears = [l for l in decoder_linears(model) if l.block == block and l.kind in kinds]
     strip = lambda st: {k: v for k, v in st.items() if k != "singular_values"}  # noqa: E731
-    for lin in tqdm(linears, desc="bias rank", unit="layer", leave=False):
+    for lin in progress(linears, desc="bias rank", unit="layer", leave=False):
         rows = activations.rows[lin.name]
         calib_abs = rows.abs()
         h = rows[:n_tokens]

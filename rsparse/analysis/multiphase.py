@@ -8,14 +8,13 @@ import math
 import torch
 from torch import nn
 
+from rsparse.analysis import PHASE_SITES, PHASE_VARIANTS
 from rsparse.analysis.measures import two_phase_thresholds
 from rsparse.core.calibrate import CalibrationActivations
 from rsparse.core.models import DecoderLinear, decoder_linears
 from rsparse.core.sparse_modules import restore_
 from rsparse.errors import BadInputError
 from rsparse.eval.perplexity import evaluate_perplexity
-
-PHASE_SITES = ("down_input", "act")
 
 
 # -- 3. multi-phase ReLU -------------------------------------------------------------------------
@@ -34,13 +33,6 @@ def multiphase(x: torch.Tensor, t0: float, fill: float, signed: bool) -> torch.T
     if signed:
         return torch.where(x <= t0, torch.tensor(fill, dtype=x.dtype, device=x.device), x)
     return torch.where(x.abs() <= t0, torch.sign(x) * fill, x)
-
-
-PHASE_VARIANTS = {  # name: (phases, description)
-    "1": (1, "1 phase: dropped values -> 0"),
-    "2": (2, "2 phases: dropped values -> midpoint (T0 + T1) / 2 (the paper's tau)"),
-    "2mean": (2, "2 phases, bin mean: dropped values -> their calibration mean"),
-}
 
 
 def phase_levels(values: torch.Tensor, sparsity: float, variant: str, signed: bool) -> tuple[float, float]:

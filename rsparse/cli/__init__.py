@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rsparse.errors import RsparseError
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():
+        # in a log, transformers' and the hub's bars would write a frame per step (ours write one
+        # line per phase: rsparse.progress); read when huggingface_hub is imported, so now
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -6,10 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from rsparse.analysis import PARTS
-from rsparse.analysis.multiphase import PHASE_SITES, PHASE_VARIANTS
+from rsparse.analysis import PARTS, PHASE_SITES, PHASE_VARIANTS
 from rsparse.cli import common
 from rsparse.core.budget import check_ratio, check_sparsity
 
@@ -45,6 +42,8 @@ def cmd_analyze(args) -> int:
 
     check_writable(args.out)  # a file or an unwritable place: now, not after the analysis
     common.check_model(args.model, args.seq_len)  # the context, before the weights load
+    import torch
+
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,6 +54,8 @@ def cmd_analyze(args) -> int:
 
 
 def _analyze(args, parts: list[str], sites: list[str], variants: list[str], sparsities: list[float]) -> int:
+    import torch
+
     from rsparse.analysis.kept import analyze_kept
     from rsparse.analysis.measures import analyze_bias_rank, analyze_contributions, pick_blocks
     from rsparse.analysis.multiphase import analyze_multiphase

@@ -10,9 +10,12 @@ import sys
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from rsparse.runtime.bench import flags
+
+    getattr(flags, args.what)().parse_args(args.rest)  # --help and bad flags: answered before torch loads
     if args.what == "kernel" and "--smoke" in args.rest and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # the CPU smoke test needs Triton's interpreter, which triton chooses when it is first
-        # imported, and this process has imported it: run the benchmark in a fresh one
+        # imported: run the benchmark in a fresh process, whatever this one has imported
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.run([sys.executable, "-m", "rsparse.runtime.bench.kernel", *args.rest], env=env).returncode
     return importlib.import_module(f"rsparse.runtime.bench.{args.what}").main(args.rest)

@@ -1,5 +1,8 @@
 """Arguments shared by the verbs. Their defaults are read from the config dataclasses
-(RSparseConfig, DataConfig, SearchConfig, ...), so each default is written once."""
+(RSparseConfig, DataConfig, SearchConfig, ...), so each default is written once.
+
+Building the parser imports neither torch nor transformers (`rsparse VERB --help` answers at
+once): the verb modules import them, and the library, inside their command functions."""
 
 from __future__ import annotations
 
@@ -8,11 +11,10 @@ import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
-from rsparse.core.models import check_device, check_seq_len  # noqa: F401 (the verbs call common.check_*)
 from rsparse.errors import BadInputError
 
-RSPARSE = RSparseConfig()
-DATA = DataConfig()
+# The defaults: the dataclasses' class attributes (an instance would validate, which imports torch).
+RSPARSE, DATA = RSparseConfig, DataConfig
 CORPORA_HELP = "coqa, boolq, sciq (offline), wikitext2, c4 (hub) or a text file"
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -72,6 +74,12 @@ def parse_floats(text: str | None, what: str, check=None) -> list[float]:
     return values
 
 
+def check_device(device: str | None) -> None:
+    from rsparse.core.models import check_device
+
+    check_device(device)
+
+
 def check_corpora(*names: str) -> None:
     from rsparse.core.data import check_corpus
 
@@ -89,7 +97,7 @@ def check_model(name, seq_len: int | None = None, config=None):
     (rsparse.core.models.model_spec), and against them --seq-len and the recipe of `config` (an
     RSparseConfig: layer names, shapes, values, duplicates, missing layers). Returns the spec."""
     from rsparse.core.config import layer_budgets
-    from rsparse.core.models import model_spec
+    from rsparse.core.models import check_seq_len, model_spec
 
     spec = model_spec(name)
     if config is not None and config.recipe is not None:

@@ -26,8 +26,8 @@ from pathlib import Path
 from rsparse.cli import common
 from rsparse.cli.search import add_search_args, check_batch_size
 from rsparse.core.budget import check_ratio, check_sparsity
-from rsparse.eval.perplexity import SCORED_MODES
-from rsparse.search.evolution import SearchConfig
+from rsparse.core.config import SCORED_MODES
+from rsparse.search.config import SearchConfig
 
 DEFAULT_GRID = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.0"
 
@@ -61,7 +61,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     from rsparse.core.calibrate import collect_activations
     from rsparse.core.config import RSparseConfig
     from rsparse.core.data import load_windows
-    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.core.models import DEFAULT_MODEL_NAME, check_seq_len, load_model
     from rsparse.eval.harness import evaluate_tasks, resolve_tasks
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.eval.tasks import PAPER_TASKS
@@ -94,7 +94,7 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
     out = check_state(args.out)
     spec = common.check_model(args.model, args.seq_len)  # the context, before the weights load
     if args.ppl_windows:
-        common.check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
+        check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

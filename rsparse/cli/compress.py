@@ -8,18 +8,9 @@ import argparse
 import sys
 import time
 
-import torch
-
 from rsparse.cli import common
-from rsparse.core.config import RSparseConfig, load_recipe
-from rsparse.core.data import load_windows
-from rsparse.core.layer import LAYER_METHODS
-from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
-from rsparse.eval.perplexity import model_card_perplexity
+from rsparse.core.config import LAYER_METHODS, RSparseConfig, load_recipe
 from rsparse.errors import BadInputError
-from rsparse.io.checkpoint import check_target, save_pretrained
-from rsparse.io.outdir import check_writable, remove_stale_temps
-from rsparse.methods import sparsify_
 
 
 def register(subparsers) -> None:
@@ -42,6 +33,15 @@ def register(subparsers) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from rsparse.core.data import load_windows
+    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model, source_dtype
+    from rsparse.eval.perplexity import model_card_perplexity
+    from rsparse.io.checkpoint import check_target, save_pretrained
+    from rsparse.io.outdir import check_writable, remove_stale_temps
+    from rsparse.methods import sparsify_
+
     # everything cheap first, the target directory included
     config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, recipe=args.recipe, method=args.method,
                            tokens="decode", calibration_samples=args.calib_samples, seq_len=args.seq_len,

@@ -19,12 +19,9 @@ from pathlib import Path
 
 from rsparse.cli import common
 from rsparse.core.budget import check_sparsity
+from rsparse.core.config import BASELINES, METHODS, SCORED_MODES
 from rsparse.errors import BadInputError, MissingDataError
-from rsparse.eval.perplexity import SCORED_MODES
 from rsparse.eval.tasks import PAPER_TASKS
-from rsparse.io.results import merge_results, previous_rows, read_previous, write_reports
-from rsparse.io.tables import row_label, weight_label
-from rsparse.methods import BASELINES, METHODS
 
 DEFAULT_METHODS = "dense,relu,cats,griffin,rsparse"
 
@@ -127,7 +124,6 @@ def check_budgets(model, plan: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     from rsparse.core.budget import check_ratio
     from rsparse.core.config import RSparseConfig, load_recipe
@@ -136,8 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.eval.hub import check_hub_for_tasks, perplexity_windows_or_skip
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.eval.xsum import load_xsum, xsum_rouge
-    from rsparse.io.results import versions, write_json
+    from rsparse.io.results import previous_rows, read_previous, versions, write_json, write_reports
+    from rsparse.io.tables import row_label, weight_label
     from rsparse.methods import restore_
+    from rsparse.progress import progress
 
     from rsparse.io.outdir import check_out
 
@@ -224,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     done = previous_rows(out / "results.json", previous, results) if args.resume else {}
     activations, quantized, current = None, None, "fp"
     jobs = [(fmt, row) for fmt in formats for row in plan]
-    for fmt, row in tqdm(jobs, desc="methods", unit="row"):
+    for fmt, row in progress(jobs, desc="methods", unit="row"):
         m = row["method"]
         t0 = time.time()
         key = (m, weight_label(fmt) + row_label(m, row["sparsity"], row.get("by")))
@@ -314,6 +312,8 @@ def apply_row(model, row: dict, activations, args: argparse.Namespace, recipe) -
 
 
 def cmd_merge(paths: list[str], out: Path) -> int:
+    from rsparse.io.results import merge_results, write_reports
+
     merged = merge_results(paths)
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files", file=sys.stderr)
     write_reports(merged, out, plot=merged["sweep"] is not None)

@@ -7,9 +7,7 @@ import sys
 import time
 
 from rsparse.cli import common
-from rsparse.core.config import FACTORS
-from rsparse.core.layer import LAYER_METHODS
-from rsparse.eval.perplexity import SCORED_MODES
+from rsparse.core.config import FACTORS, LAYER_METHODS, SCORED_MODES
 
 RUN_COLUMNS = [("method", "method"), ("target_sparsity", "target sparsity %"),
                ("achieved_sparsity", "achieved sparsity %"), ("ppl", "perplexity")]

@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 from rsparse.cli import common
-from rsparse.core.config import FACTORS
+from rsparse.core.config import FACTORS, SCORED_MODES
 from rsparse.errors import BadInputError
-from rsparse.eval.perplexity import SCORED_MODES
-from rsparse.search.evolution import SHARES, SearchConfig
+from rsparse.search.config import SHARES, SearchConfig
 
 SEARCH = SearchConfig()
 # Scaled for 2 CPU cores (SearchConfig holds the paper's 32 and 5), see README.
@@ -87,7 +86,7 @@ def cmd_search(args) -> int:
     from rsparse.core.calibrate import collect_activations
     from rsparse.core.config import RSparseConfig
     from rsparse.core.data import load_windows
-    from rsparse.core.models import DEFAULT_MODEL_NAME, load_model
+    from rsparse.core.models import DEFAULT_MODEL_NAME, check_seq_len, load_model
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.io.results import markdown_table, versions, write_json
     from rsparse.io.tables import plot_recipe
@@ -105,7 +104,7 @@ def cmd_search(args) -> int:
     out = check_state(args.out)
     spec = common.check_model(args.model, args.seq_len)  # the context, before the weights load
     if args.ppl_windows:
-        common.check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
+        check_seq_len(spec, args.ppl_seq_len, "--ppl-seq-len")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load_model(args.model, device=args.device)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.budget import LayerBudget
 from rsparse.core.config import FACTORS, SCORES
@@ -31,6 +30,7 @@ from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_linears
 from rsparse.core.sparse_modules import restore_
 from rsparse.errors import BadInputError
+from rsparse.progress import progress
 
 @dataclass
 class CalibrationActivations:
@@ -209,7 +209,7 @@ def _sample_group(model: nn.Module, modules: dict[str, nn.Module], layout: dict[
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibration", unit="batch", leave=False):
+        for start in progress(range(0, windows.shape[0], batch_size), desc="calibration", unit="batch", leave=False):
             lo, hi = start * seq_len, min(start + batch_size, windows.shape[0]) * seq_len
             sel = picked[(picked >= lo) & (picked < hi)] - lo
             batch.update(rows=sel.to(device), last=None, seen=set())

@@ -25,10 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rsparse.core.budget import LayerBudget, check_ratio, check_sparsity, layer_budget
-from rsparse.core.layer import LAYER_METHODS
-from rsparse.core.sparse_modules import check_tokens
 from rsparse.errors import BadInputError, RecipeError
 
+# The names a config field (and its command-line flag) accepts. This module imports no torch, so
+# that the command line builds its --help from these and the defaults below without loading it.
+LAYER_METHODS = ("dense", "sparse", "lowrank", "rsparse")  # RSparseConfig.method: what a layer does at a sparse token
+BASELINES = ("cats", "griffin", "relu")  # CatsConfig, GriffinConfig, ReluConfig
+METHODS = LAYER_METHODS + BASELINES  # every method name a command takes
+SCORED_MODES = ("second_half", "all")  # token modes that score whole sequences (perplexity, lm-eval)
 SCORES = ("auto", "abs", "weighted")
 FACTORS = ("svd", "whitened")
 
@@ -62,7 +66,7 @@ class RSparseConfig:
             raise BadInputError(f"unknown score {self.score!r}; expected one of {SCORES}")
         if self.factors not in FACTORS:
             raise BadInputError(f"unknown factors {self.factors!r}; expected one of {FACTORS}")
-        check_tokens(self.tokens)
+        _check_tokens(self.tokens)
         _positive(self, "calibration_samples", "seq_len", "max_rows_per_layer")
         return self
 
@@ -71,6 +75,13 @@ class RSparseConfig:
         if isinstance(self.recipe, dict):
             d["recipe"] = "<inline>"
         return d
+
+
+def _check_tokens(tokens: str) -> None:
+    # the token modes live in sparse_modules, which imports torch: only when a config is made
+    from rsparse.core.sparse_modules import check_tokens
+
+    check_tokens(tokens)
 
 
 def _positive(config, *names: str) -> None:
@@ -86,7 +97,7 @@ def _mlp_target(config) -> None:
         check_sparsity(config.sparsity)
     else:
         raise BadInputError(f"{type(config).__name__}: give a sparsity (model-level) or an mlp_sparsity")
-    check_tokens(config.tokens)
+    _check_tokens(config.tokens)
 
 
 @dataclass
@@ -109,7 +120,7 @@ class CatsConfig:
     def validate(self) -> "CatsConfig":
         if self.threshold is None:
             _mlp_target(self)
-        check_tokens(self.tokens)
+        _check_tokens(self.tokens)
         _positive(self, "max_rows_per_layer")
         return self
 
@@ -141,7 +152,7 @@ class ReluConfig:
         self.validate()
 
     def validate(self) -> "ReluConfig":
-        check_tokens(self.tokens)
+        _check_tokens(self.tokens)
         return self
 
 

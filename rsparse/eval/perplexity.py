@@ -19,16 +19,15 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.calibrate import logits_kwargs
+from rsparse.core.config import SCORED_MODES
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_linears
 from rsparse.core.sparse_modules import token_mode
 from rsparse.errors import BadInputError
 from rsparse.methods.mlp import baseline_layers, measured_baseline_sparsity
-
-SCORED_MODES = ("second_half", "all")
+from rsparse.progress import progress
 
 
 def measured_read(model: nn.Module) -> dict:
@@ -90,7 +89,7 @@ def evaluate_perplexity(model: nn.Module, windows: torch.Tensor, tokens: str = "
     kwargs = logits_kwargs(model, T - first)
     nll, count = 0.0, 0
     with token_mode(model, tokens, track=True):
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+        for start in progress(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
             ids = windows[start:start + batch_size].to(device)
             logits = model(ids, use_cache=False, **kwargs).logits
             logits = logits[:, logits.shape[1] - (T - first):-1]  # predictions of targets first+1 .. T-1

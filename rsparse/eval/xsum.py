@@ -59,7 +59,7 @@ def xsum_rouge(model: nn.Module, tokenizer, docs: list[dict], *, tokens: str = "
     generated tokens are sparse (token mode "decode"; GRIFFIN selects its neurons from the
     article); with tokens="all" every position is sparse. One document at a time (no padding).
     """
-    from tqdm.auto import tqdm
+    from rsparse.progress import progress
 
     backend, score = _rouge_scorer()
     mode = "all" if tokens == "all" else "decode"
@@ -67,7 +67,7 @@ def xsum_rouge(model: nn.Module, tokenizer, docs: list[dict], *, tokens: str = "
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = []
     with token_mode(model, mode, track=True):
-        for d in tqdm(docs, desc=desc, unit="doc", leave=False):
+        for d in progress(docs, desc=desc, unit="doc", leave=False):
             article_ids = tokenizer(d["document"], add_special_tokens=False)["input_ids"][: max_prompt_tokens - 32]
             prompt = f"Article: {tokenizer.decode(article_ids)}\nSummarize the article above in one sentence.\nSummary:"
             enc = tokenizer(prompt, return_tensors="pt").to(device)

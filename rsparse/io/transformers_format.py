@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -40,6 +39,7 @@ from rsparse.core.layer import LAYER_METHODS as METHODS
 from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
 from rsparse.core.sparse_modules import QUANT_METHOD
 from rsparse.io import integrity
+from rsparse.io.hf_config import marked_class
 from rsparse.io.hf_checks import (_VERIFY, CONFIG, TransformersFormatError, _digest, _layer_keys, _read_fraction,
                                   _tied_aliases, check_files, check_hashes, layer_tensor_shapes)
 from rsparse.io.results import json_safe
@@ -47,55 +47,6 @@ from rsparse.io.results import json_safe
 FORMAT_VERSION = 1  # the newest directory format this rsparse reads and the one it writes
 
 
-# -- model_type "rsparse" ---------------------------------------------------------------------------
-def mark_config_dict(config: dict) -> dict:
-    """config.json as written for an rsparse model: model_type "rsparse", the base model's type kept
-    in quantization_config["base_model_type"]."""
-    qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD and config.get("model_type") != QUANT_METHOD:
-        qc["base_model_type"] = config["model_type"]
-        config["model_type"] = QUANT_METHOD
-    return config
-
-
-_MARKED: dict[type, type] = {}
-
-
-def _marked_class(base: type) -> type:
-    """`base` (LlamaConfig, ...) whose next to_json_string writes model_type "rsparse" and then
-    turns the config back into a plain `base`. The quantizer switches a model's config to it while
-    transformers saves the model (get_state_dict_and_metadata runs just before config.json is
-    written), so `model.save_pretrained` writes the marked config.json too."""
-    if base not in _MARKED:
-        def to_json_string(self, use_diff: bool = True) -> str:
-            self.__class__ = base
-            return json.dumps(mark_config_dict(json.loads(base.to_json_string(self, use_diff))), indent=2,
-                              sort_keys=True) + "\n"
-
-        # the same name: transformers' auto mappings look config classes up by name
-        _MARKED[base] = type(base.__name__, (base,), {"to_json_string": to_json_string,
-                                                      "__module__": base.__module__, "__qualname__": base.__qualname__})
-    return _MARKED[base]
-
-
-class RSparseModelConfig(PreTrainedConfig):
-    """model_type "rsparse" in AutoConfig: reads the config as the base model's own config class
-    (with the rsparse quantization_config), so AutoModelForCausalLM builds the base architecture."""
-
-    model_type = QUANT_METHOD
-
-    @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
-        qc = config_dict.get("quantization_config")
-        base = qc.get("base_model_type") if isinstance(qc, dict) else None
-        if base not in CONFIG_MAPPING or base == QUANT_METHOD:
-            raise TransformersFormatError(
-                f"{CONFIG} has model_type {QUANT_METHOD!r} but its quantization_config names no known base model "
-                f"type (base_model_type {base!r}): the file is damaged or written by a newer rsparse")
-        return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
-
-
-AutoConfig.register(QUANT_METHOD, RSparseModelConfig, exist_ok=True)
 
 # -- the quantization config ------------------------------------------------------------------------
 @register_quantization_config(QUANT_METHOD)
@@ -217,7 +168,7 @@ class RSparseHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
         base = type(model.config)
         if base.model_type in CONFIG_MAPPING and CONFIG_MAPPING[base.model_type] is base:
-            model.config.__class__ = _marked_class(base)  # config.json is written next: model_type "rsparse"
+            model.config.__class__ = marked_class(base)  # config.json is written next: model_type "rsparse"
         return state, {"rsparse_format_version": str(FORMAT_VERSION)}
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):

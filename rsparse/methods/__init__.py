@@ -17,13 +17,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from rsparse.core.config import CatsConfig, GriffinConfig, ReluConfig, RSparseConfig
+from rsparse.core.config import BASELINES, METHODS, CatsConfig, GriffinConfig, ReluConfig, RSparseConfig
+from rsparse.core.config import LAYER_METHODS as RSPARSE_METHODS  # RSparseConfig.method
 from rsparse.core.sparse_modules import restore_
-from rsparse.core.layer import LAYER_METHODS as RSPARSE_METHODS  # RSparseConfig.method
 from rsparse.errors import BadInputError
-from rsparse.methods.mlp import BASELINES
-
-METHODS = RSPARSE_METHODS + BASELINES  # every method name: RSparseConfig.method and the baselines
 
 __all__ = ["BASELINES", "METHODS", "RSPARSE_METHODS", "method_config", "restore_", "sparsify_"]
 

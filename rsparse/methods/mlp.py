@@ -50,12 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsparse.core.budget import check_sparsity
+from rsparse.core.config import BASELINES
 from rsparse.core.layer import gather_rows, padded_positions, scatter_rows_
 from rsparse.core.models import MLP_PROJ, _find_child_with, decoder_blocks, decoder_linears
 from rsparse.core.sparse_modules import SparseModule
 from rsparse.errors import BadInputError, UnreachableSparsityError, UnsupportedModelError
 
-BASELINES = ("cats", "griffin", "relu")
 # Projections whose bytes each method can skip.
 SKIPPED_PROJ = {"cats": ("up_proj", "down_proj"), "griffin": ("gate_proj", "up_proj", "down_proj"),
                 "relu": ("up_proj", "down_proj")}

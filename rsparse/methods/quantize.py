@@ -101,12 +101,12 @@ def quantize_weights_(model: nn.Module, config: QuantConfig = QuantConfig(), kee
     """Quantize the weights of the 7 projections of every decoder block in place (see module
     docstring). Works on plain nn.Linear and on R-Sparse layers' weights alike; call it before
     rsparse.sparsify_ so that the factors and thresholds fit the quantized weights."""
-    from tqdm.auto import tqdm
+    from rsparse.progress import progress as bar
 
     linears = decoder_linears(model)  # UnsupportedModelError for anything else
     result = QuantizedWeights(model, config)
-    for lin in tqdm(linears, desc=f"quantizing ({config.label}, group {config.group_size})", unit="layer",
-                    disable=not progress, leave=False):
+    for lin in bar(linears, desc=f"quantizing ({config.label}, group {config.group_size})", unit="layer",
+                   disable=not progress, leave=False):
         w = lin.module.weight
         q = quantize_tensor(w, config)
         if keep_original:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.calibrate import (CalibrationActivations, LayerPlan, LayerPlanner, check_windows, calibrate_threshold,
                                     sample_budget, sample_module_groups)
@@ -21,6 +20,7 @@ from rsparse.core.layer import RSparseLinear, rsparse_layers
 from rsparse.core.models import DecoderLinear, decoder_linears, replace_module
 from rsparse.core.sparse_modules import restore_, token_mode
 from rsparse.errors import BadInputError
+from rsparse.progress import progress
 
 
 @torch.no_grad()
@@ -45,13 +45,13 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
         calibration = CalibrationActivations(windows=windows)
 
     plans, report = {}, {}
-    progress = tqdm(total=len(linears), desc=f"sparsify ({config.method})", unit="layer", leave=False)
+    bar = progress(total=len(linears), desc=f"sparsify ({config.method})", unit="layer", leave=False)
     for rows in groups:
         for lin in [l for l in linears if l.name in rows]:
             plans[lin.name], report[lin.name] = _plan_layer(lin, budgets[lin.name], rows[lin.name], config, calibration)
-            progress.update()
+            bar.update()
         del rows
-    progress.close()
+    bar.close()
     report = [report[l.name] for l in linears]
     # Layers are swapped in once all are planned (the later groups were sampled on the dense
     # model), each dense module dropped as its sparse copy replaces it.

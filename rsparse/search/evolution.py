@@ -21,67 +21,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from rsparse.core.budget import check_sparsity, layer_budget
+from rsparse.core.budget import layer_budget
 from rsparse.core.calibrate import CalibrationActivations, collect_activations
-from rsparse.core.config import FACTORS, RSparseConfig
+from rsparse.core.config import RSparseConfig
 from rsparse.core.models import decoder_linears
 from rsparse.errors import BadInputError
 from rsparse.io.results import write_json
+from rsparse.progress import progress
+from rsparse.search.config import SHARES, SearchConfig  # noqa: F401 (re-exported)
 from rsparse.search.objective import Candidates, _block_inputs, _fitness
-
-
-SHARES = ("layer", "type")
-
-
-@dataclass
-class SearchConfig:
-    sparsity: float = 0.5
-    population: int = 32
-    generations: int = 5  # per group
-    group_size: int = 28  # layers per group
-    mutation: float = 0.5  # F
-    crossover: float = 0.5  # CR
-    init_ratio: float = RSparseConfig.ratio  # centre of the initial population (see `initial_population`)
-    init_spread: float = 0.05
-    share: str = "layer"  # one rho per projection ("layer", the paper) or per projection type ("type")
-    tokens: str = "second_half"  # sparse (and scored) positions of the objective: second_half | all
-    # Low-rank factors the objective scores candidates with: "svd" (slices of one SVD per layer,
-    # cheap) or "whitened" (what sparsify_ builds by default; computed per layer and rho value).
-    factors: str = "svd"
-    rho_step: float = 0.005  # genes live on a grid of this step; thresholds (and factors) per grid point
-    seed: int = 0
-
-    @property
-    def steps(self) -> int:
-        return round(1 / self.rho_step)
-
-    def validate(self) -> "SearchConfig":
-        check_sparsity(self.sparsity)
-        if self.population < 4:
-            raise BadInputError(f"population must be at least 4 (differential evolution needs 3 donors), got {self.population}")
-        if self.generations < 1 or self.group_size < 1:
-            raise BadInputError("generations and group_size must be positive")
-        if not 0 < self.mutation <= 2 or not 0 <= self.crossover <= 1:
-            raise BadInputError(f"mutation F must be in (0, 2] and crossover CR in [0, 1], got {self.mutation}, {self.crossover}")
-        if not 0 <= self.init_spread <= 1:
-            raise BadInputError(f"init_spread must be in [0, 1], got {self.init_spread}")
-        if self.tokens not in ("second_half", "all"):
-            raise BadInputError(f"tokens must be second_half or all, got {self.tokens!r}")
-        if self.factors not in FACTORS:
-            raise BadInputError(f"factors must be one of {', '.join(FACTORS)}, got {self.factors!r}")
-        if not 0 < self.rho_step <= 1 or abs(round(1 / self.rho_step) * self.rho_step - 1) > 1e-9:
-            raise BadInputError(f"rho_step must divide 1 (e.g. 0.005, 0.05, 0.1), got {self.rho_step}")
-        if self.share not in SHARES:
-            raise BadInputError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
-        return self
 
 
 def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
@@ -146,7 +101,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     t_start = time.time()
     if state is None:
         pop = initial_population(n, cfg, rng)
-        fit = [evaluate(p, 0, {}) for p in tqdm(pop, desc="initial population", leave=False)]
+        fit = [evaluate(p, 0, {}) for p in progress(pop, desc="initial population", unit="candidate", leave=False)]
         state = {"settings": settings, "identity": identity, "group": 0, "generation": 0,
                  "population": pop.tolist(), "fitness": fit, "history": [], "evaluations": len(fit),
                  "seconds": time.time() - t_start}
@@ -154,7 +109,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     pop, fit = np.array(state["population"]), list(state["fitness"])
     total_gens = len(groups) * cfg.generations
     done = state["group"] * cfg.generations + state["generation"]
-    bar = tqdm(total=total_gens, initial=done, desc="search", unit="gen")
+    bar = progress(total=total_gens, initial=done, desc="search", unit="generation")
     while state["group"] < len(groups):
         genes = groups[state["group"]]
         others = [i for i in range(n) if i not in set(genes)]
@@ -172,7 +127,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             pop[0] = best
             noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
             pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * cfg.steps) / cfg.steps
-            fit = [evaluate(p, start_block, cache) for p in tqdm(pop, desc=f"group {state['group']} start", leave=False)]
+            fit = [evaluate(p, start_block, cache) for p in progress(pop, desc=f"group {state['group']} start", unit="candidate", leave=False)]
             state["group_started"] = True
             state["population"], state["fitness"] = pop.tolist(), fit
             state["evaluations"] += cfg.population

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rsparse.core.budget import layer_budget
 from rsparse.core.calibrate import CalibrationActivations, LayerPlanner, logits_kwargs
@@ -30,6 +29,7 @@ from rsparse.core.config import RSparseConfig
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_blocks
 from rsparse.methods.rsparse import sparsify_rsparse_
+from rsparse.progress import progress
 
 
 class Candidates:
@@ -134,7 +134,7 @@ def uniform_grid(model: nn.Module, windows: torch.Tensor, sparsity: float, grid,
     cands = Candidates(model, sparsity, activations, tokens=tokens, factors=factors, steps=steps)
     n = len(cands.layers)
     out = []
-    for rho in tqdm(list(grid), desc=f"uniform grid at {100 * sparsity:.0f}%", leave=False):
+    for rho in progress(list(grid), desc=f"uniform grid at {100 * sparsity:.0f}%", unit="rho value", leave=False):
         cands.apply(np.full(n, float(rho)))
         out.append({"rho": float(rho), "fitness": _fitness(model, windows, 0, {}, batch_size, tokens=tokens)})
     return out

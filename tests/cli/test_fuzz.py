@@ -235,14 +235,13 @@ def no_model_load(monkeypatch):
     """Every way rsparse loads weights fails the test: the case had to be refused before."""
     import transformers
 
-    import rsparse.cli.compress
     import rsparse.core.models
     import rsparse.io.checkpoint
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    for module, name in ((rsparse.core.models, "load_model"), (rsparse.cli.compress, "load_model"),
+    for module, name in ((rsparse.core.models, "load_model"),
                          (rsparse.io.checkpoint, "load_any"), (transformers.AutoModelForCausalLM, "from_pretrained")):
         monkeypatch.setattr(module, name, loaded)
 

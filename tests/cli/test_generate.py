@@ -1,16 +1,15 @@
 """rsparse generate / chat (CLI, built as rsparse.cli builds it) on tiny models, and one real answer."""
 
-import argparse
 import io
 
 import pytest
 import torch
 
 from conftest import cli_error, tiny_model, tiny_tokenizer
-from rsparse import generate
 from rsparse.core.layer import rsparse_layers
 from rsparse.io import checkpoint
 from rsparse.io.checkpoint import load_any as load  # compress writes a transformers directory
+from rsparse.runtime import generate
 
 pytestmark = pytest.mark.cli
 
@@ -59,8 +58,7 @@ def test_generate_from_a_checkpoint_streams_the_greedy_text(compressed, capsys):
     model, tok = load(compressed)
     assert {l.tokens for l in rsparse_layers(model)} == {"decode"}  # prefill dense, decode steps sparse
     ids = tok(prompt, return_tensors="pt").input_ids
-    args = argparse.Namespace(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **generate.generation_kwargs(model, tok, args))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **generate.generation_kwargs(model, tok, 8))
     new = ref[0, ids.shape[1]:]
     assert out == tok.decode(new, skip_special_tokens=True) + "\n"
     assert f"[{new.numel()} tokens in" in err
@@ -90,9 +88,9 @@ def test_chat_keeps_history_with_the_template_and_resets(compressed, tmp_path, m
     prompts = []
     original = generate.stream_generate
 
-    def recording(model, tokenizer, input_ids, args, stops=()):
+    def recording(model, tokenizer, input_ids, *args):
         prompts.append(tokenizer.decode(input_ids[0]))
-        return original(model, tokenizer, input_ids, args, stops)
+        return original(model, tokenizer, input_ids, *args)
 
     monkeypatch.setattr(generate, "stream_generate", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n\nthe quick fox\n/reset\nrivers\n/exit\nnever read\n"))
@@ -144,9 +142,9 @@ def test_chat_through_the_engine_keeps_history(compressed, monkeypatch, capsys):
     seen = []
     original = generate.engine_generate
 
-    def recording(engine, tokenizer, input_ids, args, stops=()):
+    def recording(engine, tokenizer, input_ids, max_new_tokens, sampling, stops=()):
         seen.append((input_ids.shape[1], engine.max_seq_len, stops))
-        return original(engine, tokenizer, input_ids, args, stops)
+        return original(engine, tokenizer, input_ids, max_new_tokens, sampling, stops)
 
     monkeypatch.setattr(generate, "engine_generate", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("The quick\nbrown fox\n"))
@@ -163,8 +161,7 @@ def test_stop_text_ends_generation_in_both_engines(compressed, monkeypatch, caps
     model, tok = load(compressed)
     prompt = "Rivers flow to the"
     ids = tok(prompt, return_tensors="pt").input_ids
-    args = argparse.Namespace(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0)
-    kwargs = generate.generation_kwargs(model, tok, args) | {"eos_token_id": None}
+    kwargs = generate.generation_kwargs(model, tok, 12) | {"eos_token_id": None}
     new = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
     texts = [tok.decode(new[: i + 1], skip_special_tokens=True) for i in range(len(new))]
     # the first token that adds text not seen before: generation must end right there
@@ -213,6 +210,6 @@ def test_compile_flag_reaches_the_engine_and_only_the_engine(compressed, monkeyp
               "--compile applies to the rsparse engine, not to --engine hf")
     # on a CUDA device (pretended: the model stays on the CPU) the engine is asked to compile
     monkeypatch.setattr("rsparse.core.models.check_device", lambda device: None)
-    monkeypatch.setattr(generate, "prepare_model", lambda args: load(str(compressed)))
+    monkeypatch.setattr(generate, "load_for_generation", lambda *args, **kwargs: load(str(compressed)))
     assert run_cli(base + ["--device", "cuda", "--compile", "on"]) == 0
     assert built == [False, False, None]

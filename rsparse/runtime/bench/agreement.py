@@ -16,7 +16,6 @@ DIR/agreement.json; exits 1 if any prompt's tokens differ.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from rsparse.runtime.bench import flags
 
 PROMPTS = [
     "What is the capital of France?",
@@ -111,24 +112,8 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="rsparse bench agreement", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="rsparse checkpoint or model (default: the embedded SmolLM2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32: in 16 bits the last-bit differences that flip a "
-                        "greedy choice are ~65000x larger)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--kernel", default="auto", choices=["auto", "always", "never"],
-                   help="auto: R-Sparse layers run the kernel in the engine's compiled step and the torch reference "
-                        "in transformers' eager loop; always: the kernel on both sides; never: the torch reference on "
-                        "both sides (no fp32 atomics: run to run deterministic), to tell the kernel's summation order "
-                        "from the engine's numerics")
-    p.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True): the kernel adds its partial sums in a fixed order, "
-                        "so each side repeats itself bit for bit")
-    p.add_argument("--out", default="out/agreement")
-    args = p.parse_args(argv)
+    args = flags.agreement().parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspaces
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: index_copy_ has no such kernel

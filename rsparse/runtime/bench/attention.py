@@ -15,12 +15,13 @@ Output: DIR/attention_bench.json and a table on stdout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
+
+from rsparse.runtime.bench import flags
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # heads, KV heads, head dim
 SMOKE_SHAPES = {"smoke": (4, 2, 16)}
@@ -102,17 +103,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="rsparse bench attention", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="llama2-7b,llama3-8b", help=f"shapes: {','.join(SHAPES)}")
-    p.add_argument("--batches", default="1,4")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument("--tune", action="store_true", help="also time every split size")
-    p.add_argument("--calls", type=int, default=32, help="calls captured per CUDA graph")
-    p.add_argument("--replays", type=int, default=20)
-    p.add_argument("--min-set-mb", type=float, default=300.0, help="caches cycled per op hold at least this")
-    p.add_argument("--smoke", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1, tiny shapes)")
-    p.add_argument("--out", default="out/attention-bench")
-    args = p.parse_args(argv)
+    args = flags.attention().parse_args(argv)
     unknown = set(args.models.split(",")) - set(SHAPES)
     if unknown:
         raise SystemExit(f"error: unknown --models {','.join(sorted(unknown))} (known: {','.join(SHAPES)})")

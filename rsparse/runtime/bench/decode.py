@@ -28,7 +28,6 @@ Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from rsparse.runtime.bench import flags
 from rsparse.runtime.bench.step_profile import GROUP_NAMES, profile_step
 
 MODELS = {
@@ -324,26 +324,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="rsparse bench decode", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="llama2-7b,llama3-8b", help=f"random-weight shapes: {','.join(MODELS)}")
-    p.add_argument("--model", default=None, help="a real model or rsparse checkpoint instead of random shapes")
-    p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
-    p.add_argument("--methods", default="sparse-only,R-Sparse", help="sparse rows: sparse-only, R-Sparse or both")
-    p.add_argument("--ratio", type=float, default=0.9, help="rho of the R-Sparse rows")
-    p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
-    p.add_argument("--gen", type=int, default=128, help="new tokens")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hf-tokens", type=int, default=16, help="tokens for the transformers eager row (0: skip)")
-    p.add_argument("--layers", type=int, default=None, help="override the layer count (quick checks)")
-    p.add_argument("--profile", action="store_true", help="also profile each engine row's decode step by kernel group")
-    p.add_argument("--attention", default="auto",
-                   help="decode attention of the engine rows: auto, kernel, sdpa, or a comma list to compare")
-    p.add_argument("--compile", default="on",
-                   help="engine rows with the decode step compiled (on) or only captured as a CUDA graph (off), "
-                        "or on,off to compare")
-    p.add_argument("--out", default="out/bench-decode")
-    args = p.parse_args(argv)
+    args = flags.decode().parse_args(argv)
     args.attention = [a for a in args.attention.split(",") if a]
     if not args.attention or not set(args.attention) <= {"auto", "kernel", "sdpa"}:
         raise SystemExit("error: --attention takes auto, kernel and/or sdpa")

@@ -22,7 +22,6 @@ Output: DIR/kernel_bench.json (all records), DIR/kernel_bench.txt (the log and t
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -99,9 +98,11 @@ VARIANTS_MM = {
 
 
 if __package__:  # as a package module
+    from rsparse.runtime.bench import flags
     from rsparse.runtime.bench.kernel_harness import (Timer, copy_bandwidth, pdl_selftest, _tol, LayerSets, OpFactory, time_op)
-else:  # as a script: the harness (plain torch) from its folder, so that nothing imports triton
-    # (the rsparse package does) before main sets TRITON_INTERPRET for --smoke
+else:  # as a script: the flags and the harness (plain torch) from its folder, so that nothing imports
+    # triton (the rsparse package does) before main sets TRITON_INTERPRET for --smoke
+    import flags  # type: ignore
     from kernel_harness import (Timer, copy_bandwidth, pdl_selftest, _tol, LayerSets, OpFactory, time_op)  # type: ignore
 
 def run_bench(args, K, timer, dev, records, log, bw):
@@ -287,32 +288,7 @@ def print_table(records, log):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/kernel-bench", help="output directory")
-    p.add_argument("--shapes", default="", help="comma list of labels or OUTSxIN (default: all)")
-    p.add_argument("--s", type=float, default=0.5, help="model-level sparsity budget")
-    p.add_argument("--rho", type=float, default=0.9, help="sparse share of the layer budget")
-    p.add_argument("--dtypes", default="bf16,fp16")
-    p.add_argument("--batches", default="1,2,4,8")
-    p.add_argument("--quick", action="store_true", help="batch 1 only")
-    p.add_argument("--no-groups", action="store_true", help="skip the fused q/k/v, gate/up groups")
-    p.add_argument("--calls", type=int, default=40, help="calls captured per CUDA graph")
-    p.add_argument("--replays", type=int, default=25)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-set-mb", type=float, default=300.0,
-                   help="rotating sets hold at least this many MB of weights per op")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
-    p.add_argument("--tune", action="store_true", help="variant sweep first (prints a table)")
-    p.add_argument("--tune-batches", default="2,4,8", help="batches swept by --tune besides 1")
-    p.add_argument("--no-bench", action="store_true", help="only --tune")
-    p.add_argument("--variants", default="",
-                   help="--tune: comma list of the sparse-tile variants to sweep (default: all)")
-    p.add_argument("--table-json", default="",
-                   help="use this tuned table (OUT/tuned_table.json of a --tune run)")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
-    args = p.parse_args(argv)
+    args = flags.kernel().parse_args(argv)
     if args.quick:
         args.batches = "1"
         args.tune_batches = ""

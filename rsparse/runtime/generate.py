@@ -1,23 +1,27 @@
-"""Text generation with sparsified models: the library side of `rsparse generate` and `rsparse chat`
-(their flags are in rsparse.cli.generate).
+"""Text generation with sparsified models: what `rsparse generate` and `rsparse chat` run (their
+flags, and the checks of those flags, are in rsparse.cli.generate).
 
-The model is an rsparse checkpoint (rsparse.io.checkpoint.save / `rsparse compress`), used as
-saved, or anything rsparse.core.models.load_model accepts, sparsified on the fly (calibration, which
-takes minutes on a CPU for a real model) unless --dense. Decoding is sparse: with the default
-token mode "decode" the prompt (prefill) runs dense and every generation step runs the R-Sparse
-layers. Tokens stream to stdout as they are generated; timings go to stderr.
+    model, tok = load_for_generation("out/smollm-50")                         # a checkpoint, as saved
+    model, tok = load_for_generation(None, RSparseConfig(sparsity=0.5))      # sparsified on the fly
+    text, stats = generate(model, tok, "What is the capital of France?", max_new_tokens=32)
+    chat(model, tok)                                                          # stdin lines; /reset, /exit
 
-On CUDA the decode engine (rsparse.runtime.engine: static KV cache, decode step replayed as a
-CUDA graph; compiled too with `--compile on`) generates by default; `--engine hf` uses
-transformers' `generate` instead (the reference; the default on other devices).
+The model is an rsparse checkpoint (`rsparse compress`, rsparse.save_pretrained), used as saved,
+or anything rsparse.core.models.load_model accepts, sparsified on the fly (calibration, which
+takes minutes on a CPU for a real model) or left dense. Decoding is sparse: in the default token
+mode "decode" the prompt (prefill) runs dense and every generation step runs the R-Sparse layers.
+Tokens stream to stdout as they are generated; timings go to stderr.
+
+engine="rsparse" generates with the decode engine (rsparse.runtime.engine: static KV cache,
+decode step replayed as a CUDA graph on CUDA, compiled too with compile=True); engine="hf" with
+transformers' `generate` (the reference).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from typing import Sequence
+from typing import Sequence, TextIO
 
 import torch
 
@@ -26,78 +30,33 @@ from rsparse.core.data import DataConfig
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.sparse_modules import set_token_mode
 from rsparse.errors import BadInputError
-
-# Sparsification flags that only apply when the model is not already a checkpoint; their
-# defaults (applied when unset) are those of RSparseConfig and DataConfig, as for `rsparse compress`.
-_SPARSIFY_DEFAULTS = {"sparsity": RSparseConfig.sparsity, "ratio": RSparseConfig.ratio, "recipe": None,
-                      "calib_corpus": DataConfig.calibration_corpus,
-                      "calib_samples": RSparseConfig.calibration_samples, "seq_len": RSparseConfig.seq_len}
+from rsparse.runtime.sampling import Sampling
 
 
-def _validate(args: argparse.Namespace) -> None:
-    if args.engine == "auto":
-        args.engine = "rsparse" if str(args.device).startswith("cuda") else "hf"
-    if args.compile is not None and args.engine != "rsparse":
-        raise BadInputError(f"--compile applies to the rsparse engine, not to --engine {args.engine} "
-                            "(the rsparse engine is the default on CUDA)")
-    if args.compile == "on" and not str(args.device).startswith("cuda"):
-        raise BadInputError(f"--compile on needs a CUDA device, not {args.device} (elsewhere the engine runs eagerly)")
-    if args.max_new_tokens < 1:
-        raise BadInputError("--max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise BadInputError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
-        raise BadInputError("--prompt is empty: give the text to continue or answer")
-    if any(not text for text in getattr(args, "stop", None) or ()):
-        raise BadInputError("--stop is empty: give the text that ends generation")
-    for flag in ("prompt", "system"):
-        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which the tokenizer rejects
-            (getattr(args, flag, None) or "").encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise BadInputError(f"--{flag} is not valid UTF-8 (a bad byte at character {e.start}): "
-                                "pass UTF-8 text") from None
-    from rsparse.core.models import check_device
+def load_for_generation(name: str | None, config: RSparseConfig | None = None, *, dense: bool = False,
+                        tokens: str = "decode", calib_corpus: str = DataConfig.calibration_corpus,
+                        max_new_tokens: int | None = None, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer) of `name` (None: the embedded model), ready to generate.
 
-    check_device(args.device)
-
-
-def _check_context(model, ids, max_new_tokens: int) -> None:
-    """A prompt that does not fit the context window gave a blank answer after a warning."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
-        raise BadInputError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it exceeds "
-                            f"the model's context of {limit} tokens: shorten the prompt or lower --max-new-tokens")
-
-
-def prepare_model(args: argparse.Namespace):
-    """Load (checkpoint or not), sparsify on the fly when asked; returns (model, tokenizer)."""
-    from rsparse.io.checkpoint import is_checkpoint, load_any
-    from rsparse.methods import restore_, sparsify_
+    A checkpoint is used as saved, its layers in token mode `tokens` (dense=True: its dense layers
+    back). Any other model is sparsified under `config` (calibrated on config.calibration_samples
+    windows of config.seq_len tokens of calib_corpus), or left dense without one. The model's
+    context (against max_new_tokens and config.seq_len) and the recipe are checked against its
+    config before its weights load; the prompt's length is known only later (check_context)."""
     from rsparse.core.config import layer_budgets
     from rsparse.core.data import load_windows
     from rsparse.core.models import DEFAULT_MODEL_NAME, check_seq_len, context_length, model_spec
+    from rsparse.io.checkpoint import is_checkpoint, load_any
+    from rsparse.methods import restore_, sparsify_
 
-    checkpoint = is_checkpoint(args.model)
-    given = [k for k in _SPARSIFY_DEFAULTS if getattr(args, k, None) is not None]
-    flags = ", ".join("--" + k.replace("_", "-") for k in given)
-    if given and checkpoint:
-        raise BadInputError(f"{args.model} is an rsparse checkpoint, already sparsified; {flags} only apply to "
-                         "models that are not (use --dense to run it dense)")
-    if given and args.dense:
-        raise BadInputError(f"--dense and {flags} exclude each other")
-    opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in _SPARSIFY_DEFAULTS.items()}
-    config = None
-    if not checkpoint and not args.dense:
-        # validate before loading anything
-        config = RSparseConfig(sparsity=opts["sparsity"], ratio=opts["ratio"], recipe=opts["recipe"],
-                               tokens=args.tokens, calibration_samples=opts["calib_samples"],
-                               seq_len=opts["seq_len"], seed=args.seed)
-    # the limits and the recipe against the model's config, before its weights load (the
-    # prompt's length is known only after tokenizing: _check_context)
-    spec = model_spec(args.model)
+    checkpoint = is_checkpoint(name)
+    if config is not None and (checkpoint or dense):
+        raise BadInputError(f"{name} is an rsparse checkpoint, already sparsified: pass no config" if checkpoint
+                            else "dense and a config exclude each other")
+    spec = model_spec(name)
     limit = context_length(spec)
-    if limit is not None and args.max_new_tokens >= limit:
-        raise BadInputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+    if max_new_tokens is not None and limit is not None and max_new_tokens >= limit:
+        raise BadInputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                             f"context of {limit} tokens: use at most {limit - 1}")
     if config is not None:
         if config.recipe is not None:
@@ -105,21 +64,21 @@ def prepare_model(args: argparse.Namespace):
         check_seq_len(spec, config.seq_len)
 
     start = time.time()
-    model, tokenizer = load_any(args.model, device=args.device, dtype=args.dtype)
-    name = args.model or DEFAULT_MODEL_NAME
+    model, tokenizer = load_any(name, device=device, dtype=dtype)
+    name = name or DEFAULT_MODEL_NAME
     if checkpoint:
-        if args.dense:
+        if dense:
             restore_(model)
         else:
-            set_token_mode(model, args.tokens)
+            set_token_mode(model, tokens)
         what = "dense" if not rsparse_layers(model) else f"{len(rsparse_layers(model))} R-Sparse layers"
         print(f"model: {name} (rsparse checkpoint, {what}; loaded in {time.time() - start:.1f} s)", file=sys.stderr)
     elif config is not None:
         print(f"model: {name}; sparsifying on the fly at {100 * config.sparsity:.0f}% (calibrating on "
-              f"{opts['calib_samples']} x {opts['seq_len']} tokens of {opts['calib_corpus']}; this takes a while on a "
+              f"{config.calibration_samples} x {config.seq_len} tokens of {calib_corpus}; this takes a while on a "
               "CPU: save a checkpoint once with `rsparse compress`, or pass --dense)", file=sys.stderr)
-        calib = load_windows(tokenizer, opts["calib_corpus"], opts["seq_len"], opts["calib_samples"], "calibration",
-                             args.seed)
+        calib = load_windows(tokenizer, calib_corpus, config.seq_len, config.calibration_samples, "calibration",
+                             config.seed)
         sparsify_(model, config, calib)
         print(f"sparsified in {time.time() - start:.0f} s", file=sys.stderr)
     else:
@@ -129,8 +88,16 @@ def prepare_model(args: argparse.Namespace):
     return model, tokenizer
 
 
-def uses_chat_template(tokenizer, args: argparse.Namespace) -> bool:
-    return not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
+def check_context(model, ids: torch.Tensor, max_new_tokens: int) -> None:
+    """A prompt that does not fit the context window gave a blank answer after a warning."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
+        raise BadInputError(f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} it exceeds "
+                            f"the model's context of {limit} tokens: shorten the prompt or lower --max-new-tokens")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def encode(tokenizer, messages: list[dict], chat_template: bool) -> torch.Tensor:
@@ -166,14 +133,21 @@ def _streamer(tokenizer):
     return TimedStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def generation_kwargs(model, tokenizer, args: argparse.Namespace) -> dict:
-    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+def eos_ids(model, tokenizer) -> list[int]:
+    """The end-of-sequence tokens: the generation config's and the tokenizer's."""
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def generation_kwargs(model, tokenizer, max_new_tokens: int, sampling: Sampling = Sampling()) -> dict:
+    """transformers' generate arguments for a request."""
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": not sampling.greedy}
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+    eos = eos_ids(model, tokenizer)
     if eos:
         kwargs["eos_token_id"] = eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
@@ -183,18 +157,18 @@ def generation_kwargs(model, tokenizer, args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def stream_generate(model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
+def stream_generate(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
                     stops: Sequence[str] = ()) -> tuple[str, dict]:
-    """Generate with tokens streamed to stdout; returns (new text, timing stats). Generation ends
-    at an end-of-sequence token or once the new text contains one of `stops` (the text returned
-    ends before it; the stream has shown it)."""
+    """Generate with transformers, tokens streamed to stdout; returns (new text, timing stats).
+    Generation ends at an end-of-sequence token or once the new text contains one of `stops`
+    (the text returned ends before it; the stream has shown it)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     streamer = _streamer(tokenizer)
     extra = {"stopping_criteria": _stop_criteria(tokenizer, input_ids.shape[1], stops)} if stops else {}
     t0 = time.perf_counter()
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                         **generation_kwargs(model, tokenizer, args), **extra)
+                         **generation_kwargs(model, tokenizer, max_new_tokens, sampling), **extra)
     t1 = time.perf_counter()
     new = out[0, input_ids.shape[1]:]
     first = streamer.first_token_at or t1
@@ -231,12 +205,8 @@ def _stop_criteria(tokenizer, prompt_len: int, stops: Sequence[str]):
     return StoppingCriteriaList([StopOnText()])
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    return generation_kwargs(model, tokenizer, argparse.Namespace(max_new_tokens=1, temperature=0)).get("eos_token_id", [])
-
-
-def make_engine(model, tokenizer, args: argparse.Namespace, max_seq_len: int):
-    """The decode engine for `--engine rsparse` (captured, and with --compile on compiled, on first use)."""
+def make_engine(model, max_seq_len: int, compile: bool = False):
+    """The decode engine (captured, and with compile=True compiled, on first use)."""
     from rsparse.runtime.engine import Engine
 
     context = getattr(model.config, "max_position_embeddings", None) or max_seq_len
@@ -245,15 +215,13 @@ def make_engine(model, tokenizer, args: argparse.Namespace, max_seq_len: int):
     # warm-up in a fresh process, the graph alone at 246 tok/s after ~1 s: compiling gains
     # 0.8 ms per token, about 10k tokens to repay it (docs/decode-engine.md).
     # compile=None: the engine's default (compiled on CUDA, eager elsewhere).
-    return Engine(model, max_seq_len=min(context, max_seq_len), compile=None if args.compile == "on" else False)
+    return Engine(model, max_seq_len=min(context, max_seq_len), compile=None if compile else False)
 
 
 @torch.no_grad()
-def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace,
+def engine_generate(engine, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
                     stops: Sequence[str] = ()) -> tuple[str, dict]:
     """Like stream_generate, with the decode engine."""
-    from rsparse.runtime.engine import Sampling
-
     streamer = _streamer(tokenizer)
     streamer.put(input_ids[0])
     new: list[int] = []
@@ -265,9 +233,8 @@ def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.N
         streamer.put(torch.tensor([step[0]]))
         return _has_stop(tokenizer, new, stops)
 
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     t0 = time.perf_counter()
-    result = engine.generate([input_ids[0].tolist()], args.max_new_tokens, sampling,
+    result = engine.generate([input_ids[0].tolist()], max_new_tokens, sampling,
                              eos_token_id=eos_ids(engine.model, tokenizer), on_tokens=on_tokens)
     streamer.end()
     tokens = result.tokens[0]
@@ -278,7 +245,7 @@ def engine_generate(engine, tokenizer, input_ids: torch.Tensor, args: argparse.N
     return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops), stats
 
 
-def _print_stats(stats: dict) -> None:
+def print_stats(stats: dict) -> None:
     decode = stats["decode_tokens_per_s"]
     warm = stats.get("warmup_seconds") or 0
     print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s; "
@@ -287,39 +254,44 @@ def _print_stats(stats: dict) -> None:
           + (f"; engine warm-up {warm:.1f} s" if warm >= 0.05 else "") + "]", file=sys.stderr, flush=True)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    _validate(args)
-    model, tokenizer = prepare_model(args)
-    template = uses_chat_template(tokenizer, args)
-    messages = ([{"role": "system", "content": args.system}] if args.system and template else []) + \
-        [{"role": "user", "content": args.prompt}]
+def generate(model, tokenizer, prompt: str, *, system: str | None = None, chat_template: bool = True,
+             max_new_tokens: int = 128, sampling: Sampling = Sampling(), stops: Sequence[str] = (),
+             engine: str = "hf", compile: bool = False) -> tuple[str, dict]:
+    """One answer to `prompt`, streamed to stdout: (its text, timing stats). chat_template: use
+    the tokenizer's chat template when it has one (with the `system` message); otherwise the
+    prompt is fed as is. engine: "hf" (transformers' generate) or "rsparse" (the decode engine)."""
+    template = chat_template and has_chat_template(tokenizer)
+    messages = ([{"role": "system", "content": system}] if system and template else []) + \
+        [{"role": "user", "content": prompt}]
     ids = encode(tokenizer, messages, template)
-    _check_context(model, ids, args.max_new_tokens)
-    torch.manual_seed(args.seed)
-    if args.engine == "rsparse":
+    check_context(model, ids, max_new_tokens)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    if engine == "rsparse":
         # cache sized to the request (attention reads every slot), in steps of 256 to reuse compiled code
-        engine = make_engine(model, tokenizer, args, -(-(ids.shape[1] + args.max_new_tokens) // 256) * 256)
-        _, stats = engine_generate(engine, tokenizer, ids, args, args.stop or ())
-    else:
-        _, stats = stream_generate(model, tokenizer, ids, args, args.stop or ())
-    _print_stats(stats)
-    return 0
+        runner = make_engine(model, -(-(ids.shape[1] + max_new_tokens) // 256) * 256, compile)
+        return engine_generate(runner, tokenizer, ids, max_new_tokens, sampling, stops)
+    return stream_generate(model, tokenizer, ids, max_new_tokens, sampling, stops)
 
 
-def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
-    _validate(args)
+def chat(model, tokenizer, *, stdin: TextIO | None = None, system: str | None = None, chat_template: bool = True,
+         max_new_tokens: int = 128, sampling: Sampling = Sampling(), stops: Sequence[str] = (),
+         engine: str = "hf", compile: bool = False) -> None:
+    """An interactive chat on stdin (one message a line; /reset clears the history, /exit or the
+    end of input quits), each reply streamed to stdout and its timings to stderr. The oldest
+    exchanges are dropped while the history and a reply would not fit the context."""
     stdin = stdin or sys.stdin
-    model, tokenizer = prepare_model(args)
-    template = uses_chat_template(tokenizer, args)
-    start = [{"role": "system", "content": args.system}] if args.system and template else []
+    template = chat_template and has_chat_template(tokenizer)
+    start = [{"role": "system", "content": system}] if system and template else []
     # a plain transcript (no chat template) would go on to write the user's next turn
-    stops = list(args.stop or ()) + ([] if template else ["\nUser:"])
+    stops = list(stops) + ([] if template else ["\nUser:"])
     history = list(start)
     limit = getattr(model.config, "max_position_embeddings", None)
-    engine = make_engine(model, tokenizer, args, 2048) if args.engine == "rsparse" else None
-    if engine is not None:
-        limit = engine.max_seq_len
-    torch.manual_seed(args.seed)
+    runner = make_engine(model, 2048, compile) if engine == "rsparse" else None
+    if runner is not None:
+        limit = runner.max_seq_len
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
     print("chat: type a message; /reset clears the history, /exit or end of input quits", file=sys.stderr)
     while True:
         print(">>> ", end="", file=sys.stderr, flush=True)
@@ -339,14 +311,12 @@ def cmd_chat(args: argparse.Namespace, stdin=None) -> int:
         history.append({"role": "user", "content": message})
         ids = encode(tokenizer, history, template)
         # Drop the oldest exchanges while the prompt and the reply would not fit the context.
-        while limit and ids.shape[1] + args.max_new_tokens > limit and len(history) > len(start) + 1:
+        while limit and ids.shape[1] + max_new_tokens > limit and len(history) > len(start) + 1:
             del history[len(start):len(start) + 2]
             ids = encode(tokenizer, history, template)
-        if engine is not None:
-            reply, stats = engine_generate(engine, tokenizer, ids, args, stops)
+        if runner is not None:
+            reply, stats = engine_generate(runner, tokenizer, ids, max_new_tokens, sampling, stops)
         else:
-            reply, stats = stream_generate(model, tokenizer, ids, args, stops)
-        reply = reply.strip()
-        history.append({"role": "assistant", "content": reply})
-        _print_stats(stats)
-    return 0
+            reply, stats = stream_generate(model, tokenizer, ids, max_new_tokens, sampling, stops)
+        history.append({"role": "assistant", "content": reply.strip()})
+        print_stats(stats)
