@@ -1,0 +1,70 @@
+"""Kernel configurations of the 4-bit R-Sparse decode kernel (triton_int4.py): base tile configs
+per batch class, the per-shape table measured on the H200, and the choice of one config per call.
+Plain Python.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Sparse tiles. Batch 1 ("m1"): each program compacts the kept channels of its chunk (CH input
+# channels, inside one quantisation group) and walks them G rows at a time with FMAs (NIB 8: the
+# rows read as int32 words of 8 nibbles; 2: as bytes). Batch 2-8 ("mm"): tl.dot on the tensor
+# cores, rows padded to 16; COMPACT False walks the chunk's rows in order, fetching those that
+# any batch row keeps (the union is 75-99.6% of the channels at batch 2-8, where compaction
+# costs more than it skips). M1_DOT: batch 1 on the tensor-core path too.
+_BASE = {
+    "m1": dict(BLOCK_N=512, CH=128, G=8, NIB=8, COMPACT=True, M1_DOT=False, num_warps=4),
+    "mm": dict(BLOCK_N=256, CH=128, G=32, NIB=8, COMPACT=False, M1_DOT=False, num_warps=4),
+}
+# Low-rank path (16-bit factors; the 16-bit kernel's z kernel and low-rank tiles): z programs
+# of BLOCK_KP input channels x BLOCK_R ranks; low-rank tiles of BLOCK_KR factor rows x LR_BN
+# columns, LR_G rows per FMA step at batch 1; LR_LAST: low-rank tiles after the sparse tiles.
+_LR = {
+    "m1": dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=32, LR_G=8, LR_BN=512, LR_LAST=False,
+               Z_WARPS=4, BLOCK_E=512),
+    "mm": dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=64, LR_G=0, LR_BN=128, LR_LAST=False,
+               Z_WARPS=4, BLOCK_E=512),
+}
+# PDL: programmatic dependent launch between the call's kernels (GPU only). PATH "dense": split
+# x into x*m and x*(1-m), then the dense 4-bit product (tinygemm, int4_dense.py) and the
+# low-rank products; taken only where the call passes the dense packing.
+_MODE = dict(PDL=True, PATH="triton")
+
+# Per-shape choices: (class, in, out) -> config on top of the base, out summed over the parts of
+# a fused call, class m1 / m2 / m4 / m8 (batch 1, 2, 3-4, 5-8) with a "+lr" suffix for calls with
+# a low-rank term where that measured best with another config. Entries come from
+# `python -m rsparse.runtime.bench.kernel_int4 --tune` on the H200 (docs/int4-kernel.md).
+_TABLE: dict = {}
+
+
+def batch_class(M: int) -> str:
+    return "m1" if M == 1 else "m2" if M == 2 else "m4" if M <= 4 else "m8"
+
+
+def pick_config(M: int, K: int, N: int, group_size: int, override: Optional[dict] = None,
+                has_lr: bool = False) -> dict:
+    """Base config of the batch class, the per-shape table entry, then the override (tests and
+    the benchmark's sweep); CH is cut to the group size (a chunk never spans two groups)."""
+    base = "m1" if M == 1 else "mm"
+    cfg = dict(_BASE[base])
+    cfg.update(_LR[base])
+    cfg.update(_MODE)
+    if not override:
+        cls = batch_class(M)
+        entry = _TABLE.get((cls + "+lr", K, N)) if has_lr else None
+        cfg.update(entry if entry is not None else _TABLE.get((cls, K, N), {}))
+    if override:
+        unknown = set(override) - set(cfg) - {"num_stages"}
+        if unknown:
+            raise ValueError(f"unknown 4-bit kernel config keys {sorted(unknown)}")
+        cfg.update(override)
+    cfg["CH"] = min(cfg["CH"], group_size)
+    if group_size % cfg["CH"] or cfg["CH"] % cfg["G"]:
+        raise ValueError(f"CH {cfg['CH']} must divide the group size {group_size} and be a "
+                         f"multiple of G {cfg['G']}")
+    if cfg["NIB"] not in (2, 8):
+        raise ValueError(f"NIB must be 2 (bytes) or 8 (int32 words), got {cfg['NIB']}")
+    if cfg["PATH"] not in ("triton", "dense"):
+        raise ValueError(f"PATH must be 'triton' or 'dense', got {cfg['PATH']!r}")
+    return cfg
