@@ -30,6 +30,28 @@ if _HAS_TRITON:
         return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _byte_mant(src, j: tl.constexpr, ASM: tl.constexpr):
+        """fp32 1 + q / 128 from byte j of src, which holds 0x80 | q: that byte moved under
+        0x3F (bits 0x3F80_0000 | q << 16, exact), one PRMT on the GPU (ASM; the interpreter
+        runs no PTX: the same bits by shifts)."""
+        if ASM:
+            if j == 0:
+                bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x3F000000, 0x7054;", "=r,r",
+                                                 [src], dtype=tl.int32, is_pure=True, pack=1)
+            elif j == 1:
+                bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x3F000000, 0x7154;", "=r,r",
+                                                 [src], dtype=tl.int32, is_pure=True, pack=1)
+            elif j == 2:
+                bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x3F000000, 0x7254;", "=r,r",
+                                                 [src], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                bits = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x3F000000, 0x7354;", "=r,r",
+                                                 [src], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = (((src >> (8 * j)) & 0xFF) << 16) | 0x3F000000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _operand(w, k: tl.constexpr, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr):
         """Tensor-core operand for nibble k: OFF + q, exact. OPND 1: bf16 128 + q, 2: fp16
         1024 + q (the code OR-ed into the mantissa of 128 / 1024, no conversion instruction);
@@ -60,18 +82,41 @@ if _HAS_TRITON:
         return w.to(tl.int32), xv
 
     @triton.jit
-    def _fma(a0, a1, a2, a3, a4, a5, a6, a7, w, xv, NIB: tl.constexpr):
-        """a_k (G, BW) += x * (1 + q_k / 16) for the NIB nibbles of each packed element."""
-        xb = xv[:, None]
-        a0 += xb * _mant(w, 0)
-        a1 += xb * _mant(w, 1)
+    def _code(w, ev, od, k: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr):
+        """f(q_k) of nibble k: MANT 0: 1 + q / 16 (_mant, two integer ops); 1: 1 + q / 128
+        (byte k // 2 of ev / od, the even / odd nibbles spread into bytes 0x80 | q once per
+        word: one byte permute per nibble)."""
+        if MANT == 0:
+            return _mant(w, k)
+        elif k % 2 == 0:
+            return _byte_mant(ev, k // 2, ASM)
+        else:
+            return _byte_mant(od, k // 2, ASM)
+
+    @triton.jit
+    def _acc(a, xb, f, SUMG: tl.constexpr):
+        """a += xb * f, or (SUMG: a has no G axis) its sum over the group's rows (axis 0)."""
+        if SUMG:
+            return a + tl.sum(xb * f, axis=0)
+        else:
+            return a + xb * f
+
+    @triton.jit
+    def _fma(a0, a1, a2, a3, a4, a5, a6, a7, w, xb, NIB: tl.constexpr, MANT: tl.constexpr,
+             ASM: tl.constexpr, SUMG: tl.constexpr = False):
+        """a_k += xb * f(q_k) for the NIB nibbles of each packed element of w (see _code)."""
+        HI: tl.constexpr = -0x7F7F7F80  # 0x80808080 as an int32
+        ev = (w & 0x0F0F0F0F) | HI
+        od = ((w >> 4) & 0x0F0F0F0F) | HI
+        a0 = _acc(a0, xb, _code(w, ev, od, 0, MANT, ASM), SUMG)
+        a1 = _acc(a1, xb, _code(w, ev, od, 1, MANT, ASM), SUMG)
         if NIB == 8:
-            a2 += xb * _mant(w, 2)
-            a3 += xb * _mant(w, 3)
-            a4 += xb * _mant(w, 4)
-            a5 += xb * _mant(w, 5)
-            a6 += xb * _mant(w, 6)
-            a7 += xb * _mant(w, 7)
+            a2 = _acc(a2, xb, _code(w, ev, od, 2, MANT, ASM), SUMG)
+            a3 = _acc(a3, xb, _code(w, ev, od, 3, MANT, ASM), SUMG)
+            a4 = _acc(a4, xb, _code(w, ev, od, 4, MANT, ASM), SUMG)
+            a5 = _acc(a5, xb, _code(w, ev, od, 5, MANT, ASM), SUMG)
+            a6 = _acc(a6, xb, _code(w, ev, od, 6, MANT, ASM), SUMG)
+            a7 = _acc(a7, xb, _code(w, ev, od, 7, MANT, ASM), SUMG)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     # ------------------------------------------------------------------ batch 2-8: tl.dot
@@ -136,7 +181,10 @@ if _HAS_TRITON:
         s = tl.load(sz_ptr + cols * 2, mask=w_ok, other=0.0).to(tl.float32)
         z = tl.load(sz_ptr + cols * 2 + 1, mask=w_ok, other=0.0).to(tl.float32)
         if M_PAD == 1:
-            a = tl.sum(acc, axis=0)
+            if len(acc.shape) == 2:  # (G, BW): the walk's rows still to be added
+                a = tl.sum(acc, axis=0)
+            else:
+                a = acc
             v = s * (SCL * a - (OFF + 8.0) * xs) + z * xs
             tl.atomic_add(ws_ptr + cols, v, mask=w_ok, sem="relaxed")
         else:
@@ -166,11 +214,17 @@ if _HAS_TRITON:
                    thr_val, scale_ptr, ws_ptr, N, THR_IS_PTR: tl.constexpr,
                    HAS_SCALE: tl.constexpr, GS: tl.constexpr, M_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, NIB: tl.constexpr,
-                   COMPACT: tl.constexpr, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                   COMPACT: tl.constexpr, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                   ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr,
+                   SUMG: tl.constexpr):
         """Tile (column tile n, chunk kc of CH input channels inside one group): the chunk's
         kept channels times their 4-bit rows, scaled by the group's scale/zero, added into the
         fp32 workspace. A chunk nobody keeps costs its x load and nothing else."""
         BW: tl.constexpr = BLOCK_N // NIB
+        if MANT == 0:  # the FMA walk sums x (1 + q / SCL)
+            SCL: tl.constexpr = 16.0
+        else:
+            SCL: tl.constexpr = 128.0
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
@@ -198,24 +252,56 @@ if _HAS_TRITON:
                 pos = tl.cumsum(kany, 0) - 1
                 tl.store(slot_ptr + pos, offs_c, mask=kany > 0)
                 tl.debug_barrier()
-            if M_PAD == 1:  # FMA walk over kept rows, the next group's loads issued first
-                a0 = tl.zeros([G, BW], dtype=tl.float32)
-                a1 = tl.zeros([G, BW], dtype=tl.float32)
-                a2 = tl.zeros([G, BW], dtype=tl.float32)
-                a3 = tl.zeros([G, BW], dtype=tl.float32)
-                a4 = tl.zeros([G, BW], dtype=tl.float32)
-                a5 = tl.zeros([G, BW], dtype=tl.float32)
-                a6 = tl.zeros([G, BW], dtype=tl.float32)
-                a7 = tl.zeros([G, BW], dtype=tl.float32)
+            if M_PAD == 1 and ROWS1D:
+                # FMA walk, one kept row at a time in a G-row unrolled body: each thread holds
+                # its columns' words of every row in flight (G loads deep) and its own sums, so
+                # no cross-thread reduction is left at the end
+                a0 = tl.zeros([BW], dtype=tl.float32)
+                a1 = tl.zeros([BW], dtype=tl.float32)
+                a2 = tl.zeros([BW], dtype=tl.float32)
+                a3 = tl.zeros([BW], dtype=tl.float32)
+                a4 = tl.zeros([BW], dtype=tl.float32)
+                a5 = tl.zeros([BW], dtype=tl.float32)
+                a6 = tl.zeros([BW], dtype=tl.float32)
+                a7 = tl.zeros([BW], dtype=tl.float32)
+                for g0 in range(0, cnt, G):
+                    for i in tl.static_range(G):
+                        # ranks past cnt: x 0 and no weight fetched (g0 + i < CH: in the slot)
+                        ok = g0 + i < cnt
+                        row = tl.where(ok, tl.load(slot_ptr + g0 + i), 0)
+                        xv = tl.where(ok, tl.load(x_ptr + row).to(tl.float32), 0.0)
+                        w = tl.load(qw_ptr + row * stride_q + offs_w,
+                                    mask=w_ok & (offs_w * 0 + g0 + i < cnt), other=0,
+                                    eviction_policy="evict_first").to(tl.int32)
+                        a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7,
+                                                              w, xv, NIB, MANT, ASM)
+                _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
+                            offs_m, m_ok, N, NIB, SCL, SCL, M_PAD)
+            elif M_PAD == 1:
+                # FMA walk over (G, BW) tiles of kept rows, the next tile's loads issued first.
+                # SUMG: each tile summed over its rows at once (in registers when a thread
+                # holds all G rows of its columns: BLOCK_N = 32 x threads), else at the end
+                if SUMG:
+                    GA: tl.constexpr = 1
+                else:
+                    GA: tl.constexpr = G
+                a0 = tl.zeros([GA, BW], dtype=tl.float32)
+                a1 = tl.zeros([GA, BW], dtype=tl.float32)
+                a2 = tl.zeros([GA, BW], dtype=tl.float32)
+                a3 = tl.zeros([GA, BW], dtype=tl.float32)
+                a4 = tl.zeros([GA, BW], dtype=tl.float32)
+                a5 = tl.zeros([GA, BW], dtype=tl.float32)
+                a6 = tl.zeros([GA, BW], dtype=tl.float32)
+                a7 = tl.zeros([GA, BW], dtype=tl.float32)
                 w, xv = _rows1(0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w, w_ok, G)
                 for g0 in range(G, cnt + G, G):
                     w_n, xv_n = _rows1(g0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w,
                                        w_ok, G)
                     a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7, w,
-                                                          xv, NIB)
+                                                          xv[:, None], NIB, MANT, ASM, SUMG)
                     w, xv = w_n, xv_n
                 _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
-                            offs_m, m_ok, N, NIB, 16.0, 16.0, M_PAD)
+                            offs_m, m_ok, N, NIB, SCL, SCL, M_PAD)
             else:  # tensor cores; batch rows padded to M_PAD
                 a0 = tl.zeros([M_PAD, BW], dtype=tl.float32)
                 a1 = tl.zeros([M_PAD, BW], dtype=tl.float32)
@@ -264,8 +350,9 @@ if _HAS_TRITON:
                           NUM_PARTS: tl.constexpr, GS: tl.constexpr, M_PAD: tl.constexpr,
                           BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                           NIB: tl.constexpr, COMPACT: tl.constexpr, OPND: tl.constexpr,
-                          LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr, LR_G: tl.constexpr,
-                          LR_LAST: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                          ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr,
+                          SUMG: tl.constexpr, LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr,
+                          LR_G: tl.constexpr, LR_LAST: tl.constexpr, DOT_UPCAST: tl.constexpr,
                           USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][4-bit sparse tiles p0 | p1 | p2] (LR_LAST: sparse tiles
         first); fp32 partial sums -> ws. Same program order and PDL rules as the 16-bit main
@@ -306,14 +393,14 @@ if _HAS_TRITON:
             if q < SE0:
                 _int4_tile(q, slot, x_ptr, stride_xm, M, K, qw0, sq0, sz0, thr0, tv0, sc0,
                            ws_ptr + wo0, N0, TP0, HS0, GS, M_PAD, BLOCK_N, CH, G, NIB, COMPACT,
-                           OPND, DOT_UPCAST)
+                           OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _int4_tile(q - SE0, slot, x_ptr, stride_xm, M, K, qw1, sq1, sz1, thr1, tv1,
                                sc1, ws_ptr + wo1, N1, TP1, HS1, GS, M_PAD, BLOCK_N, CH, G, NIB,
-                               COMPACT, OPND, DOT_UPCAST)
+                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
             else:
                 if NUM_PARTS > 2:
                     _int4_tile(q - SE1, slot, x_ptr, stride_xm, M, K, qw2, sq2, sz2, thr2, tv2,
                                sc2, ws_ptr + wo2, N2, TP2, HS2, GS, M_PAD, BLOCK_N, CH, G, NIB,
-                               COMPACT, OPND, DOT_UPCAST)
+                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
