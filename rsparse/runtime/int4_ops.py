@@ -34,7 +34,8 @@ from rsparse.runtime.ops import kernel_runs_on
 def int4_decode_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor,
                        threshold: torch.Tensor, score_scale: Optional[torch.Tensor],
                        lr_down: Optional[torch.Tensor], lr_up: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], packed: Optional[torch.Tensor]) -> torch.Tensor:
+                       bias: Optional[torch.Tensor],
+                       packed: Optional[torch.Tensor]) -> torch.Tensor:
     """y = m(x) W^T + (x - m(x)) (A B)^T + bias for a 4-bit W, x (..., in)."""
     if kernel_runs_on(x.device):
         return _decode_linear(x, qweight, scales_zeros, threshold, score_scale, lr_down, lr_up,

@@ -158,7 +158,6 @@ def test_empty_and_full_masks(M, dtype):
 VARIANTS = {
     "bytes": dict(FMA, NIB=2),  # the rows read as bytes, 2 nibbles each
     "walk2d": dict(FMA, ROWS1D=False),  # (G, BLOCK_N) tiles of kept rows, one group ahead
-    "walk2d_sumg": dict(FMA, ROWS1D=False, SUMG=True, num_warps=1),  # tiles summed at once
     "shift_mask": dict(FMA, MANT=0),  # codes to floats by shift and mask, not byte permutes
     "m1_dot": dict(DOT, M1_DOT=True),  # batch 1 on the tensor-core path
     "dot_compact": dict(DOT, COMPACT=True, CH=32),  # batch: compacted union walk

@@ -39,9 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS_M1 = {
     "rows1024-g32": dict(BLOCK_N=1024, CH=128, G=32, num_warps=4),
     "rows2048-g16": dict(BLOCK_N=2048, CH=128, G=16, num_warps=4),
-    "rows2048-g16-w8": dict(BLOCK_N=2048, CH=128, G=16, num_warps=8),
     "rows1024-g16-ch64": dict(BLOCK_N=1024, CH=64, G=16, num_warps=4),
-    "rows512-g32-w2": dict(BLOCK_N=512, CH=128, G=32, num_warps=2),
     "tile512-g8": dict(BLOCK_N=512, CH=128, G=8, ROWS1D=False, num_warps=4),
     "rows1024-g32-shift": dict(BLOCK_N=1024, CH=128, G=32, MANT=0, num_warps=4),
     "rows1024-g32-bytes": dict(BLOCK_N=1024, CH=128, G=32, NIB=2, num_warps=4),
@@ -50,7 +48,6 @@ VARIANTS_M1 = {
 LR_VARIANTS = {  # on top of the best batch-1 variant (R-Sparse only)
     "kr16": dict(BLOCK_KR=16, LR_G=8),
     "kr32-last": dict(BLOCK_KR=32, LR_G=8, LR_LAST=True),
-    "kr64": dict(BLOCK_KR=64, LR_G=8),
     "kr32-bn256": dict(BLOCK_KR=32, LR_G=8, LR_BN=256),
 }
 VARIANTS_MM = {

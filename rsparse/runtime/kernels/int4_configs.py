@@ -14,9 +14,9 @@ from typing import Optional
 # any batch row keeps (the union is 75-99.6% of the channels at batch 2-8, where compaction
 # costs more than it skips). M1_DOT: batch 1 on the tensor-core path too.
 _BASE = {
-    "m1": dict(BLOCK_N=1024, CH=128, G=32, NIB=8, COMPACT=True, ROWS1D=True, SUMG=False, MANT=1,
+    "m1": dict(BLOCK_N=1024, CH=128, G=32, NIB=8, COMPACT=True, ROWS1D=True, MANT=1,
                M1_DOT=False, num_warps=4),
-    "mm": dict(BLOCK_N=256, CH=128, G=32, NIB=8, COMPACT=False, ROWS1D=False, SUMG=False, MANT=1,
+    "mm": dict(BLOCK_N=256, CH=128, G=32, NIB=8, COMPACT=False, ROWS1D=False, MANT=1,
                M1_DOT=False, num_warps=4),
 }
 # Low-rank path (16-bit factors; the 16-bit kernel's z kernel and low-rank tiles): z programs

@@ -94,29 +94,20 @@ if _HAS_TRITON:
             return _byte_mant(od, k // 2, ASM)
 
     @triton.jit
-    def _acc(a, xb, f, SUMG: tl.constexpr):
-        """a += xb * f, or (SUMG: a has no G axis) its sum over the group's rows (axis 0)."""
-        if SUMG:
-            return a + tl.sum(xb * f, axis=0)
-        else:
-            return a + xb * f
-
-    @triton.jit
     def _fma(a0, a1, a2, a3, a4, a5, a6, a7, w, xb, NIB: tl.constexpr, MANT: tl.constexpr,
-             ASM: tl.constexpr, SUMG: tl.constexpr = False):
+             ASM: tl.constexpr):
         """a_k += xb * f(q_k) for the NIB nibbles of each packed element of w (see _code)."""
-        HI: tl.constexpr = -0x7F7F7F80  # 0x80808080 as an int32
-        ev = (w & 0x0F0F0F0F) | HI
-        od = ((w >> 4) & 0x0F0F0F0F) | HI
-        a0 = _acc(a0, xb, _code(w, ev, od, 0, MANT, ASM), SUMG)
-        a1 = _acc(a1, xb, _code(w, ev, od, 1, MANT, ASM), SUMG)
+        ev = (w & 0x0F0F0F0F) | -0x7F7F7F80  # | 0x80808080 (as an int32)
+        od = ((w >> 4) & 0x0F0F0F0F) | -0x7F7F7F80
+        a0 += xb * _code(w, ev, od, 0, MANT, ASM)
+        a1 += xb * _code(w, ev, od, 1, MANT, ASM)
         if NIB == 8:
-            a2 = _acc(a2, xb, _code(w, ev, od, 2, MANT, ASM), SUMG)
-            a3 = _acc(a3, xb, _code(w, ev, od, 3, MANT, ASM), SUMG)
-            a4 = _acc(a4, xb, _code(w, ev, od, 4, MANT, ASM), SUMG)
-            a5 = _acc(a5, xb, _code(w, ev, od, 5, MANT, ASM), SUMG)
-            a6 = _acc(a6, xb, _code(w, ev, od, 6, MANT, ASM), SUMG)
-            a7 = _acc(a7, xb, _code(w, ev, od, 7, MANT, ASM), SUMG)
+            a2 += xb * _code(w, ev, od, 2, MANT, ASM)
+            a3 += xb * _code(w, ev, od, 3, MANT, ASM)
+            a4 += xb * _code(w, ev, od, 4, MANT, ASM)
+            a5 += xb * _code(w, ev, od, 5, MANT, ASM)
+            a6 += xb * _code(w, ev, od, 6, MANT, ASM)
+            a7 += xb * _code(w, ev, od, 7, MANT, ASM)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     # ------------------------------------------------------------------ batch 2-8: tl.dot
@@ -215,21 +206,15 @@ if _HAS_TRITON:
                    HAS_SCALE: tl.constexpr, GS: tl.constexpr, M_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, NIB: tl.constexpr,
                    COMPACT: tl.constexpr, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                   ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr,
-                   SUMG: tl.constexpr):
+                   ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr):
         """Tile (column tile n, chunk kc of CH input channels inside one group): the chunk's
         kept channels times their 4-bit rows, scaled by the group's scale/zero, added into the
         fp32 workspace. A chunk nobody keeps costs its x load and nothing else."""
-        BW: tl.constexpr = BLOCK_N // NIB
-        if MANT == 0:  # the FMA walk sums x (1 + q / SCL)
-            SCL: tl.constexpr = 16.0
-        else:
-            SCL: tl.constexpr = 128.0
         thr = _load_thr(thr_ptr, thr_val, THR_IS_PTR)
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
-        offs_w = n * BW + tl.arange(0, BW)
+        offs_w = n * (BLOCK_N // NIB) + tl.arange(0, BLOCK_N // NIB)
         w_ok = offs_w < N // NIB
         offs_c = kc * CH + tl.arange(0, CH)
         sz_ptr += ((kc * CH) // GS) * N * 2  # the group's (out, 2) row
@@ -256,14 +241,14 @@ if _HAS_TRITON:
                 # FMA walk, one kept row at a time in a G-row unrolled body: each thread holds
                 # its columns' words of every row in flight (G loads deep) and its own sums, so
                 # no cross-thread reduction is left at the end
-                a0 = tl.zeros([BW], dtype=tl.float32)
-                a1 = tl.zeros([BW], dtype=tl.float32)
-                a2 = tl.zeros([BW], dtype=tl.float32)
-                a3 = tl.zeros([BW], dtype=tl.float32)
-                a4 = tl.zeros([BW], dtype=tl.float32)
-                a5 = tl.zeros([BW], dtype=tl.float32)
-                a6 = tl.zeros([BW], dtype=tl.float32)
-                a7 = tl.zeros([BW], dtype=tl.float32)
+                a0 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a1 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a2 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a3 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a4 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a5 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a6 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a7 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
                 for g0 in range(0, cnt, G):
                     for i in tl.static_range(G):
                         # ranks past cnt: x 0 and no weight fetched (g0 + i < CH: in the slot)
@@ -276,41 +261,35 @@ if _HAS_TRITON:
                         a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7,
                                                               w, xv, NIB, MANT, ASM)
                 _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
-                            offs_m, m_ok, N, NIB, SCL, SCL, M_PAD)
+                            offs_m, m_ok, N, NIB, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
             elif M_PAD == 1:
-                # FMA walk over (G, BW) tiles of kept rows, the next tile's loads issued first.
-                # SUMG: each tile summed over its rows at once (in registers when a thread
-                # holds all G rows of its columns: BLOCK_N = 32 x threads), else at the end
-                if SUMG:
-                    GA: tl.constexpr = 1
-                else:
-                    GA: tl.constexpr = G
-                a0 = tl.zeros([GA, BW], dtype=tl.float32)
-                a1 = tl.zeros([GA, BW], dtype=tl.float32)
-                a2 = tl.zeros([GA, BW], dtype=tl.float32)
-                a3 = tl.zeros([GA, BW], dtype=tl.float32)
-                a4 = tl.zeros([GA, BW], dtype=tl.float32)
-                a5 = tl.zeros([GA, BW], dtype=tl.float32)
-                a6 = tl.zeros([GA, BW], dtype=tl.float32)
-                a7 = tl.zeros([GA, BW], dtype=tl.float32)
+                # FMA walk over (G, BW) tiles of kept rows, the next tile's loads issued first
+                a0 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a1 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a2 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a3 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a4 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a5 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a6 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a7 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
                 w, xv = _rows1(0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w, w_ok, G)
                 for g0 in range(G, cnt + G, G):
                     w_n, xv_n = _rows1(g0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w,
                                        w_ok, G)
                     a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7, w,
-                                                          xv[:, None], NIB, MANT, ASM, SUMG)
+                                                          xv[:, None], NIB, MANT, ASM)
                     w, xv = w_n, xv_n
                 _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
-                            offs_m, m_ok, N, NIB, SCL, SCL, M_PAD)
+                            offs_m, m_ok, N, NIB, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
             else:  # tensor cores; batch rows padded to M_PAD
-                a0 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a1 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a2 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a3 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a4 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a5 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a6 = tl.zeros([M_PAD, BW], dtype=tl.float32)
-                a7 = tl.zeros([M_PAD, BW], dtype=tl.float32)
+                a0 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a1 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a2 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a3 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a4 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a5 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a6 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a7 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
                 if COMPACT:
                     n_rows = cnt
                 else:
@@ -351,7 +330,7 @@ if _HAS_TRITON:
                           BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                           NIB: tl.constexpr, COMPACT: tl.constexpr, OPND: tl.constexpr,
                           ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr,
-                          SUMG: tl.constexpr, LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr,
+                          LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr,
                           LR_G: tl.constexpr, LR_LAST: tl.constexpr, DOT_UPCAST: tl.constexpr,
                           USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][4-bit sparse tiles p0 | p1 | p2] (LR_LAST: sparse tiles
@@ -393,14 +372,14 @@ if _HAS_TRITON:
             if q < SE0:
                 _int4_tile(q, slot, x_ptr, stride_xm, M, K, qw0, sq0, sz0, thr0, tv0, sc0,
                            ws_ptr + wo0, N0, TP0, HS0, GS, M_PAD, BLOCK_N, CH, G, NIB, COMPACT,
-                           OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
+                           OPND, DOT_UPCAST, ROWS1D, MANT, ASM)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _int4_tile(q - SE0, slot, x_ptr, stride_xm, M, K, qw1, sq1, sz1, thr1, tv1,
                                sc1, ws_ptr + wo1, N1, TP1, HS1, GS, M_PAD, BLOCK_N, CH, G, NIB,
-                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
+                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM)
             else:
                 if NUM_PARTS > 2:
                     _int4_tile(q - SE1, slot, x_ptr, stride_xm, M, K, qw2, sq2, sz2, thr2, tv2,
                                sc2, ws_ptr + wo2, N2, TP2, HS2, GS, M_PAD, BLOCK_N, CH, G, NIB,
-                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM, SUMG)
+                               COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM)
