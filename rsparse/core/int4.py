@@ -2,8 +2,9 @@
 
 A layer W (out, in) is stored as an :class:`Int4Weight`:
 
-    qweight       (in, out // 2) uint8  row j = input channel j, all its output rows: byte b holds
-                                        output 2b in the low nibble and 2b + 1 in the high one
+    qweight       (in, out // 2) uint8  row j = input channel j, all its output rows, read as
+                                        out // 8 little-endian int32 words: nibble k (bits 4k..4k+3)
+                                        of word i is output k * out // 8 + i
     scales_zeros  (in // group, out, 2) bf16  (scale, zero) of group g for every output row
     W[n, j] = (q[j, n] - 8) * scale[g, n] + zero[g, n],   g = j // group_size,  q in 0..15
 
@@ -11,8 +12,11 @@ Why this layout. The sparse kernel reads only the input channels a token keeps, 
 channel needs is contiguous: its row of qweight (out / 2 bytes) and its group's row of
 scales_zeros (4 * out bytes, shared by the group's channels). Packing runs along the OUTPUT
 dimension, never across input channels, so skipping a channel never drags a neighbour's nibbles
-in. Read as little-endian int32 (the same bytes), word i of a row holds outputs 8i .. 8i + 7 in
-nibbles 0 .. 7: the kernel reads 4-byte words (or bytes; triton_int4.py's NIB says which).
+in. The row is read in 4-byte words (measured faster than reading bytes:
+docs/int4-kernel.md), and the 8 nibbles of a word belong to 8 "planes" of out / 8 consecutive
+outputs: a kernel tile of words i0 .. i1 yields 8 contiguous runs of outputs, so its scale/zero
+loads and its output adds are contiguous (with outputs 8i .. 8i + 7 in one word they would be
+8-way strided).
 
 Groups run along the input dimension (one scale and zero per output row and 128 consecutive input
 channels by default). Two costs set the size: the scale/zero bytes per weight (4 bytes per group
@@ -81,19 +85,23 @@ def check_shape(out_features: int, in_features: int, group_size: int) -> None:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(in, out) integer codes 0..15 -> (in, out // 2) uint8: output 2b in byte b's low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError("an even number of outputs is needed to pack nibble pairs")
-    c = codes.to(torch.uint8)
-    if bool(((c > 15) | (codes < 0)).any()):
+    """(in, out) integer codes 0..15 -> (in, out // 2) uint8 in the planar word order of the
+    module docstring (out % 8 == 0)."""
+    rows, out = codes.shape
+    if out % 8:
+        raise ValueError(f"out {out} is not a multiple of 8 (whole int32 words per row)")
+    if bool(((codes > 15) | (codes < 0)).any()):
         raise ValueError("codes must lie in 0..15")
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    c = codes.to(torch.uint8).reshape(rows, 8, out // 8).transpose(1, 2)  # [j, word i, nibble k]
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).reshape(rows, out // 2)  # byte b: nibbles 2b, 2b+1
 
 
 def unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
     """(in, out // 2) uint8 -> (in, out) uint8 codes 0..15 (inverse of pack_nibbles)."""
-    lo, hi = qweight & 0xF, qweight >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*qweight.shape[:-1], qweight.shape[-1] * 2)
+    rows, half = qweight.shape
+    b = qweight.reshape(rows, half // 4, 4)  # [j, word i, byte]
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(rows, half // 4, 8)  # [j, i, nibble k]
+    return nib.transpose(1, 2).reshape(rows, half * 2)
 
 
 def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:

@@ -91,10 +91,11 @@ def test_pack_unpack_round_trip_and_int32_view():
     packed = int4.pack_nibbles(codes)
     assert packed.shape == (5, 12) and packed.dtype == torch.uint8
     assert torch.equal(int4.unpack_nibbles(packed), codes)
-    # read as little-endian int32, nibble k of word i is output 8i + k (what the kernel reads)
+    # read as little-endian int32 (what the kernel reads), nibble k of word i is output
+    # k * out / 8 + i: 8 contiguous planes of 3 outputs here
     words = packed.view(torch.int32)
     for k in range(8):
-        assert torch.equal(((words >> (4 * k)) & 0xF).to(torch.uint8), codes[:, k::8])
+        assert torch.equal(((words >> (4 * k)) & 0xF).to(torch.uint8), codes[:, 3 * k:3 * k + 3])
     with pytest.raises(ValueError):
         int4.pack_nibbles(torch.full((2, 4), 16))
 
@@ -156,7 +157,7 @@ def test_empty_and_full_masks(M, dtype):
 
 
 VARIANTS = {
-    "bytes": dict(FMA, NIB=2),  # the rows read as bytes, 2 nibbles each
+    "lr_dot": dict(FMA, LR_DOT=True),  # batch 1: low-rank path on the tensor-core tiles
     "walk2d": dict(FMA, ROWS1D=False),  # (G, BLOCK_N) tiles of kept rows, one group ahead
     "shift_mask": dict(FMA, MANT=0),  # codes to floats by shift and mask, not byte permutes
     "m1_dot": dict(DOT, M1_DOT=True),  # batch 1 on the tensor-core path

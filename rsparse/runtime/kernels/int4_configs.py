@@ -8,25 +8,27 @@ from __future__ import annotations
 from typing import Optional
 
 # Sparse tiles. Batch 1 ("m1"): each program compacts the kept channels of its chunk (CH input
-# channels, inside one quantisation group) and walks them G rows at a time with FMAs (NIB 8: the
-# rows read as int32 words of 8 nibbles; 2: as bytes). Batch 2-8 ("mm"): tl.dot on the tensor
-# cores, rows padded to 16; COMPACT False walks the chunk's rows in order, fetching those that
-# any batch row keeps (the union is 75-99.6% of the channels at batch 2-8, where compaction
-# costs more than it skips). M1_DOT: batch 1 on the tensor-core path too.
+# channels, inside one quantisation group) and walks their rows (BLOCK_N / 8 int32 words each)
+# with FMAs: ROWS1D, G rows per unrolled step, each thread summing its own words' columns; else
+# (G, BLOCK_N / 8) tiles, one ahead, summed over the rows at the end. MANT: how a code becomes
+# a number (1: byte permute, 0: shift and mask; int4_device.py). Batch 2-8 ("mm"): tl.dot on the
+# tensor cores, rows padded to 16; COMPACT False walks the chunk's rows in order, fetching those
+# that any batch row keeps. M1_DOT: batch 1 on the tensor-core path too.
 _BASE = {
-    "m1": dict(BLOCK_N=1024, CH=128, G=32, NIB=8, COMPACT=True, ROWS1D=True, MANT=1,
-               M1_DOT=False, num_warps=4),
-    "mm": dict(BLOCK_N=256, CH=128, G=32, NIB=8, COMPACT=False, ROWS1D=False, MANT=1,
-               M1_DOT=False, num_warps=4),
+    "m1": dict(BLOCK_N=1024, CH=128, G=32, COMPACT=True, ROWS1D=True, MANT=1, M1_DOT=False,
+               num_warps=4),
+    "mm": dict(BLOCK_N=256, CH=128, G=32, COMPACT=False, ROWS1D=False, MANT=1, M1_DOT=False,
+               num_warps=4),
 }
 # Low-rank path (16-bit factors; the 16-bit kernel's z kernel and low-rank tiles): z programs
 # of BLOCK_KP input channels x BLOCK_R ranks; low-rank tiles of BLOCK_KR factor rows x LR_BN
-# columns, LR_G rows per FMA step at batch 1; LR_LAST: low-rank tiles after the sparse tiles.
+# columns, LR_G rows per FMA step at batch 1; LR_LAST: low-rank tiles after the sparse tiles;
+# LR_DOT: at batch 1, the low-rank path on the tensor-core tiles (the row padded to 16).
 _LR = {
     "m1": dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=32, LR_G=8, LR_BN=512, LR_LAST=False,
-               Z_WARPS=4, BLOCK_E=512),
+               LR_DOT=False, Z_WARPS=4, BLOCK_E=512),
     "mm": dict(BLOCK_KP=32, BLOCK_R=128, BLOCK_KR=64, LR_G=0, LR_BN=128, LR_LAST=False,
-               Z_WARPS=4, BLOCK_E=512),
+               LR_DOT=True, Z_WARPS=4, BLOCK_E=512),
 }
 # PDL: programmatic dependent launch between the call's kernels (GPU only). PATH "dense": split
 # x into x*m and x*(1-m), then the dense 4-bit product (tinygemm, int4_dense.py) and the
@@ -65,8 +67,6 @@ def pick_config(M: int, K: int, N: int, group_size: int, override: Optional[dict
     if group_size % cfg["CH"] or cfg["CH"] % cfg["G"]:
         raise ValueError(f"CH {cfg['CH']} must divide the group size {group_size} and be a "
                          f"multiple of G {cfg['G']}")
-    if cfg["NIB"] not in (2, 8):
-        raise ValueError(f"NIB must be 2 (bytes) or 8 (int32 words), got {cfg['NIB']}")
     if cfg["PATH"] not in ("triton", "dense"):
         raise ValueError(f"PATH must be 'triton' or 'dense', got {cfg['PATH']!r}")
     return cfg

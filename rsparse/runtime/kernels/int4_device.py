@@ -94,20 +94,18 @@ if _HAS_TRITON:
             return _byte_mant(od, k // 2, ASM)
 
     @triton.jit
-    def _fma(a0, a1, a2, a3, a4, a5, a6, a7, w, xb, NIB: tl.constexpr, MANT: tl.constexpr,
-             ASM: tl.constexpr):
-        """a_k += xb * f(q_k) for the NIB nibbles of each packed element of w (see _code)."""
+    def _fma(a0, a1, a2, a3, a4, a5, a6, a7, w, xb, MANT: tl.constexpr, ASM: tl.constexpr):
+        """a_k += xb * f(q_k) for the 8 nibbles of each int32 word of w (see _code)."""
         ev = (w & 0x0F0F0F0F) | -0x7F7F7F80  # | 0x80808080 (as an int32)
         od = ((w >> 4) & 0x0F0F0F0F) | -0x7F7F7F80
         a0 += xb * _code(w, ev, od, 0, MANT, ASM)
         a1 += xb * _code(w, ev, od, 1, MANT, ASM)
-        if NIB == 8:
-            a2 += xb * _code(w, ev, od, 2, MANT, ASM)
-            a3 += xb * _code(w, ev, od, 3, MANT, ASM)
-            a4 += xb * _code(w, ev, od, 4, MANT, ASM)
-            a5 += xb * _code(w, ev, od, 5, MANT, ASM)
-            a6 += xb * _code(w, ev, od, 6, MANT, ASM)
-            a7 += xb * _code(w, ev, od, 7, MANT, ASM)
+        a2 += xb * _code(w, ev, od, 2, MANT, ASM)
+        a3 += xb * _code(w, ev, od, 3, MANT, ASM)
+        a4 += xb * _code(w, ev, od, 4, MANT, ASM)
+        a5 += xb * _code(w, ev, od, 5, MANT, ASM)
+        a6 += xb * _code(w, ev, od, 6, MANT, ASM)
+        a7 += xb * _code(w, ev, od, 7, MANT, ASM)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     # ------------------------------------------------------------------ batch 2-8: tl.dot
@@ -131,19 +129,17 @@ if _HAS_TRITON:
         return w.to(tl.int32), tl.where(keep, xv, 0.0)
 
     @triton.jit
-    def _dot(a0, a1, a2, a3, a4, a5, a6, a7, w, xk, NIB: tl.constexpr, OPND: tl.constexpr,
-             DOT_UPCAST: tl.constexpr):
+    def _dot(a0, a1, a2, a3, a4, a5, a6, a7, w, xk, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr):
         """a_k (M_PAD, BW) += xk (M_PAD, G) @ (OFF + q_k) (G, BW) on the tensor cores."""
         if OPND == 0 or DOT_UPCAST:
             a0 = tl.dot(xk, _operand(w, 0, OPND, DOT_UPCAST), a0, input_precision="ieee")
             a1 = tl.dot(xk, _operand(w, 1, OPND, DOT_UPCAST), a1, input_precision="ieee")
-            if NIB == 8:
-                a2 = tl.dot(xk, _operand(w, 2, OPND, DOT_UPCAST), a2, input_precision="ieee")
-                a3 = tl.dot(xk, _operand(w, 3, OPND, DOT_UPCAST), a3, input_precision="ieee")
-                a4 = tl.dot(xk, _operand(w, 4, OPND, DOT_UPCAST), a4, input_precision="ieee")
-                a5 = tl.dot(xk, _operand(w, 5, OPND, DOT_UPCAST), a5, input_precision="ieee")
-                a6 = tl.dot(xk, _operand(w, 6, OPND, DOT_UPCAST), a6, input_precision="ieee")
-                a7 = tl.dot(xk, _operand(w, 7, OPND, DOT_UPCAST), a7, input_precision="ieee")
+            a2 = tl.dot(xk, _operand(w, 2, OPND, DOT_UPCAST), a2, input_precision="ieee")
+            a3 = tl.dot(xk, _operand(w, 3, OPND, DOT_UPCAST), a3, input_precision="ieee")
+            a4 = tl.dot(xk, _operand(w, 4, OPND, DOT_UPCAST), a4, input_precision="ieee")
+            a5 = tl.dot(xk, _operand(w, 5, OPND, DOT_UPCAST), a5, input_precision="ieee")
+            a6 = tl.dot(xk, _operand(w, 6, OPND, DOT_UPCAST), a6, input_precision="ieee")
+            a7 = tl.dot(xk, _operand(w, 7, OPND, DOT_UPCAST), a7, input_precision="ieee")
         else:
             if OPND == 1:  # exact: x's own dtype
                 xo = xk.to(tl.bfloat16)
@@ -151,24 +147,23 @@ if _HAS_TRITON:
                 xo = xk.to(tl.float16)
             a0 = tl.dot(xo, _operand(w, 0, OPND, False), a0)
             a1 = tl.dot(xo, _operand(w, 1, OPND, False), a1)
-            if NIB == 8:
-                a2 = tl.dot(xo, _operand(w, 2, OPND, False), a2)
-                a3 = tl.dot(xo, _operand(w, 3, OPND, False), a3)
-                a4 = tl.dot(xo, _operand(w, 4, OPND, False), a4)
-                a5 = tl.dot(xo, _operand(w, 5, OPND, False), a5)
-                a6 = tl.dot(xo, _operand(w, 6, OPND, False), a6)
-                a7 = tl.dot(xo, _operand(w, 7, OPND, False), a7)
+            a2 = tl.dot(xo, _operand(w, 2, OPND, False), a2)
+            a3 = tl.dot(xo, _operand(w, 3, OPND, False), a3)
+            a4 = tl.dot(xo, _operand(w, 4, OPND, False), a4)
+            a5 = tl.dot(xo, _operand(w, 5, OPND, False), a5)
+            a6 = tl.dot(xo, _operand(w, 6, OPND, False), a6)
+            a7 = tl.dot(xo, _operand(w, 7, OPND, False), a7)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     # ------------------------------------------------------------------ scales, zeros, output
 
     @triton.jit
     def _finish(acc, k: tl.constexpr, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N,
-                NIB: tl.constexpr, SCL: tl.constexpr, OFF: tl.constexpr, M_PAD: tl.constexpr):
-        """Columns NIB * i + k: sum_j x_j W_jn = s * (SCL * acc - (OFF + 8) * xs) + z * xs,
+                SCL: tl.constexpr, OFF: tl.constexpr, M_PAD: tl.constexpr):
+        """Outputs k * N / 8 + i (plane k of the words i): sum_j x_j W_jn = s * (SCL * acc - (OFF + 8) * xs) + z * xs,
         where acc = sum_j x_j (OFF + q_jn) / SCL and xs = sum_j x_j over the kept channels: the
         group's scale and zero leave the inner loop (one load and two FMAs per column)."""
-        cols = offs_w * NIB + k
+        cols = k * (N // 8) + offs_w
         s = tl.load(sz_ptr + cols * 2, mask=w_ok, other=0.0).to(tl.float32)
         z = tl.load(sz_ptr + cols * 2 + 1, mask=w_ok, other=0.0).to(tl.float32)
         if M_PAD == 1:
@@ -186,17 +181,15 @@ if _HAS_TRITON:
 
     @triton.jit
     def _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m,
-                    m_ok, N, NIB: tl.constexpr, SCL: tl.constexpr, OFF: tl.constexpr,
-                    M_PAD: tl.constexpr):
-        _finish(a0, 0, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-        _finish(a1, 1, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-        if NIB == 8:
-            _finish(a2, 2, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-            _finish(a3, 3, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-            _finish(a4, 4, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-            _finish(a5, 5, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-            _finish(a6, 6, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
-            _finish(a7, 7, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, NIB, SCL, OFF, M_PAD)
+                    m_ok, N, SCL: tl.constexpr, OFF: tl.constexpr, M_PAD: tl.constexpr):
+        _finish(a0, 0, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a1, 1, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a2, 2, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a3, 3, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a4, 4, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a5, 5, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a6, 6, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
+        _finish(a7, 7, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N, SCL, OFF, M_PAD)
 
     # ------------------------------------------------------------------ one sparse tile
 
@@ -204,7 +197,7 @@ if _HAS_TRITON:
     def _int4_tile(q, slot_ptr, x_ptr, stride_xm, M, K, qw_ptr, stride_q, sz_ptr, thr_ptr,
                    thr_val, scale_ptr, ws_ptr, N, THR_IS_PTR: tl.constexpr,
                    HAS_SCALE: tl.constexpr, GS: tl.constexpr, M_PAD: tl.constexpr,
-                   BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, NIB: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
                    COMPACT: tl.constexpr, OPND: tl.constexpr, DOT_UPCAST: tl.constexpr,
                    ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr):
         """Tile (column tile n, chunk kc of CH input channels inside one group): the chunk's
@@ -214,8 +207,8 @@ if _HAS_TRITON:
         n_tiles = tl.cdiv(N, BLOCK_N)
         n = q % n_tiles
         kc = q // n_tiles
-        offs_w = n * (BLOCK_N // NIB) + tl.arange(0, BLOCK_N // NIB)
-        w_ok = offs_w < N // NIB
+        offs_w = n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        w_ok = offs_w < N // 8
         offs_c = kc * CH + tl.arange(0, CH)
         sz_ptr += ((kc * CH) // GS) * N * 2  # the group's (out, 2) row
         offs_m = tl.arange(0, M_PAD)
@@ -241,14 +234,14 @@ if _HAS_TRITON:
                 # FMA walk, one kept row at a time in a G-row unrolled body: each thread holds
                 # its columns' words of every row in flight (G loads deep) and its own sums, so
                 # no cross-thread reduction is left at the end
-                a0 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a1 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a2 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a3 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a4 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a5 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a6 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
-                a7 = tl.zeros([BLOCK_N // NIB], dtype=tl.float32)
+                a0 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a1 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a2 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a3 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a4 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a5 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a6 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
+                a7 = tl.zeros([BLOCK_N // 8], dtype=tl.float32)
                 for g0 in range(0, cnt, G):
                     for i in tl.static_range(G):
                         # ranks past cnt: x 0 and no weight fetched (g0 + i < CH: in the slot)
@@ -259,37 +252,37 @@ if _HAS_TRITON:
                                     mask=w_ok & (offs_w * 0 + g0 + i < cnt), other=0,
                                     eviction_policy="evict_first").to(tl.int32)
                         a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7,
-                                                              w, xv, NIB, MANT, ASM)
+                                                              w, xv, MANT, ASM)
                 _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
-                            offs_m, m_ok, N, NIB, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
+                            offs_m, m_ok, N, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
             elif M_PAD == 1:
                 # FMA walk over (G, BW) tiles of kept rows, the next tile's loads issued first
-                a0 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a1 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a2 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a3 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a4 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a5 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a6 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
-                a7 = tl.zeros([G, BLOCK_N // NIB], dtype=tl.float32)
+                a0 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a1 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a2 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a3 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a4 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a5 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a6 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
+                a7 = tl.zeros([G, BLOCK_N // 8], dtype=tl.float32)
                 w, xv = _rows1(0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w, w_ok, G)
                 for g0 in range(G, cnt + G, G):
                     w_n, xv_n = _rows1(g0, cnt, slot_ptr, x_ptr, qw_ptr, stride_q, offs_w,
                                        w_ok, G)
                     a0, a1, a2, a3, a4, a5, a6, a7 = _fma(a0, a1, a2, a3, a4, a5, a6, a7, w,
-                                                          xv[:, None], NIB, MANT, ASM)
+                                                          xv[:, None], MANT, ASM)
                     w, xv = w_n, xv_n
                 _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w, w_ok,
-                            offs_m, m_ok, N, NIB, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
+                            offs_m, m_ok, N, 16.0 + 112.0 * MANT, 16.0 + 112.0 * MANT, M_PAD)
             else:  # tensor cores; batch rows padded to M_PAD
-                a0 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a1 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a2 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a3 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a4 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a5 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a6 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
-                a7 = tl.zeros([M_PAD, BLOCK_N // NIB], dtype=tl.float32)
+                a0 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a1 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a2 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a3 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a4 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a5 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a6 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
+                a7 = tl.zeros([M_PAD, BLOCK_N // 8], dtype=tl.float32)
                 if COMPACT:
                     n_rows = cnt
                 else:
@@ -305,16 +298,16 @@ if _HAS_TRITON:
                     w, xk = _rows_m(rows, r_ok, x_ptr, stride_xm, offs_m, m_ok, scale_ptr, thr,
                                     qw_ptr, stride_q, offs_w, w_ok, HAS_SCALE, COMPACT)
                     a0, a1, a2, a3, a4, a5, a6, a7 = _dot(a0, a1, a2, a3, a4, a5, a6, a7, w,
-                                                          xk, NIB, OPND, DOT_UPCAST)
+                                                          xk, OPND, DOT_UPCAST)
                 if OPND == 0:
                     _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w,
-                                w_ok, offs_m, m_ok, N, NIB, 1.0, 0.0, M_PAD)
+                                w_ok, offs_m, m_ok, N, 1.0, 0.0, M_PAD)
                 elif OPND == 1:
                     _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w,
-                                w_ok, offs_m, m_ok, N, NIB, 1.0, 128.0, M_PAD)
+                                w_ok, offs_m, m_ok, N, 1.0, 128.0, M_PAD)
                 else:
                     _finish_all(a0, a1, a2, a3, a4, a5, a6, a7, xs, sz_ptr, ws_ptr, offs_w,
-                                w_ok, offs_m, m_ok, N, NIB, 1.0, 1024.0, M_PAD)
+                                w_ok, offs_m, m_ok, N, 1.0, 1024.0, M_PAD)
 
     # ------------------------------------------------------------------ the main kernel
 
@@ -328,9 +321,9 @@ if _HAS_TRITON:
                           TP2: tl.constexpr, HS2: tl.constexpr, HL2: tl.constexpr,
                           NUM_PARTS: tl.constexpr, GS: tl.constexpr, M_PAD: tl.constexpr,
                           BLOCK_N: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
-                          NIB: tl.constexpr, COMPACT: tl.constexpr, OPND: tl.constexpr,
+                          COMPACT: tl.constexpr, OPND: tl.constexpr,
                           ROWS1D: tl.constexpr, MANT: tl.constexpr, ASM: tl.constexpr,
-                          LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr,
+                          LR_MPAD: tl.constexpr, LR_BN: tl.constexpr, BLOCK_KR: tl.constexpr,
                           LR_G: tl.constexpr, LR_LAST: tl.constexpr, DOT_UPCAST: tl.constexpr,
                           USE_PDL: tl.constexpr, AFTER_Z: tl.constexpr):
         """[low-rank tiles p0 | p1 | p2][4-bit sparse tiles p0 | p1 | p2] (LR_LAST: sparse tiles
@@ -350,18 +343,18 @@ if _HAS_TRITON:
             _pdl_release(USE_PDL)
             if lq < LE0:
                 if HL0:
-                    _lowrank_part(lq, up0, sup0, z_ptr + zo0, ws_ptr + wo0, M, N0, R0, 0, M_PAD,
-                                  LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
+                    _lowrank_part(lq, up0, sup0, z_ptr + zo0, ws_ptr + wo0, M, N0, R0, 0,
+                                  LR_MPAD, LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
             elif lq < LE1:
                 if NUM_PARTS > 1:
                     if HL1:
                         _lowrank_part(lq - LE0, up1, sup1, z_ptr + zo1, ws_ptr + wo1, M, N1, R1,
-                                      0, M_PAD, LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
+                                      0, LR_MPAD, LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
             else:
                 if NUM_PARTS > 2:
                     if HL2:
                         _lowrank_part(lq - LE1, up2, sup2, z_ptr + zo2, ws_ptr + wo2, M, N2, R2,
-                                      0, M_PAD, LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
+                                      0, LR_MPAD, LR_BN, BLOCK_KR, LR_G, DOT_UPCAST, False)
         else:
             # x, the thresholds and the zeroed ws were written before the preceding grid; after
             # the z kernel (which waited for them) there is nothing to wait for
@@ -371,15 +364,15 @@ if _HAS_TRITON:
             slot = slot_ptr + q * CH
             if q < SE0:
                 _int4_tile(q, slot, x_ptr, stride_xm, M, K, qw0, sq0, sz0, thr0, tv0, sc0,
-                           ws_ptr + wo0, N0, TP0, HS0, GS, M_PAD, BLOCK_N, CH, G, NIB, COMPACT,
+                           ws_ptr + wo0, N0, TP0, HS0, GS, M_PAD, BLOCK_N, CH, G, COMPACT,
                            OPND, DOT_UPCAST, ROWS1D, MANT, ASM)
             elif q < SE1:
                 if NUM_PARTS > 1:
                     _int4_tile(q - SE0, slot, x_ptr, stride_xm, M, K, qw1, sq1, sz1, thr1, tv1,
-                               sc1, ws_ptr + wo1, N1, TP1, HS1, GS, M_PAD, BLOCK_N, CH, G, NIB,
+                               sc1, ws_ptr + wo1, N1, TP1, HS1, GS, M_PAD, BLOCK_N, CH, G,
                                COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM)
             else:
                 if NUM_PARTS > 2:
                     _int4_tile(q - SE1, slot, x_ptr, stride_xm, M, K, qw2, sq2, sz2, thr2, tv2,
-                               sc2, ws_ptr + wo2, N2, TP2, HS2, GS, M_PAD, BLOCK_N, CH, G, NIB,
+                               sc2, ws_ptr + wo2, N2, TP2, HS2, GS, M_PAD, BLOCK_N, CH, G,
                                COMPACT, OPND, DOT_UPCAST, ROWS1D, MANT, ASM)

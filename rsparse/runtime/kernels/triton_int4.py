@@ -85,7 +85,7 @@ def int4_decode_linear_multi_reference(x, parts) -> tuple:
 
 class _Part4(NamedTuple):
     """One validated 4-bit projection of a call."""
-    qw: torch.Tensor  # packed rows viewed as NIB-nibble elements (int32 words or bytes)
+    qw: torch.Tensor  # packed rows (uint8; viewed as int32 words for the kernel)
     sz: torch.Tensor  # (groups, N, 2) bf16
     group: int
     packed: Optional[torch.Tensor]  # tinygemm packing (dense path) or None
@@ -177,9 +177,10 @@ def _run_dense(x2, parts: Sequence[_Part4], ys):
         x2, x2.stride(0), K, *args, *flags, NUM_PARTS=len(parts), BLOCK=BLOCK, num_warps=4)
     for i, p in enumerate(parts):
         y = int4_linear(xk[i], p.qw, p.sz, p.packed, p.bias)
-        if p.R:
-            y = y + (xd[i] @ p.lr_down) @ p.lr_up
-        ys[i].copy_(y)
+        if p.R:  # the low-rank product added by the second GEMM, written into the output
+            torch.addmm(y, xd[i] @ p.lr_down, p.lr_up, out=ys[i])
+        else:
+            ys[i].copy_(y)
 
 
 def _run_triton(x2, parts: Sequence[_Part4], ys, cfg: dict, epi: Optional[Epilogue] = None):
@@ -191,14 +192,17 @@ def _run_triton(x2, parts: Sequence[_Part4], ys, cfg: dict, epi: Optional[Epilog
     dot_upcast = bool(interp and x2.dtype != torch.float32)  # the interpreter's 16-bit dot
     OPND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
     use_pdl = bool(cfg["PDL"]) and not interp and dev.type == "cuda"
-    BN, CH, G, NIB = cfg["BLOCK_N"], cfg["CH"], cfg["G"], cfg["NIB"]
-    if not m1_fma and (G < 16 or BN // NIB < 16):
-        raise ValueError("the tensor-core path needs G >= 16 and BLOCK_N / NIB >= 16")
+    BN, CH, G = cfg["BLOCK_N"], cfg["CH"], cfg["G"]
+    if not m1_fma and (G < 16 or BN // 8 < 16):
+        raise ValueError("the tensor-core path needs G >= 16 and BLOCK_N >= 128")
+    # the low-rank path (z kernel, low-rank tiles) at batch 1: FMA tiles, or (LR_DOT) the
+    # tensor-core tiles with the row padded to 16
+    LR_MPAD = 16 if (M_PAD > 1 or cfg["LR_DOT"]) else 1
     R_max = max(p.R for p in parts)
     any_lr = R_max > 0
     BLOCK_R = min(cfg["BLOCK_R"], max(16, triton.next_power_of_2(R_max)))
     BLOCK_KR = min(cfg["BLOCK_KR"], max(16, triton.next_power_of_2(R_max)))
-    LR_G = min(cfg["LR_G"], BLOCK_KR) if M_PAD == 1 else 0
+    LR_G = min(cfg["LR_G"], BLOCK_KR) if LR_MPAD == 1 else 0
     LR_BN, BLOCK_KP = cfg["LR_BN"], cfg["BLOCK_KP"]
     n_kc = K // CH
     n_kp = triton.cdiv(K, BLOCK_KP)
@@ -253,7 +257,7 @@ def _run_triton(x2, parts: Sequence[_Part4], ys, cfg: dict, epi: Optional[Epilog
             if i < MAX_PARTS - 1:
                 zargs.append(ze[i])
         _z_kernel[(z_end[-1],)](
-            x2, x2.stride(0), M, K, zbuf, *zargs, *flags, NUM_PARTS=len(parts), M_PAD=M_PAD,
+            x2, x2.stride(0), M, K, zbuf, *zargs, *flags, NUM_PARTS=len(parts), M_PAD=LR_MPAD,
             BLOCK_KP=BLOCK_KP, BLOCK_R=BLOCK_R, DOT_UPCAST=dot_upcast, USE_PDL=use_pdl,
             DET=False, num_warps=cfg["Z_WARPS"], num_stages=1, **pdl_kw)
     margs = []
@@ -265,9 +269,9 @@ def _run_triton(x2, parts: Sequence[_Part4], ys, cfg: dict, epi: Optional[Epilog
             margs.append(se[i])
     _int4_main_kernel[(lr_end[-1] + sp_end[-1],)](
         x2, x2.stride(0), M, K, ws, zbuf, slots, sp_end[-1], *margs, *flags,
-        NUM_PARTS=len(parts), GS=parts[0].group, M_PAD=M_PAD, BLOCK_N=BN, CH=CH, G=G, NIB=NIB,
+        NUM_PARTS=len(parts), GS=parts[0].group, M_PAD=M_PAD, BLOCK_N=BN, CH=CH, G=G,
         COMPACT=bool(cfg["COMPACT"]) or m1_fma, OPND=OPND, ROWS1D=bool(cfg["ROWS1D"]) and m1_fma,
-        MANT=cfg["MANT"], ASM=not interp, LR_BN=LR_BN, BLOCK_KR=BLOCK_KR, LR_G=LR_G,
+        MANT=cfg["MANT"], ASM=not interp, LR_MPAD=LR_MPAD, LR_BN=LR_BN, BLOCK_KR=BLOCK_KR, LR_G=LR_G,
         LR_LAST=bool(cfg["LR_LAST"]) and any_lr, DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, AFTER_Z=any_lr, num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 1), **pdl_kw)
     rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
@@ -326,8 +330,7 @@ def _decode(x, raw_parts, outs, _config, epi: Optional[Epilogue] = None) -> list
     if cfg["PATH"] == "dense" and all(p.packed is not None for p in parts):
         _run_dense(x2, parts, ys)
     else:
-        nib = cfg["NIB"]
-        parts = [p._replace(qw=p.qw.view(torch.int32) if nib == 8 else p.qw) for p in parts]
+        parts = [p._replace(qw=p.qw.view(torch.int32)) for p in parts]  # rows as int32 words
         if epi is not None and (epi.kind != "add_rmsnorm" or parts[0].N <= 16384):
             _run_triton(x2, parts, ys, cfg, epi)
             return [ys[0], epi.xn] if epi.kind == "add_rmsnorm" else [ys[0]]
