@@ -13,9 +13,10 @@ without a packing, dequantize and multiply (exact). On the CPU, `aten._weight_in
 where torch has it (same convention; its packing comes from `_convert_weight_to_int4pack_for_cpu`).
 
 Why torch's op: it ships with torch (nothing to carry to the GPU machine), is what gpt-fast's
-INT4 path uses (reference-facts.md section 6: 300.7 tok/s on the Llama-2-7B shape), and takes
-the sparse format's scales unchanged. gemlite (pure Triton, on PyPI) measured 16.5 us at
-11008x4096 where our own notes have no tinygemm figure yet: docs/int4-kernel.md compares them.
+INT4 path uses, takes the sparse format's scales unchanged, and measured at least as fast as
+gemlite at batch 1 in bf16: 14.8 us at 11008x4096 on the H200 (docs/int4-kernel.md) against
+gemlite's 16.5 us in fp16 (an earlier lease, reference-facts.md section 6). In fp16 the two casts
+cost it 6-7 us at the MLP shapes (21.3 us at 11008x4096).
 """
 
 from __future__ import annotations

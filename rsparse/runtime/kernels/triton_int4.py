@@ -11,22 +11,26 @@ part has a low-rank term] -> the 4-bit main kernel (int4_device.py) -> the 16-bi
 (y = cast(ws + bias), scratch zeroed). Only the sparse tiles differ from the 16-bit kernel:
 
 * A program owns (column tile of BLOCK_N outputs, chunk of CH input channels inside one
-  quantisation group). It computes the chunk's keep mask, and if anything is kept, compacts the
-  kept channels (batch 1) and walks their packed rows: each row is BLOCK_N / 8 int32 words, the
-  kept channel's 4-bit weights for the tile's outputs. A chunk with nothing kept reads no weights
-  and no scales.
+  quantisation group). It computes the chunk's keep mask and, if anything is kept, compacts the
+  kept channels into its scratch slot and walks their packed rows: BLOCK_N / 8 int32 words per
+  row, the kept channel's 4-bit weights for the tile's outputs (8 contiguous runs of them: the
+  format's planar nibble order). A chunk with nothing kept reads no weights and no scales.
 * The group's scale and zero leave the inner loop: sum_j x_j W_jn = s_n (sum_j x_j q_jn -
   8 xs) + z_n xs with xs = sum_j x_j over the kept channels, so the loop only turns codes into
-  numbers and multiplies. Batch 1 (FMAs): a code becomes 1 + q/16 by OR-ing it into the mantissa
-  of 1.0 (no int-to-float conversion, which Hopper runs at 1/8 of the FMA rate): two integer ops
-  and one FMA per weight. Batch 2-8 (tensor cores, rows padded to 16): the code OR-ed into the
-  mantissa of bf16 128 or fp16 1024 is the MMA operand OFF + q, exact, and OFF * xs is taken off
-  after the loop.
+  numbers and multiplies. Batch 1 (FMAs, each thread summing the columns of its own words over
+  G rows per unrolled step): the even and odd nibbles of a word are spread into bytes 0x80 | q
+  (three ops per word), then one byte permute per nibble puts a byte under 0x3F: the fp32
+  1 + q / 128, exact, with no int-to-float conversion (Hopper runs those at 1/8 of the FMA
+  rate); one FMA per weight. Batch 2-8 (tensor cores, rows padded to 16): the code OR-ed into
+  the mantissa of bf16 128 or fp16 1024 is the MMA operand OFF + q, exact, and OFF * xs is taken
+  off after the loop.
 * Batch 2-8 fetch a row if any batch row keeps it (union); each batch row still applies its own
-  mask to x. Where that makes the kernel slower than the dense 4-bit product, the per-shape table
+  mask to x. Where that makes the kernel slower than the dense 4-bit path, the per-shape table
   (int4_configs.py) sends the call to PATH "dense": one Triton launch splits x into x*m and
   x*(1-m), then tinygemm (int4_dense.py) and the low-rank products. That needs the part's
   tinygemm packing; calls that pass none stay on the kernel.
+
+Measurements, the variants tried and where the time goes: docs/int4-kernel.md.
 
 Constraints: out % 8 == 0 and in % group == 0 (the format's), every part of a call with the same
 group size; lr_down (in, r), lr_up (r, out), bias (out,) in x's dtype, row-contiguous; x fp16,
