@@ -45,9 +45,10 @@ VARIANTS_M1 = {
     "rows4096-w4-ch64": dict(BLOCK_N=4096, CH=64, G=16, num_warps=4),
     "dot256-g32": dict(M1_DOT=True, BLOCK_N=256, CH=128, G=32, COMPACT=True, num_warps=4),
 }
-# measured once and dropped (docs/int4-kernel.md, run 1): the rows read as bytes (NIB 2), codes
-# by shift and mask (MANT 0), (G, BLOCK_N) tiles summed at the end (ROWS1D False), BLOCK_N 2048
-# with 4 warps, the masked (not compacted) tensor-core walk and BLOCK_N 128 at batch 2-8
+# measured in run 1 and dropped (docs/int4-kernel.md): the rows read as bytes (now gone from
+# the kernel), codes by shift and mask (MANT 0), (G, BLOCK_N) tiles summed at the end (ROWS1D
+# False), BLOCK_N 2048 with 4 warps, the masked in-order tensor-core walk (COMPACT False) and
+# BLOCK_N 128 at batch 2-8
 LR_VARIANTS = {  # on top of the best batch-1 variant (R-Sparse only)
     "lrdot": dict(LR_DOT=True, BLOCK_KR=32),
     "lrdot-bn256": dict(LR_DOT=True, BLOCK_KR=32, LR_BN=256),

@@ -160,9 +160,10 @@ if _HAS_TRITON:
     @triton.jit
     def _finish(acc, k: tl.constexpr, xs, sz_ptr, ws_ptr, offs_w, w_ok, offs_m, m_ok, N,
                 SCL: tl.constexpr, OFF: tl.constexpr, M_PAD: tl.constexpr):
-        """Outputs k * N / 8 + i (plane k of the words i): sum_j x_j W_jn = s * (SCL * acc - (OFF + 8) * xs) + z * xs,
-        where acc = sum_j x_j (OFF + q_jn) / SCL and xs = sum_j x_j over the kept channels: the
-        group's scale and zero leave the inner loop (one load and two FMAs per column)."""
+        """Outputs k * N / 8 + i (plane k of the words i):
+        sum_j x_j W_jn = s * (SCL * acc - (OFF + 8) * xs) + z * xs, where acc = sum_j x_j
+        (OFF + q_jn) / SCL and xs = sum_j x_j over the kept channels: the group's scale and zero
+        leave the inner loop (one load and two FMAs per column)."""
         cols = k * (N // 8) + offs_w
         s = tl.load(sz_ptr + cols * 2, mask=w_ok, other=0.0).to(tl.float32)
         z = tl.load(sz_ptr + cols * 2 + 1, mask=w_ok, other=0.0).to(tl.float32)

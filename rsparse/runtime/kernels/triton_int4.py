@@ -275,8 +275,9 @@ def _run_triton(x2, parts: Sequence[_Part4], ys, cfg: dict, epi: Optional[Epilog
         x2, x2.stride(0), M, K, ws, zbuf, slots, sp_end[-1], *margs, *flags,
         NUM_PARTS=len(parts), GS=parts[0].group, M_PAD=M_PAD, BLOCK_N=BN, CH=CH, G=G,
         COMPACT=bool(cfg["COMPACT"]) or m1_fma, OPND=OPND, ROWS1D=bool(cfg["ROWS1D"]) and m1_fma,
-        MANT=cfg["MANT"], ASM=not interp, LR_MPAD=LR_MPAD, LR_BN=LR_BN, BLOCK_KR=BLOCK_KR, LR_G=LR_G,
-        LR_LAST=bool(cfg["LR_LAST"]) and any_lr, DOT_UPCAST=dot_upcast, USE_PDL=use_pdl, AFTER_Z=any_lr, num_warps=cfg["num_warps"],
+        MANT=cfg["MANT"], ASM=not interp, LR_MPAD=LR_MPAD, LR_BN=LR_BN, BLOCK_KR=BLOCK_KR,
+        LR_G=LR_G, LR_LAST=bool(cfg["LR_LAST"]) and any_lr, DOT_UPCAST=dot_upcast,
+        USE_PDL=use_pdl, AFTER_Z=any_lr, num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 1), **pdl_kw)
     rtne_fix = bool(x2.dtype == torch.bfloat16 and interp)
     if epi is not None:
