@@ -3,18 +3,18 @@ that runs them beside the low-rank tiles. Design notes and the host side: triton
 weight format: rsparse/core/int4.py.
 
 The low-rank factors stay 16-bit, so the z kernel, the low-rank tiles and the epilogue are the
-16-bit kernel's own (rsparse_device.py); only the sparse tiles are new here. triton is optional:
+16-bit kernel's own (rsparse_device_*.py); only the sparse tiles are new here. triton is optional:
 without it this module imports and defines nothing.
 """
 
 from __future__ import annotations
 
-from .rsparse_device import _HAS_TRITON, tl, triton
+from .optional_triton import _HAS_TRITON, tl, triton
 
 if _HAS_TRITON:
-    # shared with the 16-bit kernel (names to follow its split into smaller modules)
-    from .rsparse_device import (_load_thr, _load_x1, _load_xm, _lowrank_part, _pdl_release,
-                                 _pdl_wait)
+    # shared with the 16-bit kernel
+    from .rsparse_device_common import _load_thr, _load_x1, _load_xm, _pdl_release, _pdl_wait
+    from .rsparse_device_lowrank import _lowrank_part
 
     # ------------------------------------------------------------------ unpacking a nibble
 

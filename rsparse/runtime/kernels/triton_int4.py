@@ -50,15 +50,15 @@ import torch
 from rsparse.core.int4 import GROUP_SIZES, Int4Weight, dequantize
 from .int4_configs import pick_config
 from .int4_dense import int4_linear
-from .rsparse_device import _HAS_TRITON, _interpret_mode, triton
+from .optional_triton import _HAS_TRITON, _interpret_mode, triton
 # the 16-bit kernel's reference and scratch (same semantics; one scratch for both kernels)
-from .triton_rsparse import (MAX_BATCH_ROWS, MAX_PARTS, _scratch, _slot_scratch,
-                             rsparse_decode_linear_reference)
+from .rsparse_launch import MAX_PARTS, _scratch, _slot_scratch
+from .triton_rsparse import MAX_BATCH_ROWS, rsparse_decode_linear_reference
 from .fused_epilogues import Epilogue, apply_epilogue_torch, launch_epilogue
 
 if _HAS_TRITON:
     from .int4_device import _int4_main_kernel
-    from .rsparse_device import _epilogue_kernel, _split_input_kernel, _z_kernel
+    from .rsparse_device_kernels import _epilogue_kernel, _split_input_kernel, _z_kernel
 
 __all__ = ["int4_decode_linear", "int4_decode_linear_multi", "int4_decode_linear_reference",
            "int4_decode_linear_multi_reference"]
