@@ -27,6 +27,8 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
+    import torch
+
     parts = _names(args.parts, PARTS, "part(s)")
     sites = _names(args.phase_sites, PHASE_SITES, "phase site(s)")
     variants = _names(args.phase_variants, tuple(PHASE_VARIANTS), "phase variant(s)")
@@ -42,8 +44,6 @@ def cmd_analyze(args) -> int:
 
     check_writable(args.out)  # a file or an unwritable place: now, not after the analysis
     common.check_model(args.model, args.seq_len)  # the context, before the weights load
-    import torch
-
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

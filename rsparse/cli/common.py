@@ -7,6 +7,7 @@ once): the verb modules import them, and the library, inside their command funct
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rsparse.core.config import RSparseConfig
@@ -107,6 +108,23 @@ def check_model(name, seq_len: int | None = None, config=None):
         layer_budgets(config, spec.linears)
     check_seq_len(spec, seq_len)
     return spec
+
+
+def machine() -> dict:
+    """The CPU, the cores this process may use and the vector instructions torch's CPU kernels use
+    (another set sums in another order: a sparse row's perplexity moves), for a run's record."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def peak_memory_mb() -> float:

@@ -99,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "perplexity": {"corpus": args.ppl_corpus, "windows": int(evalw.shape[0]), "seq_len": args.seq_len,
                        "tokens": args.tokens,
                        "scored": "second half of each window" if args.tokens == "second_half" else "all positions"},
-        "versions": versions(), "wall_seconds": time.time() - start, "peak_memory_mb": common.peak_memory_mb(),
+        "versions": versions(), "machine": common.machine(), "wall_seconds": time.time() - start,
+        "peak_memory_mb": common.peak_memory_mb(),
     }
     with staged(out) as tmp:  # written aside, then swapped in: no earlier run's layers_*.json stays
         write_json(tmp / "results.json", results)
