@@ -60,3 +60,9 @@ def perturbed_agreement(model, twin, prompt: list[int], n: int) -> float:
     teacher-forced through the model: how often the model picks them."""
     tokens, _ = hf_greedy(twin, prompt, n)
     return _agreement(hf_forced(model, prompt, tokens[:-1], "sdpa"), tokens)
+
+
+def shut_down(llm) -> None:
+    """Stop the engine's processes: an idle vLLM engine core still polls, and the reference
+    computed after it would share the CPU with it."""
+    llm.llm_engine.engine_core.shutdown()

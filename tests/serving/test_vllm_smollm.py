@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import compare, load_reference, perturbed, perturbed_agreement, vllm_greedy
+from reference import shut_down, compare, load_reference, perturbed, perturbed_agreement, vllm_greedy
 from rsparse.runtime.bench.agreement import PROMPTS
 
 pytestmark = pytest.mark.vllm
@@ -39,6 +39,7 @@ def rows(directory):
                                    return_dict=True)["input_ids"] for p in PROMPTS]
     llm = LLM(model=str(directory), dtype="float32", max_model_len=512, gpu_memory_utilization=0.1, seed=0)
     served = vllm_greedy(llm, ids, NEW)
+    shut_down(llm)
     twin = perturbed(model)
     return [{**compare(model, p, s), "perturbed": perturbed_agreement(model, twin, p, NEW)} for p, s in zip(ids, served)]
 

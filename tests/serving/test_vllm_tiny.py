@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tiny import tiny_rsparse_dir
-from reference import compare, load_reference, vllm_greedy
+from reference import shut_down, compare, load_reference, vllm_greedy
 
 pytestmark = pytest.mark.vllm
 NEW = 20
@@ -27,8 +27,10 @@ def llm(directory):
 
     # no engine flags beyond an ordinary user's: dtype, and memory for a 2-core CI machine.
     # max_num_batched_tokens 64 splits long prompts into chunks that share steps with decode rows.
-    return LLM(model=str(directory), dtype="float32", max_model_len=256, max_num_batched_tokens=64,
-               gpu_memory_utilization=0.1, seed=0)
+    llm = LLM(model=str(directory), dtype="float32", max_model_len=256, max_num_batched_tokens=64,
+              gpu_memory_utilization=0.1, seed=0)
+    yield llm
+    shut_down(llm)
 
 
 @pytest.fixture(scope="module")
