@@ -184,3 +184,29 @@ def greedy_allocation(model: nn.Module, windows: torch.Tensor, targets, activati
             cands.apply(ones, current, only=idx)
     return {"sparsity": {t: result[t].tolist() for t in targets}, "names": [l.name for l in linears],
             "error": errors, "evaluations": evaluations, "step": cfg.step, "max_sparsity": cfg.max_sparsity}
+
+
+@torch.no_grad()
+def block_errors(model: nn.Module, windows: torch.Tensor, sparsities, activations: CalibrationActivations,
+                 tokens: str = "second_half", batch_size: int = 4) -> list[float]:
+    """Greedy's objective for any allocation: per block, the relative output error of the block
+    sparse-only at s_l against the dense block, both on the dense model's hidden states. Leaves
+    the model sparsified (restore_ undoes it)."""
+    from rsparse.search.objective import Candidates
+
+    s = np.asarray(sparsities, dtype=np.float64)
+    cands = Candidates(model, float(s.max()), activations, tokens=tokens, lowrank=False)
+    ones = np.ones(len(s))
+    cands.apply(ones, np.zeros(len(s)))
+    inputs = block_inputs(model, windows, batch_size)
+    blocks = decoder_blocks(model)
+    first = windows.shape[1] // 2 if tokens == "second_half" else 0
+    out = []
+    with token_mode(model, tokens):
+        dense = [[_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]] for b in range(len(blocks))]
+        cands.apply(ones, s)
+        for b in range(len(blocks)):
+            num = sum(float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
+                      for (h, kw), d in zip(inputs[b], dense[b]))
+            out.append(num / max(sum(float(d.float().pow(2).sum()) for d in dense[b]), 1e-30))
+    return out

@@ -183,7 +183,7 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         others = [i for i in range(pop.shape[1]) if i not in set(searched)]
         best = pop[int(np.argmin(fit))].copy()
         start_block = min(l.block for l, g in zip(linears, gene_of) if g in set(genes))
-        cands.apply(best[gene_of])
+        cands.apply(best[gene_of], layer_sparsity(best))
         cache = _block_inputs(model, windows, start_block, batch_size) if start_block else {}
         t0 = time.time()
         if state["generation"] == 0 and not state.get("group_started") and len(groups) > 1:
