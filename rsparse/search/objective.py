@@ -6,8 +6,8 @@ dense and scores the predictions at its sparse second half, as rsparse.evaluate_
 "all" sparsifies and scores every position.
 
 Costs are kept down by reusing what does not change between candidates:
-  * the dense calibration activations (collected once) give every layer's thresholds on a grid
-    of rho values (one sort per layer and score kind);
+  * the dense calibration activations (collected once) give every layer's thresholds for any
+    kept fraction (one sort per layer and score kind, kept in a bounded cache; thresholds memoised);
   * one SVD per layer gives the factors for every rank (slices of the largest); with
     factors="whitened" (the final model's factors, fitted to the inputs each candidate's
     threshold drops) the factors of a (layer, rho) pair are computed once, when a candidate
