@@ -16,7 +16,7 @@ from rsparse.errors import BadInputError
 
 # The defaults: the dataclasses' class attributes (an instance would validate, which imports torch).
 RSPARSE, DATA = RSparseConfig, DataConfig
-CORPORA_HELP = "coqa, boolq, sciq (offline), wikitext2, c4 (hub) or a text file"
+CORPORA_HELP = "coqa, boolq, sciq, squad (offline), wikitext2, c4 (hub) or a text file"
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
@@ -38,6 +38,29 @@ def add_calibration(p: argparse.ArgumentParser, seq_len: int = RSPARSE.seq_len, 
     p.add_argument(corpus_flag, default=DATA.calibration_corpus, help=f"calibration corpus: {CORPORA_HELP}")
     p.add_argument(samples_flag, type=int, default=samples, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+
+
+def add_refine_mix(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine-corpus", default=None,
+                   help="re-set thresholds on the calibration windows plus this many windows of another text "
+                        "(e.g. squad), so that the sparsity achieved on unseen text meets the target (default: off)")
+    p.add_argument("--refine-windows", type=int, default=16, help="windows of --refine-corpus in the mix")
+
+
+def refine_mix(tokenizer, args, calibration):
+    """The held-out windows of --refine-corpus (same length as the calibration's), or None."""
+    if not getattr(args, "refine_corpus", None):
+        return None
+    from rsparse.core.data import load_windows
+
+    return load_windows(tokenizer, args.refine_corpus, calibration.shape[1], args.refine_windows, "calibration",
+                        args.seed + 1)
+
+
+def check_refine_mix(args) -> None:
+    if getattr(args, "refine_corpus", None):
+        check_corpora(args.refine_corpus)
+        require(args.refine_windows >= 1, f"--refine-windows must be >= 1, got {args.refine_windows}")
 
 
 def add_device(p: argparse.ArgumentParser, dtype: bool = True) -> None:

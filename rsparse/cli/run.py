@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--factors", default=common.RSPARSE.factors, choices=list(FACTORS),
                    help="low-rank factors: fitted to the inputs reaching the low-rank path (whitened), or top-r SVD of W")
     common.add_calibration(p)
+    common.add_refine_mix(p)
     p.add_argument("--ppl-corpus", default=common.DATA.perplexity_corpus, help=f"perplexity corpus: {common.CORPORA_HELP}")
     p.add_argument("--ppl-windows", type=int, default=common.DATA.perplexity_windows,
                    help="perplexity windows (first N of the corpus)")
@@ -50,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, factors=args.factors)  # checks the values
     recipe = load_recipe(args.recipe) if args.recipe else None
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
+    common.check_refine_mix(args)
     common.require(args.seq_len >= 4 and args.calib_samples >= 1 and args.ppl_windows >= 1,
                    "--seq-len must be >= 4 and --calib-samples, --ppl-windows >= 1")
     out = check_out(args.out, results=("results.json", "results.md", "layers_*.json"), overwrite=args.overwrite)
@@ -64,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)", file=sys.stderr)
     calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     evalw = load_windows(tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows, "perplexity")
+    mix = common.refine_mix(tokenizer, args, calib)
 
     rows, layer_reports = [], {}
     activations = None
@@ -81,6 +84,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                    tokens=args.tokens, factors=args.factors, calibration_samples=args.calib_samples,
                                    seq_len=args.seq_len, seed=args.seed)
             layer_reports[method] = sparsify_(model, config, activations)
+            if mix is not None:
+                from rsparse.methods.rsparse import refine_on_mix_
+
+                refine_on_mix_(model, config, calib, mix, layer_reports[method])
         result = evaluate_perplexity(model, evalw, tokens=args.tokens, desc=f"perplexity ({method})")
         rows.append({"method": method, "target_sparsity": 0.0 if method == "dense" else args.sparsity,
                      "achieved_sparsity": result["achieved_sparsity"], "ppl": result["ppl"],

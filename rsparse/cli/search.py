@@ -10,7 +10,7 @@ from pathlib import Path
 from rsparse.cli import common
 from rsparse.core.config import FACTORS, SCORED_MODES
 from rsparse.errors import BadInputError
-from rsparse.search.config import SHARES, SearchConfig
+from rsparse.search.config import ALLOCATIONS, SHARES, AllocationConfig, SearchConfig
 
 SEARCH = SearchConfig()
 # Scaled for 2 CPU cores (SearchConfig holds the paper's 32 and 5), see README.
@@ -25,6 +25,21 @@ def register(subparsers) -> None:
     p.add_argument("--init-spread", type=float, default=SEARCH.init_spread,
                    help="standard deviation of the initial population around its centre (wider: more exploration)")
     add_search_args(p)
+    p.add_argument("--allocate", default="uniform", choices=list(ALLOCATIONS),
+                   help="per-layer sparsity: uniform, greedy (TEAL-style, sparse-only, then the rho search on top) "
+                        "or evolve (searched with rho)")
+    p.add_argument("--alloc-step", type=float, default=AllocationConfig.step,
+                   help="greedy: share of a block's bytes one greedy step moves to sparsity")
+    p.add_argument("--max-sparsity", type=float, default=AllocationConfig.max_sparsity,
+                   help="greedy/evolve: no layer sparser than this")
+    p.add_argument("--sparsity-spread", type=float, default=AllocationConfig.spread,
+                   help="evolve: spread of the initial per-layer sparsities")
+    p.add_argument("--holdout", type=float, default=SEARCH.holdout,
+                   help="share of the calibration windows held out of the fitness, for the early stop")
+    p.add_argument("--patience", type=int, default=SEARCH.patience,
+                   help="stop after this many generations without a held-out gain (0: never; needs --holdout)")
+    p.add_argument("--cache-mb", type=int, default=SEARCH.cache_mb,
+                   help="bound of the search's caches of sorted scores and whitened factors (MB)")
     p.add_argument("--tokens", default=SEARCH.tokens, choices=list(SCORED_MODES),
                    help="sparse positions in the search objective and the held-out perplexity (second_half: the "
                         "paper's protocol)")
@@ -96,7 +111,9 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(sparsity=args.sparsity, population=args.population, generations=args.generations,
                        group_size=args.group_size, mutation=args.mutation, crossover=args.crossover,
                        init_ratio=args.init_ratio, init_spread=args.init_spread, share=args.share, tokens=args.tokens,
-                       factors=args.factors, rho_step=args.rho_step, seed=args.seed)
+                       factors=args.factors, rho_step=args.rho_step, seed=args.seed,
+                       allocation=AllocationConfig(args.allocate, args.alloc_step, args.max_sparsity, args.sparsity_spread),
+                       holdout=args.holdout, patience=args.patience, cache_mb=args.cache_mb)
     cfg.validate()
     check_batch_size(args.search_batch_size)
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
@@ -111,17 +128,27 @@ def cmd_search(args) -> int:
     model_name = args.model or DEFAULT_MODEL_NAME
     windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     activations = collect_activations(model, windows, seed=args.seed)
+    fixed = None
+    if args.allocate == "greedy":
+        from rsparse.search.allocate import greedy_allocation
+
+        greedy = greedy_allocation(model, windows, [cfg.sparsity], activations, cfg.allocation, tokens=args.tokens,
+                                   batch_size=args.search_batch_size, cache_mb=cfg.cache_mb)
+        fixed = greedy["sparsity"][cfg.sparsity]
+        restore_(model)
     state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
-                   log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size)
+                   log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size, sparsities=fixed)
     search_seconds = time.time() - start
 
     # The final model: the searched recipe through the standard calibration (with refinement).
     names = state["names"]
-    recipe = {"layers": [{"name": n, "rho": r} for n, r in zip(names, state["best"]["rho"])]}
+    per_layer = state["best"].get("sparsity")
+    recipe = {"layers": [{"name": n, "rho": r, **({} if per_layer is None else {"sparsity": per_layer[i]})}
+                         for i, (n, r) in enumerate(zip(names, state["best"]["rho"]))]}
     report = sparsify_(model, RSparseConfig(sparsity=cfg.sparsity, recipe=recipe, seq_len=args.seq_len), activations)
     data = recipe_from_search(state, cfg.sparsity, report, model=model_name,
                               calibration={"corpus": args.calib_corpus, "windows": args.calib_samples,
-                                           "seq_len": args.seq_len, "seed": args.seed},
+                                           "seq_len": args.seq_len, "seed": args.seed}, allocation=args.allocate,
                               versions=versions())
     data["search"]["wall_seconds"] = search_seconds
     write_json(out / "recipe.json", data)
@@ -135,6 +162,9 @@ def cmd_search(args) -> int:
         variants = [("sparse-only", RSparseConfig(sparsity=cfg.sparsity, method="sparse")),
                     (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
                     ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
+        if fixed is not None:
+            variants.insert(2, ("sparse-only greedy", RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
+                {"name": n, "rho": 1.0, "sparsity": x} for n, x in zip(names, fixed)]})))
         for label, config in variants:
             sparsify_(model, config, activations)
             r = evaluate_perplexity(model, evalw, tokens=args.tokens, desc=f"perplexity ({label})")

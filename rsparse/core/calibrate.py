@@ -296,11 +296,13 @@ class LayerPlanner:
     "abs" or "weighted". factors: "whitened" (fitted to the calibration inputs the threshold
     drops) or "svd" (top-r SVD of W; `svd` is a precomputed (u, s, vh)). With cache=True the
     planner keeps what later plans of other budgets reuse: the SVD factors of the largest rank
-    (every rank is a slice of them), and whitened factors per (rank, threshold).
+    (every rank is a slice of them), and whitened factors per (rank, threshold), in its own dict
+    or, given `fit_cache` (a bounded cache shared by many planners, rsparse.search.cache), there
+    under keys that start with `name`.
     """
 
     def __init__(self, weight: torch.Tensor, rows: torch.Tensor, score: str = "auto", factors: str = "whitened",
-                 svd=None, cache: bool = False):
+                 svd=None, cache: bool = False, fit_cache=None, name: str = ""):
         if score not in SCORES:
             raise BadInputError(f"unknown score {score!r}; expected one of {SCORES}")
         if factors not in FACTORS:
@@ -310,6 +312,7 @@ class LayerPlanner:
         self._norms = None
         self._full = None  # SVD factors of the largest rank planned so far (cache=True)
         self._fitted: dict = {}  # (rank, threshold, weighted) -> whitened factors (cache=True)
+        self.fit_cache, self.name = fit_cache, name
 
     def weighted(self, method: str) -> bool:
         return self.score == "weighted" or (self.score == "auto" and method == "rsparse")
@@ -342,12 +345,18 @@ class LayerPlanner:
             return None, None
         if self.factor_kind == "whitened":
             key = (rank, threshold, scale is not None)
-            if key in self._fitted:
-                return self._fitted[key]
+            store = self._fitted if self.fit_cache is None else None
+            hit = store.get(key) if store is not None else self.fit_cache.get((self.name,) + key)
+            if hit is not None:
+                return hit
             down, up = dropped_input_factors(self.weight, self.rows, scale, threshold, rank)
             if self.cache:
                 w = self.weight
-                self._fitted[key] = down, up = down.to(w.device, w.dtype), up.to(w.device, w.dtype)
+                down, up = down.to(w.device, w.dtype), up.to(w.device, w.dtype)
+                if store is not None:
+                    store[key] = down, up
+                else:
+                    self.fit_cache.put((self.name,) + key, (down, up))
             return down, up
         if self.cache and self._full is not None and self._full[0].shape[1] >= rank:
             return self._full[0][:, :rank], self._full[1][:rank]

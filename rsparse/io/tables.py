@@ -163,12 +163,13 @@ def _num(v, scale: float = 1.0, digits: int = 2) -> str:
 def recipes_markdown(results: dict) -> str:
     """One row per (sparsity, recipe): calibration fitness, held-out perplexity, task accuracies, average."""
     tasks = results["tasks"]
-    head = ["sparsity %", "recipe", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]
+    head = ["sparsity %", "recipe", "achieved %", "calibration ppl", "held-out ppl"] + [TASK_LABELS.get(t, t) for t in tasks]
     head += ["Average"] if tasks else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for block in results["sparsities"]:
         for r in block["rows"]:
-            cells = [f"{100 * r['target_sparsity']:.0f}", r["recipe"], _num(r.get("calibration_fitness"), digits=3),
+            cells = [f"{100 * r['target_sparsity']:.0f}", r["recipe"], _num(r.get("achieved_sparsity"), 100.0),
+                     _num(r.get("calibration_fitness"), digits=3),
                      _num(r.get("ppl"), digits=3)]
             cells += [_num(r.get("tasks", {}).get(t, {}).get("acc"), 100.0) for t in tasks]
             cells += [_num(r.get("average"), 100.0)] if tasks else []

@@ -126,3 +126,18 @@ def refine_thresholds_(model: nn.Module, config: RSparseConfig, windows: torch.T
     for name, threshold in thresholds.items():
         refined[name]["threshold"] = threshold
         layers[name].threshold.fill_(threshold)
+
+
+@torch.no_grad()
+def refine_on_mix_(model: nn.Module, config: RSparseConfig, calibration: torch.Tensor, heldout: torch.Tensor,
+                   report: list[dict] | None = None) -> None:
+    """Thresholds re-set (as refine_thresholds_) on the calibration windows and windows of other
+    text together. Thresholds calibrated on one corpus keep more channels on other text (CoQA-
+    calibrated SmolLM2 at 60%: 58.4% achieved on BoolQ): the mix brings the kept fraction on text
+    the model has not seen closer to the target. Both window sets must have one length."""
+    if calibration.shape[1] != heldout.shape[1]:
+        raise BadInputError(f"refinement windows of {heldout.shape[1]} tokens do not match the calibration's "
+                            f"{calibration.shape[1]}")
+    if report is None:
+        report = [{"name": l.name} for l in rsparse_layers(model)]
+    refine_thresholds_(model, config, torch.cat([calibration, heldout]), report)

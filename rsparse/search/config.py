@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rsparse.core.budget import check_sparsity
 from rsparse.core.config import FACTORS, SCORED_MODES, RSparseConfig
 from rsparse.errors import BadInputError
 
 SHARES = ("layer", "type")
+ALLOCATIONS = ("uniform", "greedy", "evolve")
+
+
+@dataclass
+class AllocationConfig:
+    """How the model-level byte budget is split into per-layer sparsities s_l (rsparse.search.allocate).
+
+    uniform: s_l = the target everywhere. greedy: TEAL-style block-wise greedy (sparse-only, on
+    calibration block outputs), then the rho search on top with s_l fixed. evolve: the search
+    mutates s_l together with rho_l, every candidate projected back onto the budget."""
+
+    method: str = "uniform"
+    step: float = 0.025  # greedy: share of a block's bytes one step moves to sparsity
+    max_sparsity: float = 0.95  # no layer sparser than this (greedy and evolve)
+    spread: float = 0.05  # evolve: standard deviation of the initial sparsity genes around the start
+
+    def validate(self) -> "AllocationConfig":
+        if self.method not in ALLOCATIONS:
+            raise BadInputError(f"allocate must be one of {', '.join(ALLOCATIONS)}, got {self.method!r}")
+        if not 0 < self.step <= 0.5:
+            raise BadInputError(f"allocation step must be in (0, 0.5], got {self.step}")
+        if not 0 < self.max_sparsity < 1:
+            raise BadInputError(f"max sparsity must be in (0, 1), got {self.max_sparsity}")
+        if not 0 <= self.spread <= 1:
+            raise BadInputError(f"sparsity spread must be in [0, 1], got {self.spread}")
+        return self
 
 
 @dataclass
@@ -28,6 +54,13 @@ class SearchConfig:
     factors: str = "svd"
     rho_step: float = 0.005  # genes live on a grid of this step; thresholds (and factors) per grid point
     seed: int = 0
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    # Early stop: this share of the calibration windows is held out of the fitness; after each
+    # generation the best individual is scored on it, and the search stops after `patience`
+    # generations without a held-out gain (0: never), returning the held-out best.
+    holdout: float = 0.0
+    patience: int = 0
+    cache_mb: int = 2048  # bound of the caches of sorted scores and whitened factors (not part of a resume's identity)
 
     @property
     def steps(self) -> int:
@@ -51,4 +84,14 @@ class SearchConfig:
             raise BadInputError(f"rho_step must divide 1 (e.g. 0.005, 0.05, 0.1), got {self.rho_step}")
         if self.share not in SHARES:
             raise BadInputError(f"share must be one of {', '.join(SHARES)}, got {self.share!r}")
+        self.allocation.validate()
+        if self.allocation.method != "uniform" and self.sparsity > self.allocation.max_sparsity:
+            raise BadInputError(f"sparsity {self.sparsity} is above the per-layer max sparsity "
+                                f"{self.allocation.max_sparsity}")
+        if not 0 <= self.holdout < 1 or self.patience < 0:
+            raise BadInputError(f"holdout must be in [0, 1) and patience >= 0, got {self.holdout}, {self.patience}")
+        if self.patience and not self.holdout:
+            raise BadInputError("patience (early stop) needs a held-out share of the calibration windows (holdout > 0)")
+        if self.cache_mb < 1:
+            raise BadInputError(f"cache_mb must be positive, got {self.cache_mb}")
         return self

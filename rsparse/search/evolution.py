@@ -13,6 +13,15 @@ so far, then the next group. With share="type" (beyond the paper) there is one g
 projection type (q, k, v, o, gate, up, down), shared by every block: 7 genes to fit instead of
 7 x blocks, which the few calibration windows can pin down without over-fitting them.
 
+Per-layer sparsity (cfg.allocation, rsparse.search.allocate): "uniform" keeps s_l = the target;
+`sparsities` (e.g. the greedy allocation) fixes another s_l for the rho search; "evolve" adds one
+sparsity gene per rho gene, mutated and crossed over with them, and puts every candidate back on
+the byte budget (`project_budget`: inside the group being optimised, whose byte share is fixed by
+the genes held outside it).
+
+Early stop (cfg.holdout, cfg.patience): the last windows are held out of the fitness; after every
+generation the best individual is scored on them and the held-out best is what the search returns.
+
 After every generation the state is written atomically to the checkpoint file, so a killed
 search resumes where it stopped, losing at most one generation.
 """
@@ -35,28 +44,44 @@ from rsparse.core.models import decoder_linears
 from rsparse.errors import BadInputError
 from rsparse.io.results import write_json
 from rsparse.progress import progress
+from rsparse.search.allocate import layer_sizes, project_budget
 from rsparse.search.config import SHARES, SearchConfig  # noqa: F401 (re-exported)
 from rsparse.search.objective import Candidates, _block_inputs, _fitness
 
 
-def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator) -> np.ndarray:
+def initial_population(n_genes: int, cfg: SearchConfig, rng: np.random.Generator, gene_bytes=None) -> np.ndarray:
     """Seeded start: sparse-only (rho 1), the uniform init_ratio, and perturbations around it.
 
     The paper initialises at random in [0, 1]; with a few hundred evaluations a random start in
     [0, 1]^n is dominated by layers with catastrophic low-rank shares, so we start next to the
-    best uniform recipes and let evolution move away from them.
+    best uniform recipes and let evolution move away from them. With allocation "evolve"
+    (gene_bytes given), n_genes sparsity genes follow: the uniform allocation for the first two
+    individuals, perturbations of it (projected onto the budget) for the others.
     """
     pop = np.clip(cfg.init_ratio + cfg.init_spread * rng.standard_normal((cfg.population, n_genes)), 0.0, 1.0)
     pop[0] = 1.0
     pop[1] = cfg.init_ratio
-    return np.round(pop * cfg.steps) / cfg.steps
+    pop = np.round(pop * cfg.steps) / cfg.steps
+    if gene_bytes is None:
+        return pop
+    a = cfg.allocation
+    sp = cfg.sparsity + a.spread * rng.standard_normal((cfg.population, n_genes))
+    sp[:2] = cfg.sparsity
+    sp = np.array([project_budget(row, gene_bytes, cfg.sparsity, a.max_sparsity) for row in sp])
+    return np.concatenate([pop, sp], axis=1)
 
 
 def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoint: str | Path | None = None,
-           activations: CalibrationActivations | None = None, log=print, batch_size: int = 4) -> dict:
+           activations: CalibrationActivations | None = None, log=print, batch_size: int = 4,
+           sparsities=None) -> dict:
     """Run (or resume) the search; returns the state with the best recipe and fitness history.
-    batch_size: calibration windows per forward pass when scoring a candidate."""
+    batch_size: calibration windows per forward pass when scoring a candidate. sparsities: a
+    fixed per-layer sparsity (an allocation meeting cfg.sparsity, e.g. the greedy one) for the
+    rho search; not with allocation "evolve", which searches it."""
     cfg.validate()
+    evolve = cfg.allocation.method == "evolve"
+    if evolve and sparsities is not None:
+        raise BadInputError("allocation 'evolve' searches the per-layer sparsity: give no fixed sparsities")
     linears = decoder_linears(model)
     names = [l.name for l in linears]
     # The genes: one per projection, or one per projection type shared by every block (7 genes
@@ -68,9 +93,20 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         gene_of = np.arange(len(linears))
     n = int(gene_of.max()) + 1
     groups = [list(range(i, min(i + cfg.group_size, n))) for i in range(0, n, cfg.group_size)]
-    settings = asdict(cfg)
+    sizes = layer_sizes(linears)
+    gene_bytes = np.bincount(gene_of, weights=sizes, minlength=n)
+    if sparsities is not None:
+        sparsities = np.asarray(sparsities, dtype=np.float64)
+        if sparsities.shape != (len(linears),) or abs(float(sparsities @ sizes / sizes.sum()) - cfg.sparsity) > 1e-6:
+            raise BadInputError(f"the fixed per-layer sparsities must be one per layer and meet the budget {cfg.sparsity}")
+    settings = {k: v for k, v in asdict(cfg).items() if k != "cache_mb"}
     identity = {"layers": len(linears), "genes": n, "names_hash": hash_names(names), "windows": list(windows.shape),
-                "windows_sum": int(windows.sum())}
+                "windows_sum": int(windows.sum()),
+                "sparsities": None if sparsities is None else [round(float(x), 9) for x in sparsities]}
+    n_hold = int(round(cfg.holdout * windows.shape[0])) if cfg.holdout else 0
+    if n_hold and n_hold >= windows.shape[0]:
+        raise BadInputError(f"holdout {cfg.holdout} leaves no calibration window for the fitness")
+    held, windows = (windows[windows.shape[0] - n_hold:], windows[:windows.shape[0] - n_hold]) if n_hold else (None, windows)
 
     state = None
     if checkpoint and Path(checkpoint).is_file():
@@ -92,19 +128,50 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
 
     if activations is None:
         activations = collect_activations(model, windows)
-    cands = Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens, factors=cfg.factors, steps=cfg.steps)
+    cands = Candidates(model, cfg.sparsity, activations, tokens=cfg.tokens, factors=cfg.factors, steps=cfg.steps,
+                       cache_mb=cfg.cache_mb)
 
-    def evaluate(genes, start_block, cache):
-        cands.apply(genes[gene_of])
-        return _fitness(model, windows, start_block, cache, batch_size, tokens=cfg.tokens)
+    def layer_sparsity(genes):
+        return genes[n + gene_of] if evolve else sparsities
+
+    def evaluate(genes, start_block, cache, on=None):
+        cands.apply(genes[gene_of], layer_sparsity(genes))
+        return _fitness(model, windows if on is None else on, start_block, cache, batch_size, tokens=cfg.tokens)
+
+    def legal(trial, genes):
+        """The trial on the rho grid and, with evolve, on the budget: the group's sparsity genes
+        shifted so that they hold the bytes the genes outside the group leave them."""
+        trial[:n] = np.round(np.clip(trial[:n], 0.0, 1.0) * cfg.steps) / cfg.steps
+        if evolve:
+            inside = np.zeros(n, dtype=bool)
+            inside[genes] = True
+            rest = float(trial[n:][~inside] @ gene_bytes[~inside])
+            share = (cfg.sparsity * gene_bytes.sum() - rest) / gene_bytes[inside].sum()
+            trial[n + np.flatnonzero(inside)] = project_budget(trial[n:][inside], gene_bytes[inside], share,
+                                                                cfg.allocation.max_sparsity)
+        return trial
+
+    def held_out(genes):
+        """Early stop: score the generation's best on the held-out windows; True to stop."""
+        if held is None:
+            return False
+        score = evaluate(genes, 0, {}, on=held)
+        h = state.setdefault("holdout", {"best": None, "genes": None, "since": 0, "scores": []})
+        h["scores"].append(score)
+        if h["best"] is None or score < h["best"]:
+            h.update(best=score, genes=genes.tolist(), since=0)
+        else:
+            h["since"] += 1
+        return bool(cfg.patience) and h["since"] >= cfg.patience
 
     t_start = time.time()
     if state is None:
-        pop = initial_population(n, cfg, rng)
+        pop = initial_population(n, cfg, rng, gene_bytes if evolve else None)
         fit = [evaluate(p, 0, {}) for p in progress(pop, desc="initial population", unit="candidate", leave=False)]
         state = {"settings": settings, "identity": identity, "group": 0, "generation": 0,
                  "population": pop.tolist(), "fitness": fit, "history": [], "evaluations": len(fit),
                  "seconds": time.time() - t_start}
+        held_out(pop[int(np.argmin(fit))])
         _save(checkpoint, state, rng)
     pop, fit = np.array(state["population"]), list(state["fitness"])
     total_gens = len(groups) * cfg.generations
@@ -112,10 +179,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
     bar = progress(total=total_gens, initial=done, desc="search", unit="generation")
     while state["group"] < len(groups):
         genes = groups[state["group"]]
-        others = [i for i in range(n) if i not in set(genes)]
+        searched = genes + [n + g for g in genes] if evolve else genes  # the genome positions this group moves
+        others = [i for i in range(pop.shape[1]) if i not in set(searched)]
         best = pop[int(np.argmin(fit))].copy()
         start_block = min(l.block for l, g in zip(linears, gene_of) if g in set(genes))
-        cands.apply(best[gene_of])
+        cands.apply(best[gene_of], layer_sparsity(best))
         cache = _block_inputs(model, windows, start_block, batch_size) if start_block else {}
         t0 = time.time()
         if state["generation"] == 0 and not state.get("group_started") and len(groups) > 1:
@@ -126,7 +194,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
             pop[:, others] = best[others]
             pop[0] = best
             noise = cfg.init_spread * rng.standard_normal((cfg.population - 1, len(genes)))
-            pop[1:, genes] = np.round(np.clip(best[genes] + noise, 0.0, 1.0) * cfg.steps) / cfg.steps
+            pop[1:, genes] = best[genes] + noise
+            if evolve:
+                pop[1:, [n + g for g in genes]] = best[[n + g for g in genes]] + cfg.allocation.spread * \
+                    rng.standard_normal((cfg.population - 1, len(genes)))
+            pop[1:] = [legal(p, genes) for p in pop[1:]]
             fit = [evaluate(p, start_block, cache) for p in progress(pop, desc=f"group {state['group']} start", unit="candidate", leave=False)]
             state["group_started"] = True
             state["population"], state["fitness"] = pop.tolist(), fit
@@ -136,11 +208,11 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         for i in range(cfg.population):
             a, b, c = rng.choice([j for j in range(cfg.population) if j != i], 3, replace=False)
             mutant = pop[a] + cfg.mutation * (pop[b] - pop[c])
-            cross = rng.random(len(genes)) < cfg.crossover
-            cross[rng.integers(len(genes))] = True
+            cross = rng.random(len(searched)) < cfg.crossover
+            cross[rng.integers(len(searched))] = True
             trial = pop[i].copy()
-            trial[genes] = np.where(cross, mutant[genes], pop[i][genes])
-            trial = np.round(np.clip(trial, 0.0, 1.0) * cfg.steps) / cfg.steps
+            trial[searched] = np.where(cross, mutant[searched], pop[i][searched])
+            trial = legal(trial, genes)
             trials.append(trial)
             trial_fit.append(evaluate(trial, start_block, cache))
         pop, fit = _select(np.concatenate([pop, np.array(trials)]), np.array(fit + trial_fit), cfg.population)
@@ -152,13 +224,23 @@ def search(model: nn.Module, windows: torch.Tensor, cfg: SearchConfig, checkpoin
         if state["generation"] == cfg.generations:
             state["group"], state["generation"], state["group_started"] = state["group"] + 1, 0, False
         state["population"], state["fitness"] = pop.tolist(), fit
+        if held_out(pop[0]):
+            log(f"early stop: no held-out gain for {cfg.patience} generations")
+            state["group"], state["stopped_early"] = len(groups), True
         _save(checkpoint, state, rng)
         bar.update(1)
         left = (total_gens - bar.n) * (time.time() - t0)
         bar.set_postfix(best=f"{fit[0]:.3f}", mean=f"{np.mean(fit):.3f}", left=f"{left / 60:.0f}min")
     bar.close()
-    best = pop[int(np.argmin(fit))]
-    state["best"] = {"rho": best[gene_of].tolist(), "genes": best.tolist(), "fitness": float(min(fit))}
+    best, best_fit = pop[int(np.argmin(fit))], float(min(fit))
+    if held is not None:  # the held-out best (early stop), scored on the fitness windows too
+        best = np.array(state["holdout"]["genes"])
+        best_fit = evaluate(best, 0, {})
+    s_best = layer_sparsity(best)
+    state["best"] = {"rho": best[gene_of].tolist(), "genes": best.tolist(), "fitness": best_fit,
+                     "sparsity": None if s_best is None else [float(x) for x in s_best]}
+    if held is not None:
+        state["best"]["holdout_fitness"] = state["holdout"]["best"]
     state["names"] = names
     state["shapes"] = [[l.module.out_features, l.module.in_features] for l in linears]
     _save(checkpoint, state, rng)
@@ -193,9 +275,13 @@ def _save(path, state, rng) -> None:
 def recipe_from_search(state: dict, sparsity: float, report: list[dict] | None = None, **extra) -> dict:
     """The recipe file's content: per-layer rho (with keep/rank/threshold once applied)."""
     layers = []
+    per_layer = state["best"].get("sparsity")
     for i, (name, shape, rho) in enumerate(zip(state["names"], state["shapes"], state["best"]["rho"])):
-        b = layer_budget(shape[0], shape[1], sparsity, rho)
+        s = sparsity if per_layer is None else per_layer[i]
+        b = layer_budget(shape[0], shape[1], s, rho)
         entry = {"name": name, "shape": shape, "rho": rho, "keep": b.keep_fraction, "rank": b.rank}
+        if per_layer is not None:
+            entry["sparsity"] = s
         if report is not None:
             entry["threshold"] = report[i]["threshold"]
         layers.append(entry)

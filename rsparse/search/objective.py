@@ -6,8 +6,8 @@ dense and scores the predictions at its sparse second half, as rsparse.evaluate_
 "all" sparsifies and scores every position.
 
 Costs are kept down by reusing what does not change between candidates:
-  * the dense calibration activations (collected once) give every layer's thresholds on a grid
-    of rho values (one sort per layer and score kind);
+  * the dense calibration activations (collected once) give every layer's thresholds for any
+    kept fraction (one sort per layer and score kind, kept in a bounded cache; thresholds memoised);
   * one SVD per layer gives the factors for every rank (slices of the largest); with
     factors="whitened" (the final model's factors, fitted to the inputs each candidate's
     threshold drops) the factors of a (layer, rho) pair are computed once, when a candidate
@@ -18,45 +18,86 @@ Costs are kept down by reusing what does not change between candidates:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rsparse.core.budget import layer_budget
-from rsparse.core.calibrate import CalibrationActivations, LayerPlanner, logits_kwargs
+from rsparse.core.calibrate import CalibrationActivations, LayerPlanner, layer_method, logits_kwargs
 from rsparse.core.config import RSparseConfig
 from rsparse.core.layer import rsparse_layers
 from rsparse.core.models import decoder_blocks
 from rsparse.methods.rsparse import sparsify_rsparse_
 from rsparse.progress import progress
+from rsparse.search.cache import BoundedCache
+
+
+class Thresholds:
+    """One layer's threshold for any kept fraction and score kind: the k-th smallest calibration
+    score, k = round((1 - keep) * n), exactly as calibrate_threshold picks it, read from the
+    sorted scores (held in a bounded cache shared by all layers, re-sorted if evicted) and
+    memoised per (kind, k): a per-layer sparsity makes the kept fractions too many for a table."""
+
+    def __init__(self, planner: LayerPlanner, cache: BoundedCache, name: str):
+        self.planner, self.cache, self.name = planner, cache, name
+        self.n = planner.rows.numel()
+        self.memo: dict = {}
+
+    def __call__(self, keep: float, weighted: bool) -> float:
+        if keep <= 0.0:
+            return math.inf
+        if keep >= 1.0:
+            return -math.inf
+        k = min(max(int(round((1.0 - keep) * self.n)), 1), self.n)
+        t = self.memo.get((weighted, k))
+        if t is None:
+            ordered = self.cache.get(("sorted", self.name, weighted))
+            if ordered is None:
+                norms = self.planner.weight.detach().float().norm(dim=0) if weighted else None
+                ordered = self.cache.put(("sorted", self.name, weighted),
+                                         self.planner.scores(norms).reshape(-1).float().sort().values)
+            t = self.memo[(weighted, k)] = float(ordered[k - 1])
+        return t
 
 
 class Candidates:
-    """Applies a rho vector to an already sparsified model quickly (no module rebuilding): each
-    layer is re-planned by its LayerPlanner (rsparse.core.calibrate), with the thresholds of
-    every rho on the grid computed once (one sort per layer and score kind) and the factors
-    cached (slices of one SVD per layer, or whitened fits per rank and threshold)."""
+    """Applies a rho vector (and, optionally, a per-layer sparsity vector) to an already
+    sparsified model quickly (no module rebuilding): each layer is re-planned by its
+    LayerPlanner (rsparse.core.calibrate) with thresholds from `Thresholds` and factors cached
+    (slices of one SVD per layer, or whitened fits per rank and threshold, in one bounded cache).
+    lowrank=False: sparse-only candidates (rho 1), no SVD at the start."""
 
     def __init__(self, model: nn.Module, sparsity: float, activations: CalibrationActivations, score: str = "auto",
-                 tokens: str = "second_half", factors: str = "svd", steps: int = 200):
-        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens=tokens, refine=False, factors="svd")
+                 tokens: str = "second_half", factors: str = "svd", steps: int = 200, cache_mb: int = 2048,
+                 lowrank: bool = True):
+        base = RSparseConfig(sparsity=sparsity, ratio=0.0, tokens=tokens, refine=False, factors="svd",
+                             method="rsparse" if lowrank else "sparse")
         sparsify_rsparse_(model, base, activations)  # rho = 0 everywhere: the largest ranks
         self.layers = rsparse_layers(model)
         self.sparsity, self.steps = sparsity, steps
-        keeps = [(1.0 - sparsity) * (g / steps) for g in range(steps + 1)]  # layer_budget's keep fraction
-        self.planners, self.tables = [], []
+        on_gpu = self.layers[0].weight.device.type != "cpu"
+        self.cache = BoundedCache(cache_mb * 2**20, spill_bytes=cache_mb * 2**20 if on_gpu else 0)
+        self.planners, self.thresholds = [], []
         for layer in self.layers:
-            planner = LayerPlanner(layer.weight, activations.rows[layer.name], score, factors, cache=True)
-            planner.seed_factors(layer.lr_down.clone(), layer.lr_up.clone())  # the rank-0 budget's SVD factors
+            planner = LayerPlanner(layer.weight, activations.rows[layer.name], score, factors, cache=True,
+                                   fit_cache=self.cache, name=layer.name)
+            if layer.rank:
+                planner.seed_factors(layer.lr_down.clone(), layer.lr_up.clone())  # the rank-0 budget's SVD factors
             self.planners.append(planner)
-            self.tables.append(planner.threshold_table(keeps))
+            self.thresholds.append(Thresholds(planner, self.cache, layer.name))
 
-    def apply(self, rhos: np.ndarray) -> None:
-        for layer, planner, table, rho in zip(self.layers, self.planners, self.tables, rhos):
-            g = int(round(float(rho) * self.steps))
-            b = layer_budget(layer.out_features, layer.in_features, self.sparsity, g / self.steps)
-            planner.plan(b, thresholds={w: t[g] for w, t in table.items()}).apply(layer)
+    def apply(self, rhos, sparsities=None, only=None) -> None:
+        """Plan every layer (or the indices in `only`) under rho_l and s_l (default: the uniform sparsity)."""
+        for i in range(len(self.layers)) if only is None else only:
+            layer, planner = self.layers[i], self.planners[i]
+            g = int(round(float(rhos[i]) * self.steps))
+            s = self.sparsity if sparsities is None else float(sparsities[i])
+            b = layer_budget(layer.out_features, layer.in_features, s, g / self.steps)
+            w = planner.weighted(layer_method(b))
+            planner.plan(b, thresholds={w: self.thresholds[i](b.keep_fraction, w)}).apply(layer)
 
 
 class _Passthrough(nn.Module):

@@ -52,3 +52,35 @@ def test_cli_compare_recipes_rejects_bad_input(capsys):
     cli_error(capsys, ["compare-recipes", "--grid", "0.5,2"], "grid")
     cli_error(capsys, ["compare-recipes", "--grid", "0.9,0.95", "--rho-step", "0.1"], "rho-step")
     cli_error(capsys, ["compare-recipes", "--search-batch-size", "0"], "search-batch-size")
+
+
+@pytest.mark.parametrize("allocate", ["greedy", "evolve"])
+def test_cli_search_allocates_per_layer_sparsity(tmp_path, text_file, tiny_model_dir, allocate):
+    """`rsparse search --allocate` writes a recipe with a per-layer sparsity on the budget, which
+    `rsparse run --recipe` and `rsparse compress --recipe` take."""
+    from rsparse.cli import main
+
+    out = tmp_path / "s"
+    common = ["--calib-corpus", str(text_file), "--calib-samples", "4", "--seq-len", "32"]
+    assert main(["search", "--model", str(tiny_model_dir), "--sparsity", "0.6", "--allocate", allocate,
+                 "--population", "4", "--generations", "1", "--group-size", "7", "--alloc-step", "0.1",
+                 "--ppl-corpus", str(text_file), "--ppl-windows", "2", "--ppl-seq-len", "32", *common,
+                 "--out", str(out)]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    s = [l["sparsity"] for l in recipe["layers"]]
+    sizes = [l["shape"][0] * l["shape"][1] for l in recipe["layers"]]
+    assert abs(sum(a * b for a, b in zip(s, sizes)) / sum(sizes) - 0.6) < 1e-6 and len(set(s)) > 1
+    rows = json.loads((out / "search_eval.json").read_text())["rows"]
+    assert ("sparse-only greedy" in [r["recipe"] for r in rows]) == (allocate == "greedy")
+    assert main(["run", "--model", str(tiny_model_dir), "--methods", "rsparse", "--sparsity", "0.6", "--recipe",
+                 str(out / "recipe.json"), "--ppl-corpus", str(text_file), "--ppl-windows", "2", *common,
+                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["compress", "--model", str(tiny_model_dir), "--sparsity", "0.6", "--recipe", str(out / "recipe.json"),
+                 *common, "--out", str(tmp_path / "c")]) == 0
+    from rsparse import load_checkpoint
+    from rsparse.core.layer import rsparse_layers
+
+    model, _ = load_checkpoint(tmp_path / "c")
+    kept = {l.name: l.keep_fraction for l in rsparse_layers(model)}
+    for entry in recipe["layers"]:
+        assert abs(kept[entry["name"]] - (1 - entry["sparsity"]) * entry["rho"]) < 1e-6

@@ -1,0 +1,212 @@
+"""Per-layer sparsity s_l under the model-level byte budget.
+
+The budget: every decoder projection l of dense size w_l (out x in elements) reads (1 - s_l) w_l
+at a sparse token, so the model-level sparsity is sum(s_l w_l) / sum(w_l). An allocation is a
+vector s_l meeting it; rho_l then splits each layer's (1 - s_l) between kept channels and rank.
+
+greedy (the peer anchor; the idea of TEAL, Liu et al. 2024, "Training-Free Activation Sparsity in
+Large Language Models", section 4: block-wise greedy allocation; this is our own code). Sparse-only
+(rho 1) and block by block, every block at the target (so the model-level budget holds exactly):
+  * a block's projections form groups that read one input (q/k/v; gate/up) or alone (o; down);
+    a group shares one sparsity, as TEAL thresholds a shared input once;
+  * start with every group dense; one step raises the sparsity of one group so that the block
+    saves `step` of its bytes more (less if the group reaches `max_sparsity`); the step taken is
+    the one with the least increase of the block's output error per byte saved, the error being
+    ||B_sparse(h) - B_dense(h)||^2 / ||B_dense(h)||^2 over the calibration windows' hidden states h
+    entering the block in the dense model (only the sparse positions: second halves by default);
+  * the walk goes up to the highest target; a lower target is the walk's state where it crosses
+    that target, its last step cut so that the block's saving is exactly the target. Thresholds
+    are the quantiles of the dense calibration rows (as everywhere in the search).
+  Cost: ceil(max target / step) x (number of groups) block forward passes per block.
+
+evolve: the search (rsparse.search.evolution) mutates s_l with rho_l; `project_budget` puts every
+candidate back on the budget by shifting its sparsity genes by one constant (clipped to
+[0, max_sparsity]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsparse.core.calibrate import CalibrationActivations, logits_kwargs
+from rsparse.core.models import decoder_blocks
+from rsparse.core.sparse_modules import token_mode
+from rsparse.errors import BadInputError
+from rsparse.progress import progress
+from rsparse.search.config import AllocationConfig
+
+# projections of one block that read the same input tensor (one threshold in TEAL)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def layer_sizes(linears) -> np.ndarray:
+    return np.array([l.module.out_features * l.module.in_features for l in linears], dtype=np.float64)
+
+
+def model_sparsity(sparsities, sizes) -> float:
+    """The model-level sparsity of per-layer sparsities: the byte-weighted mean."""
+    return float(np.dot(np.asarray(sparsities, dtype=np.float64), sizes) / sizes.sum())
+
+
+def project_budget(sparsities, sizes, target: float, max_sparsity: float, iters: int = 60) -> np.ndarray:
+    """s + c clipped to [0, max_sparsity], with the one constant c (bisection) that makes the
+    byte-weighted mean equal to `target`: the nearest allocation on the budget that keeps the
+    candidate's differences between layers (up to the clipping)."""
+    s = np.asarray(sparsities, dtype=np.float64)
+    if not 0.0 <= target <= max_sparsity:
+        raise BadInputError(f"target sparsity {target} is outside [0, {max_sparsity}]")
+    lo, hi = -1.0 - s.max(), 1.0 + max_sparsity - s.min()
+    for _ in range(iters):
+        c = (lo + hi) / 2
+        if model_sparsity(np.clip(s + c, 0.0, max_sparsity), sizes) < target:
+            lo = c
+        else:
+            hi = c
+    return np.clip(s + (lo + hi) / 2, 0.0, max_sparsity)
+
+
+def input_groups(linears, indices) -> list[list[int]]:
+    """Indices of one block's projections, grouped by the input they read."""
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(SHARED_INPUT.get(linears[i].kind, linears[i].kind), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[list[tuple]]:
+    """[block][batch] -> (hidden states entering the block, its keyword arguments), one pass."""
+    blocks = decoder_blocks(model)
+    saved: list[list[tuple]] = [[] for _ in blocks]
+    handles = []
+    for b, block in enumerate(blocks):
+        def grab(module, args, kwargs, b=b):
+            saved[b].append((args[0].detach().clone(), dict(kwargs)))
+        handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            # the last block's output is not needed: logits of one position only
+            model(windows[start:start + batch_size].to(device), use_cache=False, **logits_kwargs(model, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return saved
+
+
+def _block_out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def greedy_allocation(model: nn.Module, windows: torch.Tensor, targets, activations: CalibrationActivations,
+                      cfg: AllocationConfig | None = None, tokens: str = "second_half", batch_size: int = 4,
+                      cache_mb: int = 2048) -> dict:
+    """TEAL-style greedy allocation (see the module docstring) for each of `targets`.
+    Returns {"sparsity": {target: [s_l per decoder projection]}, "names": [...], "error": {target:
+    [block output error per block]}, "evaluations": block passes}. Leaves the model sparsified
+    (sparse-only): restore_ undoes it."""
+    from rsparse.search.objective import Candidates
+
+    cfg = (cfg or AllocationConfig(method="greedy")).validate()
+    targets = sorted(float(t) for t in targets)
+    if not targets or targets[0] < 0 or targets[-1] > cfg.max_sparsity:
+        raise BadInputError(f"greedy targets must lie in [0, {cfg.max_sparsity}], got {targets}")
+    cands = Candidates(model, targets[-1], activations, tokens=tokens, lowrank=False, cache_mb=cache_mb)
+    from rsparse.core.models import decoder_linears
+
+    linears = decoder_linears(model)
+    assert [l.name for l in linears] == [l.name for l in cands.layers]
+    sizes = layer_sizes(linears)
+    n = len(linears)
+    ones = np.ones(n)
+    current = np.zeros(n)
+    cands.apply(ones, current)  # dense everywhere (s = 0 plans a dense layer)
+    inputs = block_inputs(model, windows, batch_size)
+    blocks = decoder_blocks(model)
+    first = windows.shape[1] // 2 if tokens == "second_half" else 0
+    result = {t: np.zeros(n) for t in targets}
+    errors = {t: [] for t in targets}
+    evaluations = 0
+
+    with token_mode(model, tokens):
+        for b in progress(range(len(blocks)), desc="greedy allocation", unit="block"):
+            idx = [i for i, l in enumerate(linears) if l.block == b]
+            groups = input_groups(linears, idx)
+            gbytes = [sizes[g].sum() for g in groups]
+            total = sizes[idx].sum()
+            dense = [_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]]
+            norm = sum(float(d.float().pow(2).sum()) for d in dense)
+
+            def error() -> float:
+                err = 0.0
+                for (h, kw), d in zip(inputs[b], dense):
+                    err += float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
+                return err / max(norm, 1e-30)
+
+            level = np.zeros(len(groups))
+            saved, err_now, ti = 0.0, 0.0, 0
+            while ti < len(targets):
+                best = None
+                for gi, g in enumerate(groups):
+                    if level[gi] >= cfg.max_sparsity - 1e-12:
+                        continue
+                    new = min(cfg.max_sparsity, level[gi] + cfg.step * total / gbytes[gi])
+                    current[g] = new
+                    cands.apply(ones, current, only=g)
+                    err = error()
+                    evaluations += 1
+                    current[g] = level[gi]
+                    cands.apply(ones, current, only=g)
+                    gain = (new - level[gi]) * gbytes[gi]
+                    cost = (err - err_now) / gain
+                    if best is None or cost < best[0]:
+                        best = (cost, gi, new, err, gain)
+                if best is None:  # every group at max_sparsity: only if a target exceeds it
+                    raise BadInputError(f"block {b} cannot reach {targets[ti]} with max sparsity {cfg.max_sparsity}")
+                _, gi, new, err, gain = best
+                while ti < len(targets) and saved + gain >= targets[ti] * total - 1e-9 * total:
+                    part = current.copy()
+                    part[groups[gi]] = level[gi] + (targets[ti] * total - saved) / gbytes[gi]
+                    result[targets[ti]][idx] = part[idx]
+                    errors[targets[ti]].append(err)  # the full step's error: an upper bound at the target
+                    ti += 1
+                level[gi] = new
+                current[groups[gi]] = new
+                cands.apply(ones, current, only=groups[gi])
+                saved += gain
+                err_now = err
+            # the next blocks are measured on dense inputs: this block's layers go back to dense
+            current[idx] = 0.0
+            cands.apply(ones, current, only=idx)
+    return {"sparsity": {t: result[t].tolist() for t in targets}, "names": [l.name for l in linears],
+            "error": errors, "evaluations": evaluations, "step": cfg.step, "max_sparsity": cfg.max_sparsity}
+
+
+@torch.no_grad()
+def block_errors(model: nn.Module, windows: torch.Tensor, sparsities, activations: CalibrationActivations,
+                 tokens: str = "second_half", batch_size: int = 4) -> list[float]:
+    """Greedy's objective for any allocation: per block, the relative output error of the block
+    sparse-only at s_l against the dense block, both on the dense model's hidden states. Leaves
+    the model sparsified (restore_ undoes it)."""
+    from rsparse.search.objective import Candidates
+
+    s = np.asarray(sparsities, dtype=np.float64)
+    cands = Candidates(model, float(s.max()), activations, tokens=tokens, lowrank=False)
+    ones = np.ones(len(s))
+    cands.apply(ones, np.zeros(len(s)))
+    inputs = block_inputs(model, windows, batch_size)
+    blocks = decoder_blocks(model)
+    first = windows.shape[1] // 2 if tokens == "second_half" else 0
+    out = []
+    with token_mode(model, tokens):
+        dense = [[_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]] for b in range(len(blocks))]
+        cands.apply(ones, s)
+        for b in range(len(blocks)):
+            num = sum(float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
+                      for (h, kw), d in zip(inputs[b], dense[b]))
+            out.append(num / max(sum(float(d.float().pow(2).sum()) for d in dense[b]), 1e-30))
+    return out
