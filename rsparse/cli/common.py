@@ -156,3 +156,15 @@ def peak_memory_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+
+
+def add_allocation(p: argparse.ArgumentParser) -> None:
+    """The knobs of the per-layer sparsity allocations (AllocationConfig; `search`, `compare-recipes`)."""
+    from rsparse.search.config import AllocationConfig
+
+    p.add_argument("--alloc-step", type=float, default=AllocationConfig.step,
+                   help="greedy: share of a block's bytes one greedy step moves to sparsity")
+    p.add_argument("--max-sparsity", type=float, default=AllocationConfig.max_sparsity,
+                   help="greedy/evolve: no layer sparser than this")
+    p.add_argument("--sparsity-spread", type=float, default=AllocationConfig.spread,
+                   help="evolve: spread of the initial per-layer sparsities")

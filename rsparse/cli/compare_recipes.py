@@ -50,12 +50,7 @@ def register(subparsers) -> None:
                    help="standard deviation of the search's initial population around the best uniform rho")
     p.add_argument("--allocations", default="uniform",
                    help=f"per-layer sparsity allocations compared, from {', '.join(ALLOCATIONS)} (uniform always runs)")
-    p.add_argument("--alloc-step", type=float, default=AllocationConfig.step,
-                   help="greedy: share of a block's bytes one greedy step moves to sparsity")
-    p.add_argument("--max-sparsity", type=float, default=AllocationConfig.max_sparsity,
-                   help="greedy/evolve: no layer sparser than this")
-    p.add_argument("--sparsity-spread", type=float, default=AllocationConfig.spread,
-                   help="evolve: spread of the initial per-layer sparsities")
+    common.add_allocation(p)
     common.add_refine_mix(p)
     p.add_argument("--tasks", default=None, help="lm-eval tasks (default: the 8 of Table 1; 'none' to skip)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: full sets)")

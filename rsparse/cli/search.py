@@ -28,12 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--allocate", default="uniform", choices=list(ALLOCATIONS),
                    help="per-layer sparsity: uniform, greedy (TEAL-style, sparse-only, then the rho search on top) "
                         "or evolve (searched with rho)")
-    p.add_argument("--alloc-step", type=float, default=AllocationConfig.step,
-                   help="greedy: share of a block's bytes one greedy step moves to sparsity")
-    p.add_argument("--max-sparsity", type=float, default=AllocationConfig.max_sparsity,
-                   help="greedy/evolve: no layer sparser than this")
-    p.add_argument("--sparsity-spread", type=float, default=AllocationConfig.spread,
-                   help="evolve: spread of the initial per-layer sparsities")
+    common.add_allocation(p)
     p.add_argument("--holdout", type=float, default=SEARCH.holdout,
                    help="share of the calibration windows held out of the fitness, for the early stop")
     p.add_argument("--patience", type=int, default=SEARCH.patience,

@@ -74,10 +74,9 @@ def _slot_scratch(device: torch.device, n: int):
 # the two paths
 # --------------------------------------------------------------------------------------------
 
-def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor]):
-    """Dense path for batches where the sparse kernel stops paying: one Triton launch writes
-    x*m_p (and x*(1-m_p) for low-rank parts), then cuBLAS: y_p = x*m_p @ w_t_p + bias_p
-    (+ (x*(1-m_p) @ lr_down_p) @ lr_up_p)."""
+def split_input(x2: torch.Tensor, parts: Sequence) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One Triton launch: per part, x*m_p (kept channels) and, for low-rank parts, x*(1-m_p).
+    `parts` need thr_t, thr_val, scale and R (the 16-bit _Part or the 4-bit kernel's)."""
     M, K = x2.shape
     xk = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) for _ in parts]
     xd = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) if p.R else xk[i]
@@ -95,6 +94,14 @@ def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Ten
     BLOCK = 1024
     _split_input_kernel[(triton.cdiv(K, BLOCK), M)](
         x2, x2.stride(0), K, *args, *flags, NUM_PARTS=len(parts), BLOCK=BLOCK, num_warps=4)
+    return xk, xd
+
+
+def _run_cublas(x2: torch.Tensor, parts: Sequence[_Part], ys: Sequence[torch.Tensor]):
+    """Dense path for batches where the sparse kernel stops paying: one Triton launch writes
+    x*m_p (and x*(1-m_p) for low-rank parts), then cuBLAS: y_p = x*m_p @ w_t_p + bias_p
+    (+ (x*(1-m_p) @ lr_down_p) @ lr_up_p)."""
+    xk, xd = split_input(x2, parts)
     for i, p in enumerate(parts):
         if p.bias is not None:
             torch.addmm(p.bias.to(x2.dtype), xk[i], p.w_t, out=ys[i])

@@ -52,13 +52,13 @@ from .int4_configs import pick_config
 from .int4_dense import int4_linear
 from .optional_triton import _HAS_TRITON, _interpret_mode, triton
 # the 16-bit kernel's reference and scratch (same semantics; one scratch for both kernels)
-from .rsparse_launch import MAX_PARTS, _scratch, _slot_scratch
+from .rsparse_launch import MAX_PARTS, _scratch, _slot_scratch, split_input
 from .triton_rsparse import MAX_BATCH_ROWS, rsparse_decode_linear_reference
 from .fused_epilogues import Epilogue, apply_epilogue_torch, launch_epilogue
 
 if _HAS_TRITON:
     from .int4_device import _int4_main_kernel
-    from .rsparse_device_kernels import _epilogue_kernel, _split_input_kernel, _z_kernel
+    from .rsparse_device_kernels import _epilogue_kernel, _z_kernel
 
 __all__ = ["int4_decode_linear", "int4_decode_linear_multi", "int4_decode_linear_reference",
            "int4_decode_linear_multi_reference"]
@@ -162,23 +162,7 @@ def _validate(x, K, qweight, scales_zeros, threshold, score_scale, lr_down, lr_u
 def _run_dense(x2, parts: Sequence[_Part4], ys):
     """PATH "dense": one launch writes x*m_p (and x*(1-m_p) for low-rank parts), then tinygemm
     and the low-rank products (the 16-bit kernel's cuBLAS path, 4-bit)."""
-    M, K = x2.shape
-    xk = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) for _ in parts]
-    xd = [torch.empty(M, K, dtype=x2.dtype, device=x2.device) if p.R else xk[i]
-          for i, p in enumerate(parts)]
-    args, flags = [], []
-    for i in range(MAX_PARTS):
-        if i < len(parts):
-            b = parts[i]
-            args += [b.thr_t if b.thr_t is not None else xk[i], b.thr_val,
-                     b.scale if b.scale is not None else xk[i], xk[i], xd[i]]
-            flags += [b.thr_t is not None, b.scale is not None, b.R > 0]
-        else:
-            args += [xk[0], 0.0, xk[0], xk[0], xk[0]]
-            flags += [False, False, False]
-    BLOCK = 1024
-    _split_input_kernel[(triton.cdiv(K, BLOCK), M)](
-        x2, x2.stride(0), K, *args, *flags, NUM_PARTS=len(parts), BLOCK=BLOCK, num_warps=4)
+    xk, xd = split_input(x2, parts)
     for i, p in enumerate(parts):
         y = int4_linear(xk[i], p.qw, p.sz, p.packed, p.bias)
         if p.R:  # the low-rank product added by the second GEMM, written into the output
