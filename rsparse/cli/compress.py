@@ -9,7 +9,7 @@ import sys
 import time
 
 from rsparse.cli import common
-from rsparse.core.config import LAYER_METHODS, RSparseConfig, load_recipe
+from rsparse.core.config import INT4_GROUP_SIZES, LAYER_METHODS, RSparseConfig, load_recipe
 from rsparse.errors import BadInputError
 
 
@@ -20,6 +20,12 @@ def register(subparsers) -> None:
     common.add_sparsify(p)
     p.add_argument("--method", default=common.RSPARSE.method, choices=list(LAYER_METHODS),
                    help="sparse = rho 1, lowrank = rho 0")
+    p.add_argument("--weights", default="fp", choices=["fp", "int4"],
+                   help="fp: the model's float weights; int4: 4-bit weights (round-to-nearest, asymmetric, groups of "
+                        "--group-size input channels) for the 4-bit kernels, calibrated on the rounded weights")
+    p.add_argument("--group-size", type=int, default=common.RSPARSE.group_size, choices=list(INT4_GROUP_SIZES),
+                   help="input channels per 4-bit scale/zero (--weights int4; a layer it does not divide gets the "
+                        "largest smaller size that does)")
     common.add_calibration(p)
     common.add_device(p)
     p.add_argument("--save-dtype", default=None, choices=common.DTYPES,
@@ -45,7 +51,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # everything cheap first, the target directory included
     config = RSparseConfig(sparsity=args.sparsity, ratio=args.ratio, recipe=args.recipe, method=args.method,
                            tokens="decode", calibration_samples=args.calib_samples, seq_len=args.seq_len,
-                           seed=args.seed)
+                           seed=args.seed, weight_bits=4 if args.weights == "int4" else 16,
+                           group_size=args.group_size)
     if args.recipe:
         load_recipe(args.recipe)
     common.require(args.seq_len >= 2, "--seq-len must be >= 2")
@@ -77,7 +84,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     read = sum(r["read_fraction"] * r["shape"][0] * r["shape"][1] for r in report) / dense
     methods = sorted({r["method"] for r in report})
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"saved {out}: {len(report)} layers ({', '.join(methods)}), target sparsity {100 * args.sparsity:.0f}%, "
+    weights = (f"4-bit weights (groups of {'/'.join(str(g) for g in sorted({r['group_size'] for r in report}))}), "
+               if config.weight_bits == 4 else "")
+    print(f"saved {out}: {len(report)} layers ({', '.join(methods)}), {weights}target sparsity {100 * args.sparsity:.0f}%, "
           f"reads {100 * read:.1f}% of the decoder projection weights per decode step; "
           f"{size / 1e6:.1f} MB ({str(save_dtype).removeprefix('torch.')}) in {time.time() - start:.0f} s, "
           f"peak memory {common.peak_memory_mb():.0f} MB")

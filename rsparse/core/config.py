@@ -35,6 +35,8 @@ METHODS = LAYER_METHODS + BASELINES  # every method name a command takes
 SCORED_MODES = ("second_half", "all")  # token modes that score whole sequences (perplexity, lm-eval)
 SCORES = ("auto", "abs", "weighted")
 FACTORS = ("svd", "whitened")
+WEIGHT_BITS = (16, 4)  # RSparseConfig.weight_bits: the layers' float weights, or 4-bit codes
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # rsparse.core.int4.GROUP_SIZES (here without torch)
 
 
 @dataclass
@@ -53,6 +55,11 @@ class RSparseConfig:
     # than the paper's plain top-r SVD of W on SmolLM2, see README); svd: the paper's factors.
     factors: str = "whitened"
     seed: int = 0
+    # 4: weights rounded to 4 bits (RTN, groups of group_size input channels; a layer whose width
+    # it does not divide gets the largest smaller size that does) before calibration, and stored
+    # as 4-bit codes (rsparse.core.int4_layer); the low-rank factors stay in the model's dtype
+    weight_bits: int = 16
+    group_size: int = 128
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +75,10 @@ class RSparseConfig:
             raise BadInputError(f"unknown factors {self.factors!r}; expected one of {FACTORS}")
         _check_tokens(self.tokens)
         _positive(self, "calibration_samples", "seq_len", "max_rows_per_layer")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise BadInputError(f"weight_bits must be one of {WEIGHT_BITS}, got {self.weight_bits!r}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise BadInputError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -94,6 +94,8 @@ def scatter_rows_(y: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> t
 class RSparseLinear(SparseModule, nn.Linear):
     """Drop-in replacement of nn.Linear; see the module docstring for the math."""
 
+    weight_bits = 16  # a 16-bit (or fp32) weight: the 16-bit kernel (4: Int4RSparseLinear)
+
     def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = False,
                  device=None, dtype=None, name: str = ""):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -174,14 +176,14 @@ class RSparseLinear(SparseModule, nn.Linear):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "dense" or self.tokens == "none":
-            return F.linear(x, self.weight, self.bias)
+            return self._dense(x)
         one_token = x.dim() == 1 or x.shape[-2] == 1  # a decode step: one token per sequence
         if self.tokens == "all" or (self.tokens == "decode" and one_token):
             return self._sparse(x)
         if self.tokens == "second_half" and x.dim() >= 2 and x.shape[-2] > 1:
             # Dense over the whole sequence, then the second half replaced: the first half is
             # then bit-identical to the dense model's (same GEMM shapes), not just close.
-            y = F.linear(x, self.weight, self.bias)
+            y = self._dense(x)
             halves = padded_positions(x)
             if halves is None:
                 half = x.shape[-2] // 2
@@ -190,6 +192,9 @@ class RSparseLinear(SparseModule, nn.Linear):
                 at = halves[2]
                 scatter_rows_(y, at, self._sparse(gather_rows(x, at)))
             return y
+        return self._dense(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,11 @@ def layer_tensor_shapes(entry: dict) -> dict[str, list[int]]:
     """The stored tensors of one R-Sparse layer (suffix -> shape) that its layout entry implies."""
     out_f, in_f = entry["shape"]
     r = entry["rank"]
-    shapes = {"weight": [out_f, in_f], "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [],
-              "score_scale": [in_f]}
+    if entry.get("weight_bits", 16) == 4:  # 4-bit codes instead of the weight (rsparse/core/int4.py)
+        weights = {"qweight": [in_f, out_f // 2], "scales_zeros": [in_f // entry["group_size"], out_f, 2]}
+    else:
+        weights = {"weight": [out_f, in_f]}
+    shapes = {**weights, "lr_down": [in_f, r], "lr_up": [r, out_f], "threshold": [], "score_scale": [in_f]}
     if entry.get("bias"):
         shapes["bias"] = [out_f]
     return shapes

@@ -35,6 +35,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from rsparse.core.config import INT4_GROUP_SIZES
+from rsparse.core.int4_layer import Int4RSparseLinear
 from rsparse.core.layer import LAYER_METHODS as METHODS
 from rsparse.core.layer import TOKEN_MODES, RSparseLinear, column_major, rsparse_layers
 from rsparse.core.sparse_modules import QUANT_METHOD
@@ -100,6 +102,8 @@ class RSparseQuantizationConfig(QuantizationConfigMixin):
                 "method": layer.method, "tokens": layer.tokens, "keep_fraction": float(layer.keep_fraction),
                 "rank": int(layer.rank), "shape": [layer.out_features, layer.in_features],
                 "bias": layer.bias is not None}
+            if layer.weight_bits == 4:
+                layers[names[id(layer)]].update(weight_bits=4, group_size=layer.group_size)
         stored = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained writes
         for key, value in stored.items():
             if value.device.type == "meta":
@@ -129,7 +133,9 @@ def _check_layers(layers) -> dict:
         ok = (isinstance(e, dict) and e.get("method") in METHODS and e.get("tokens") in TOKEN_MODES
               and isinstance(e.get("rank"), int) and not isinstance(e.get("rank"), bool) and e["rank"] >= 0
               and isinstance(e.get("keep_fraction"), (int, float)) and isinstance(e.get("shape"), list)
-              and len(e["shape"]) == 2 and all(isinstance(s, int) and s > 0 for s in e["shape"]))
+              and len(e["shape"]) == 2 and all(isinstance(s, int) and s > 0 for s in e["shape"])
+              and (e.get("weight_bits", 16) == 16 or (e.get("weight_bits") == 4 and e.get("group_size") in INT4_GROUP_SIZES
+                                                       and e["shape"][1] % e["group_size"] == 0 and e["shape"][0] % 8 == 0)))
         if not ok:
             raise TransformersFormatError(f"quantization_config: layer entry {name!r} is malformed: {e!r}")
     return {n: dict(e) for n, e in layers.items()}
@@ -195,6 +201,8 @@ class RSparseHfQuantizer(HfQuantizer):
         state = model.state_dict()
         expected = set(state)
         for name, entry in layers.items():
+            if entry.get("weight_bits") == 4:  # 4-bit codes stand in for the dense weight
+                expected.discard(f"{name}.weight")
             expected.update(f"{name}.{t}" for t in layer_tensor_shapes(entry))
         tied = _tied_aliases(model)
         missing = sorted(k for k in expected if k not in stored and k not in tied)
@@ -211,8 +219,10 @@ class RSparseHfQuantizer(HfQuantizer):
             check_hashes(checkpoint_files, stored, self.quantization_config)
         for name, entry in layers.items():
             linear = modules[name]
-            layer = RSparseLinear(linear.in_features, linear.out_features, rank=entry["rank"],
-                                  bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype, name=name)
+            kind, extra = ((Int4RSparseLinear, {"group_size": entry["group_size"]}) if entry.get("weight_bits") == 4
+                           else (RSparseLinear, {}))
+            layer = kind(linear.in_features, linear.out_features, rank=entry["rank"], bias=linear.bias is not None,
+                         device="meta", dtype=linear.weight.dtype, name=name, **extra)
             layer.method, layer.tokens = entry["method"], entry["tokens"]
             layer.keep_fraction = float(entry["keep_fraction"])
             replace_module(model, name, layer)
@@ -220,6 +230,9 @@ class RSparseHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for layer in rsparse_layers(model):
+            if isinstance(layer, Int4RSparseLinear):  # codes as stored; scales back to bf16, tinygemm packing
+                layer.settle()
+                continue
             if layer.weight.device.type == "meta":  # offloaded: left to accelerate's hooks as stored
                 continue
             layer.weight = nn.Parameter(column_major(layer.weight), requires_grad=False)

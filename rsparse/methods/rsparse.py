@@ -29,6 +29,13 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
     """R-Sparse in place; returns a per-layer report (one dict per projection)."""
     config.validate()
     restore_(model)
+    if config.weight_bits == 4:  # calibrate and fit factors on the weights the model will run with
+        from rsparse.core.int4_layer import quantize_int4_
+
+        if isinstance(calibration, CalibrationActivations):
+            raise BadInputError("weight_bits=4 rounds the weights before calibration: give calibration windows, "
+                                "not activations collected on the 16-bit model")
+        quantize_int4_(model, config.group_size)
     linears = decoder_linears(model)
     budgets = dict(zip((l.name for l in linears), layer_budgets(config, linears)))  # validates the recipe first
     if isinstance(calibration, CalibrationActivations):
@@ -62,6 +69,12 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
         linears[i] = lin = None
     if config.refine and windows is not None and config.method != "dense":
         refine_thresholds_(model, config, windows, report)
+    if config.weight_bits == 4:
+        from rsparse.core.int4_layer import pack_int4_
+
+        groups = {layer.name: layer.group_size for layer in pack_int4_(model, config.group_size)}
+        for entry in report:
+            entry["weight_bits"], entry["group_size"] = 4, groups[entry["name"]]
     from rsparse.io.transformers_format import attach
 
     attach(model, config, report)  # model.save_pretrained writes the rsparse transformers format

@@ -40,8 +40,8 @@ from rsparse.core.layer import RSparseLinear
 from rsparse.core.models import decoder_blocks, decoder_linears
 from rsparse.errors import EngineError
 from rsparse.runtime.generation import Generation, deliver
-from rsparse.runtime.ops import (MAX_PARTS, decode_attention, eager_kernels, fused_projections, gated_projections,
-                                 kernel_runs_on, projection_add_rmsnorm)
+from rsparse.runtime.fusion import fused_projections, gated_projections, projection_add_rmsnorm
+from rsparse.runtime.ops import MAX_PARTS, decode_attention, eager_kernels, kernel_runs_on
 from rsparse.runtime.sampling import Sampling, choose
 
 __all__ = ["Engine", "EngineError", "Generation", "Sampling"]
@@ -203,7 +203,8 @@ class Engine:
         """Whether each layer is one kernel call on h (a sparse decode step), fusion allowed."""
         fusable = self.fuse
         for layer in layers:  # a plain loop: dynamo traces it without a graph break
-            fusable = fusable and isinstance(layer, RSparseLinear) and layer.runs_kernel(h)
+            fusable = (fusable and isinstance(layer, RSparseLinear) and layer.runs_kernel(h)
+                       and layer.weight_bits == layers[0].weight_bits)  # one kernel per call: one width
         return fusable
 
     def _project(self, h: torch.Tensor, layers) -> list[torch.Tensor]:

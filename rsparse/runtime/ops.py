@@ -170,25 +170,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @decode_attention.register_fake
 def _decode_attention_fake(q, k_cache, v_cache, lo, hi, scale):
     return q.new_empty(q.shape)
-
-
-def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor]:
-    """The outputs of RSparseLinear layers that share the input x (q/k/v, gate/up) from ONE
-    fused kernel call; the caller checks that each layer would run the kernel on x
-    (RSparseLinear.runs_kernel)."""
-    args = [layer.kernel_args() for layer in layers]
-    return decode_linear_multi(x, *[list(a) for a in zip(*args)])
-
-
-def gated_projections(x: torch.Tensor, gate, up) -> torch.Tensor:
-    """silu(gate(x)) * up(x) for RSparseLinear layers gate and up, from ONE fused kernel call
-    (the caller checks RSparseLinear.runs_kernel and that the activation is SiLU)."""
-    args = [gate.kernel_args(), up.kernel_args()]
-    return decode_linear_silu_mul(x, *[list(a) for a in zip(*args)])
-
-
-def projection_add_rmsnorm(x: torch.Tensor, layer, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + layer(x), norm(that)) from ONE kernel call for an RSparseLinear layer and a
-    Llama-style RMSNorm module (the caller checks both)."""
-    return decode_linear_add_rmsnorm(x, *layer.kernel_args(), residual, norm.weight, float(norm.variance_epsilon))
-

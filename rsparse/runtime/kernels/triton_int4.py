@@ -60,7 +60,8 @@ if _HAS_TRITON:
     from .int4_device import _int4_main_kernel
     from .rsparse_device_kernels import _epilogue_kernel, _z_kernel
 
-__all__ = ["int4_decode_linear", "int4_decode_linear_multi", "int4_decode_linear_reference",
+__all__ = ["int4_decode_linear", "int4_decode_linear_multi", "int4_decode_linear_silu_mul",
+           "int4_decode_linear_add_rmsnorm", "int4_decode_linear_reference",
            "int4_decode_linear_multi_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -363,3 +364,25 @@ def int4_decode_linear_silu_mul(x: torch.Tensor, gate: tuple, up: tuple, *,
     """silu(gate(x)) * up(x) for two 4-bit layers of equal width, the product in the epilogue."""
     (h,) = _decode(x, [gate, up], [None, None], _config, Epilogue("silu_mul"))
     return h.view(*x.shape[:-1], h.shape[-1])
+
+
+def int4_decode_linear_add_rmsnorm(x: torch.Tensor, part: tuple, residual: torch.Tensor,
+                                   norm_weight: torch.Tensor, eps: float, *,
+                                   _config: Optional[dict] = None) -> tuple:
+    """(h, xn) with h = residual + layer(x) and xn = norm_weight * rmsnorm(h), the layer a 4-bit
+    part (as for int4_decode_linear_multi): o_proj or down_proj, its residual add and the next
+    norm in one set of launches (the 16-bit kernel's rsparse_decode_linear_add_rmsnorm)."""
+    part = _part_tuple(part)
+    N = part[1].shape[1]
+    lead = x.shape[:-1]
+    if tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be a {x.dtype} tensor of shape {(*lead, N)}, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if norm_weight.numel() != N or norm_weight.device != x.device:
+        raise ValueError(f"norm_weight must have {N} elements on {x.device}")
+    M = math.prod(lead) if len(lead) else 1
+    epi = Epilogue("add_rmsnorm", residual.reshape(M, N).contiguous(),
+                   norm_weight.reshape(N).to(x.dtype).contiguous(), float(eps),
+                   torch.empty(M, N, dtype=x.dtype, device=x.device))
+    h, xn = _decode(x, [part], [None], _config, epi)
+    return h.view(*lead, N), xn.view(*lead, N)
