@@ -94,6 +94,8 @@ def test_decode_profile_groups_kernels_by_name():
     ("attention", ["--batches", "0"], "error: --batches takes a comma list"),
     ("decode", ["--attention", "flash"], "error: --attention takes auto, kernel and/or sdpa"),
     ("decode", ["--compile", "on,maybe"], "error: --compile takes on and/or off"),
+    ("decode", ["--weights", "fp,int3"], "error: --weights takes fp and/or int4"),
+    ("decode", ["--weights", "int4", "--model", "ck"], "error: --weights applies to the random shapes"),
 ])
 def test_bench_bad_flags_end_in_one_error_line(verb, argv, message, tmp_path):
     # checked before any model is built or GPU looked for; the CLI prints the one line, exit 1

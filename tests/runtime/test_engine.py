@@ -240,6 +240,33 @@ def test_bench_conversion_hits_the_budget():
     assert abs(measure_sparsity(model, prompts([16])[0], n=16) - 0.7) < 0.1
 
 
+def test_bench_int4_rows_swap_every_layer_and_back():
+    from rsparse.core.int4_layer import int4_layers
+    from rsparse.runtime.bench.decode import int4_swapped, make_rsparse, measure_sparsity, weight_bytes
+
+    model = tiny_model()
+    head = model.lm_head.weight.numel() * 4
+    projections = sum(l.weight.numel() for n, l in model.named_modules() if n.endswith("_proj"))
+    originals = [l.weight for n, l in model.named_modules() if n.endswith("_proj")]
+    with int4_swapped(model):  # the dense 4-bit row: codes (half a byte per weight) and bf16 scales
+        layers = int4_layers(model)
+        assert len(layers) == 14 and {l.method for l in layers} == {"dense"}
+        scales = sum(l.scales_zeros.numel() * 2 for l in layers)
+        assert weight_bytes(model, 0.0) == head + projections / 2 + scales
+    assert [l.weight for n, l in model.named_modules() if n.endswith("_proj")] == originals  # the same objects back
+    make_rsparse(model, 0.5, 0.9)
+    sparse = rsparse_layers(model)
+    with int4_swapped(model):
+        layers = int4_layers(model)
+        assert [(l.threshold, l.rank) for l in layers] == [(s.threshold, s.rank) for s in sparse]
+        achieved = measure_sparsity(model, prompts([16])[0], n=16)
+        assert abs(achieved - 0.5) < 0.1
+        read = weight_bytes(model, achieved) - head
+        factors = sum((l.lr_down.numel() + l.lr_up.numel()) * 4 for l in layers)  # fp32 factors, read whole
+        assert factors > 0 and factors + 0.3 * (projections / 2 + scales) < read < factors + 0.75 * (projections / 2 + scales)
+    assert rsparse_layers(model) == sparse
+
+
 def test_forced_choices_follow_the_given_tokens(windows):
     """Teacher forcing: the engine's choice after each forced token equals the argmax of
     transformers' logits over the same sequence (dense: one full forward pass); forcing the

@@ -2,7 +2,7 @@
 all in ONE run (absolute speeds move 10-15% between GPU leases; ratios within a run do not).
 
     rsparse bench decode [--models llama2-7b,llama3-8b] [--sparsities 0.4,0.5,0.6,0.7] [--ratio 0.9]
-                         [--prompt 512] [--gen 128] [--compile on|off|on,off] [--out DIR]
+                         [--prompt 512] [--gen 128] [--compile on|off|on,off] [--weights fp,int4] [--out DIR]
     rsparse bench decode --model CHECKPOINT_OR_MODEL ...   a real model: its dense and saved layers
 
 Shapes: Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (bf16 by default):
@@ -22,12 +22,15 @@ token, speed-up over the engine dense, achieved sparsity (measured in an untimed
 the weight-bandwidth bound: bytes read per token over the device-to-device copy bandwidth
 measured in the same run. `--compile on,off` adds engine rows whose step is only captured as a
 CUDA graph, not compiled (what `rsparse generate` runs unless told --compile on), each with its
-speed-up over the engine dense of its own kind.
+speed-up over the engine dense of its own kind. `--weights fp,int4` adds 4-bit rows (dense, sparse-
+only, R-Sparse: every projection an Int4RSparseLinear made from the row's 16-bit layers, RTN with
+groups of 128, factors 16-bit), each with its speed-up over the 4-bit engine dense row.
 Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -136,12 +139,47 @@ def measure_sparsity(model, prompt: list[int], n: int = 8) -> float:
 
 def weight_bytes(model, achieved_sparsity: float) -> float:
     """Bytes of weights read per decoded token: decoder projections at the achieved read
-    fraction, the lm_head in full (one embedding row is negligible)."""
+    fraction, the lm_head in full (one embedding row is negligible). 4-bit layers: the kept
+    fraction of their codes and scales (from the last measure_sparsity) plus their 16-bit factors."""
+    from rsparse.core.int4_layer import Int4RSparseLinear
     from rsparse.core.models import decoder_linears
 
-    linears = sum(l.module.weight.numel() * l.module.weight.element_size() for l in decoder_linears(model))
+    linears = read4 = 0.0
+    for lin in decoder_linears(model):
+        m = lin.module
+        if isinstance(m, Int4RSparseLinear):
+            codes = m.qweight.numel() + m.scales_zeros.numel() * m.scales_zeros.element_size()
+            kept = 1.0 if m.method == "dense" or not m.stat_tokens else \
+                float(m.stat_kept) / (float(m.stat_tokens) * m.in_features)
+            read4 += kept * codes + (m.lr_down.numel() + m.lr_up.numel()) * m.lr_down.element_size()
+        else:
+            linears += m.weight.numel() * m.weight.element_size()
     head = model.get_output_embeddings().weight
-    return (1.0 - achieved_sparsity) * linears + head.numel() * head.element_size()
+    return (1.0 - achieved_sparsity) * linears + read4 + head.numel() * head.element_size()
+
+
+@contextlib.contextmanager
+def int4_swapped(model):
+    """Within: every decoder projection as a 4-bit layer (RTN, groups of 128: Int4RSparseLinear),
+    made from the current layers (a plain nn.Linear becomes a dense 4-bit layer); then the
+    original layers back. The 4-bit layers of a sparse row keep its thresholds and factors."""
+    from rsparse.core.int4_layer import Int4RSparseLinear, layer_group_size
+    from rsparse.core.layer import RSparseLinear
+    from rsparse.core.models import decoder_linears, replace_module
+
+    originals = {}
+    for lin in decoder_linears(model):
+        m = lin.module
+        layer = m if isinstance(m, RSparseLinear) else RSparseLinear.from_linear(m, name=lin.name)
+        replace_module(model, lin.name, Int4RSparseLinear.from_rsparse(layer, layer_group_size(m.in_features)))
+        originals[lin.name] = m
+        del layer
+    try:
+        yield model
+    finally:
+        for name, m in originals.items():
+            replace_module(model, name, m)
+        torch.cuda.empty_cache()
 
 
 def time_engine(model, prompt: list[int], gen: int, repeats: int, profile: bool = False,
@@ -219,8 +257,12 @@ def _methods(args) -> list[tuple[float, str]]:
     return [(rho, name) for rho, name in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")) if name in args.methods]
 
 
-def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps=None) -> dict:
-    return {"row": label, "method": method, "sparsity": sparsity, **timing, "achieved_sparsity": achieved,
+_WIDTH = {"fp": "", "int4": "4-bit "}  # row label prefix per --weights entry
+
+
+def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps=None, weights="fp") -> dict:
+    return {"row": label, "method": method, "weights": weights, "sparsity": sparsity, **timing,
+            "achieved_sparsity": achieved,
             "bytes_per_token": nbytes, "bound_tokens_per_s": bandwidth / nbytes,
             "speedup": timing["tokens_per_s"] / dense_tps if dense_tps else None}
 
@@ -234,28 +276,34 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
     if args.hf_tokens:
         hf = time_hf_generate(model, prompt, args.hf_tokens)
         rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
-    dense_tps = {}
-    for variant in _variants(args):
-        dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
-        dense_tps[variant] = dense["tokens_per_s"]
-        rows.append(_row("engine dense" + _suffix(args, variant), "dense", 0.0, dense, 0.0, weight_bytes(model, 0.0),
-                         bandwidth, dense["tokens_per_s"]))
-        print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
-              flush=True)
+    dense_tps = {}  # (weight width, variant) -> the engine dense row's tok/s
+    for width in args.weights:
+        with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
+            for variant in _variants(args):
+                dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
+                dense_tps[width, variant] = dense["tokens_per_s"]
+                rows.append(_row(f"engine {_WIDTH[width]}dense" + _suffix(args, variant), "dense", 0.0, dense, 0.0,
+                                 weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"], width))
+                print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
+                      flush=True)
     scores = calibration_scores(model)
     hf_sparsity = sorted(args.sparsities)[(len(args.sparsities) - 1) // 2]  # transformers' loop on one sparse model
     for ratio, method in _methods(args):
         for s in args.sparsities:
             make_rsparse(model, s, ratio, scores)
-            achieved = measure_sparsity(model, prompt)
-            if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity:
-                rows += hf_sparse_rows(model, prompt, args.hf_tokens, f"{method} {100 * s:.0f}%", s, achieved, bandwidth)
-            for variant in _variants(args):  # speed-up over the engine dense of the same variant
-                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
-                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, variant), method, s, t, achieved,
-                                 weight_bytes(model, achieved), bandwidth, dense_tps[variant]))
-                print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
-                      f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+            for width in args.weights:
+                with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
+                    achieved = measure_sparsity(model, prompt)
+                    if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity and width == "fp":
+                        rows += hf_sparse_rows(model, prompt, args.hf_tokens, f"{method} {100 * s:.0f}%", s, achieved,
+                                               bandwidth)
+                    for variant in _variants(args):  # speed-up over the engine dense of the same width and variant
+                        t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
+                        rows.append(_row(f"engine {_WIDTH[width]}{method} {100 * s:.0f}%" + _suffix(args, variant),
+                                         method, s, t, achieved, weight_bytes(model, achieved), bandwidth,
+                                         dense_tps[width, variant], width))
+                        print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
+                              f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     assert rsparse_layers(model)
     del model
     torch.cuda.empty_cache()
@@ -303,6 +351,7 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
 def table(results: dict) -> str:
     lines = [f"device: {results['device']}, {results['settings']['dtype']}, batch 1, prompt {results['settings']['prompt']}, "
              f"{results['settings']['gen']} new tokens, copy bandwidth {results['copy_bandwidth'] / 1e12:.2f} TB/s",
+             "", "Speed-up: over the engine dense row of the same weight width and engine kind.",
              "", "| model | row | tok/s | ms/token | speed-up | achieved sparsity % | bound tok/s | warm-up s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -332,6 +381,12 @@ def main(argv=None) -> int:
     if not compile_modes or not set(compile_modes) <= {"on", "off"}:
         raise SystemExit("error: --compile takes on and/or off")
     args.compile = [c == "on" for c in compile_modes]
+    args.weights = [w for w in args.weights.split(",") if w]
+    if not args.weights or not set(args.weights) <= set(_WIDTH):
+        raise SystemExit("error: --weights takes fp and/or int4")
+    if args.model and args.weights != ["fp"]:
+        raise SystemExit("error: --weights applies to the random shapes (--models); a --model is timed as saved: "
+                         "compress it with --weights int4 for 4-bit rows")
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
