@@ -50,6 +50,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="weight formats, comma-separated: fp (as loaded) and/or int4 (HQQ, group-wise; also int2, "
                         "int3, int8); every method row is evaluated on each (the paper's Table 2: --weights fp,int4)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (input channels per group)")
+    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
+                   help="hqq: HQQ (any --weights intN); rtn: the 4-bit format of rsparse compress --weights int4 "
+                        "(round-to-nearest, what the 4-bit kernels run; int4 only)")
     common.add_sparsify(p, sparsity=False)
     common.add_calibration(p)
     p.add_argument("--ppl-corpus", default="wikitext2",
@@ -159,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    "--ppl-windows and --xsum-samples >= 0")
     common.check_corpora(args.calib_corpus)
     common.check_device(args.device)
-    formats = weight_formats(args.weights, args.group_size)
+    formats = weight_formats(args.weights, args.group_size, args.quantizer)
     check_ratio(args.ratio)
     recipe = load_recipe(args.recipe) if args.recipe else None
     specs = resolve_tasks(args.tasks, args.hub_tasks)
@@ -213,7 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "xsum": {"documents": len(xsum_docs) if xsum_docs else 0, "skipped": xsum_skip,
                  "max_new_tokens": args.xsum_max_new_tokens},
         "weights": {"formats": list(formats), "group_size": args.group_size if any(formats.values()) else None,
-                    "quantizer": quantizer_version() if any(formats.values()) else None, "relative_error": {}},
+                    "quantizer": (quantizer_version() if args.quantizer == "hqq" else "rtn (rsparse.core.int4)")
+                    if any(formats.values()) else None, "relative_error": {}},
         "sweep": sparsities if sweep else None,
         "rows": [], "skipped": skipped,
         "settings": common.settings(args),
@@ -320,7 +324,7 @@ def cmd_merge(paths: list[str], out: Path) -> int:
     return 0
 
 
-def weight_formats(text: str, group_size: int) -> dict:
+def weight_formats(text: str, group_size: int, quantizer: str = "hqq") -> dict:
     """{"fp": None, "int4": QuantConfig(4, group_size), ...} from --weights, in the given order."""
     from rsparse.methods.quantize import QuantConfig
 
@@ -331,7 +335,9 @@ def weight_formats(text: str, group_size: int) -> dict:
         if t == "fp":
             out[t] = None
         elif t.startswith("int") and t[3:].isdigit():
-            out[t] = QuantConfig(bits=int(t[3:]), group_size=group_size)
+            out[t] = QuantConfig(bits=int(t[3:]), group_size=group_size, quantizer=quantizer)
+            if quantizer == "rtn":
+                continue
             try:
                 import hqq  # noqa: F401
             except ImportError:

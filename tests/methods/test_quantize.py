@@ -53,7 +53,25 @@ def test_rsparse_on_int4_weights_uses_the_quantized_weights(data):
     q.restore()
 
 
-@pytest.mark.parametrize("kwargs,message", [({"bits": 5}, "bits must be one of"), ({"group_size": 12}, "multiple of 8")])
+def test_rtn_is_the_4bit_checkpoint_format(tokenizer, windows):
+    """--quantizer rtn rounds exactly as rsparse compress --weights int4 stores: the evaluated
+    weights are the checkpoint's dequantized codes, group size per layer width included."""
+    from rsparse.cli.eval import weight_formats
+    from rsparse.core.data import calibration_windows
+    from rsparse.core.int4_layer import int4_layers
+
+    model = tiny_model()
+    quantize_weights_(model, weight_formats("int4", 128, "rtn")["int4"], progress=False)
+    packed = tiny_model()
+    sparsify_(packed, RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=4, weight_bits=4),
+              calibration_windows(windows, 64, 4))
+    for lin, layer in zip(decoder_linears(model), int4_layers(packed)):
+        assert torch.equal(lin.module.weight, layer.weight)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"bits": 5}, "bits must be one of"), ({"group_size": 12}, "multiple of 8"),
+                                            ({"bits": 8, "quantizer": "rtn"}, "bits must be 4"),
+                                            ({"quantizer": "gptq"}, "quantizer must be one of")])
 def test_bad_quant_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kwargs)
