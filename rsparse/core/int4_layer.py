@@ -16,7 +16,8 @@ Where the layer runs what:
                                                       CUDA (bf16/fp16), torch's CPU int4 op, else
                                                       dequantize and multiply
   sparse calls, kernel allowed (RSparseLinear rules)  torch.ops.rsparse.int4_decode_linear
-  other sparse calls (eager, CPU, many rows)          the dequantized reference (fp32 sums)
+  other sparse calls (eager, CPU, many rows)          the dense 4-bit product of the kept channels,
+                                                      plus the low-rank term
 """
 
 from __future__ import annotations
@@ -148,9 +149,9 @@ class Int4RSparseLinear(RSparseLinear):
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         from rsparse.runtime import int4_ops
-        from rsparse.runtime.kernels.triton_int4 import int4_decode_linear_reference
         from rsparse.runtime.ops import kernel_runs_on
 
+        keep = None
         if self.track_stats:
             keep = self.mask(x)
             self.stat_tokens += keep.numel() // self.in_features
@@ -160,7 +161,13 @@ class Int4RSparseLinear(RSparseLinear):
                 return int4_ops.int4_decode_linear(x, *self.kernel_args())
             if self.kernel == "always":
                 raise RuntimeError("kernel='always' but Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
-        return int4_decode_linear_reference(x, *self.kernel_args()[:7])
+        # the same function through the dense 4-bit product of the kept channels (tinygemm where
+        # it pays; dequantizing the whole layer per call cost CPU decoding 7x)
+        kept = x * (self.mask(x) if keep is None else keep)
+        y = self._dense(kept)
+        if self.rank:
+            y = y + (x - kept) @ self.lr_down @ self.lr_up
+        return y
 
 
 def int4_layers(model: nn.Module) -> list[Int4RSparseLinear]:

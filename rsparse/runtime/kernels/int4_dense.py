@@ -16,7 +16,8 @@ Why torch's op: it ships with torch (nothing to carry to the GPU machine), is wh
 INT4 path uses, takes the sparse format's scales unchanged, and measured at least as fast as
 gemlite at batch 1 in bf16: 14.8 us at 11008x4096 on the H200 (docs/int4-kernel.md) against
 gemlite's 16.5 us in fp16 (an earlier lease, reference-facts.md section 6). In fp16 the two casts
-cost it 6-7 us at the MLP shapes (21.3 us at 11008x4096).
+cost it 6-7 us at the MLP shapes (21.3 us at 11008x4096). On the CPU the op serves bf16 calls of
+up to CPU_OP_ROWS rows (decode steps), where it is fast.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from rsparse.core.int4 import Int4Weight, dequantize, unpack_nibbles
+
+
+# torch's CPU int4 op is fast for a few bf16 rows (decode: 0.04 ms against 2.3 ms to dequantize a
+# 1536x576 layer) and slow for many rows or fp32 (1024 fp32 rows: 780 ms against 13 ms): past
+# that, dequantize and multiply
+CPU_OP_ROWS = 64
 
 
 def _inner_k_tiles(K: int) -> int:
@@ -69,7 +76,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tens
     if packed is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, G,
                                                scales_zeros).to(x.dtype)
-    elif packed is not None and x.device.type == "cpu":
+    elif packed is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x2.shape[0] <= CPU_OP_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, G,
                                                        scales_zeros.to(x.dtype))
     else:
