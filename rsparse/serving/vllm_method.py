@@ -117,6 +117,10 @@ class RSparseVllmConfig(QuantizationConfig):
 def _token_mode(entries: list[dict], names: list[str]) -> bool:
     """Whether the layer sparsifies every row (tokens "all") rather than the decode rows ("decode");
     parts that are dense (method "dense" or tokens "none") run with a threshold of -inf."""
+    four_bit = [n for n, e in zip(names, entries) if e.get("weight_bits", 16) == 4]
+    if four_bit:
+        raise RSparseServingError(f"rsparse: {four_bit[0]} stores 4-bit weights (compress --weights int4), which the "
+                                  "vLLM plugin does not serve yet; serve a directory compressed with 16-bit weights")
     modes = {e["tokens"] for e in entries if e["method"] != "dense" and e["tokens"] != "none"}
     if "second_half" in modes:
         raise RSparseServingError(f"rsparse: {names[0]} has tokens 'second_half', a scoring mode; serve a directory "

@@ -86,6 +86,9 @@ def test_refuses_what_it_cannot_serve():
     entry = {"method": "rsparse", "tokens": "second_half", "rank": 4, "keep_fraction": 0.5, "shape": [8, 8]}
     with pytest.raises(RSparseServingError, match="scoring mode"):
         _token_mode([entry], ["model.layers.0.self_attn.q_proj"])
+    entry = {**entry, "tokens": "decode", "weight_bits": 4, "group_size": 32}
+    with pytest.raises(RSparseServingError, match="4-bit weights"):
+        _token_mode([entry], ["model.layers.0.self_attn.q_proj"])
 
 
 def test_without_the_plugin_vllm_refuses_the_directory(directory):
