@@ -30,6 +30,19 @@ def test_bench_kernel_smoke_runs_and_checks_every_op(how, tmp_path):
     assert "smoke qkv" in (tmp_path / "kernel_bench.txt").read_text()
 
 
+def test_bench_kernel_int4_smoke_checks_every_op(tmp_path):
+    """`rsparse bench kernel-int4 --smoke`: the 4-bit kernels beside cuBLAS and tinygemm, each op
+    checked against the dequantized reference (interpreted on CPU; the timings mean nothing)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "rsparse.cli", "bench", "kernel-int4", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "int4_bench.json").read_text())
+    assert result["records"] and result["summary"]
+    assert {"cublas", "tinygemm", "sparse", "rsparse"} <= set(next(iter(result["summary"].values())))
+    assert "CHECK FAILED" not in (tmp_path / "int4_bench.txt").read_text()
+
+
 def test_bench_attention_smoke_checks_sdpa_and_every_split(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "rsparse.cli", "bench", "attention", "--smoke", "--tune",

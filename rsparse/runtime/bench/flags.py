@@ -1,4 +1,4 @@
-"""The flags of the benchmarks (`rsparse bench kernel|attention|decode|agreement`), one parser
+"""The flags of the benchmarks (`rsparse bench kernel|kernel-int4|attention|decode|agreement`), one parser
 each. Here, apart from the benchmarks, because this module imports no torch: `rsparse bench NAME
 --help`, and a bad flag, are answered before a benchmark module (and torch) loads."""
 
@@ -35,6 +35,28 @@ def kernel() -> argparse.ArgumentParser:
                    help="use this tuned table (OUT/tuned_table.json of a --tune run)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test (TRITON_INTERPRET, tiny shapes, eager timing)")
+    return p
+
+
+def kernel_int4() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rsparse bench kernel-int4",
+                                description="4-bit decode-kernel benchmark: cuBLAS (16-bit) vs tinygemm (dense 4-bit) "
+                                            "vs the 4-bit sparse-only and R-Sparse kernels, CUDA graphs over weight "
+                                            "sets larger than L2 (docs/int4-kernel.md)")
+    p.add_argument("--out", default="out/int4-bench")
+    p.add_argument("--shapes", default="", help="comma list of OUTxIN (default: all)")
+    p.add_argument("--dtypes", default="bf16,fp16")
+    p.add_argument("--batches", default="2,4,8", help="batches > 1, at 11008x4096 and 4096x11008")
+    p.add_argument("--batch-dtypes", default="bf16", help="dtypes measured at batch > 1")
+    p.add_argument("--s", type=float, default=0.5)
+    p.add_argument("--rho", type=float, default=0.9)
+    p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--replays", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-set-mb", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", action="store_true", help="sweep variants first, then use the best")
+    p.add_argument("--smoke", action="store_true", help="CPU: interpreter, tiny shapes")
     return p
 
 

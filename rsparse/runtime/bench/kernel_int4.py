@@ -19,7 +19,6 @@ no low-rank term) to show where the time goes. Output: DIR/int4_bench.json, DIR/
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -284,23 +283,9 @@ def tune(bench, ops, tag, rec, M, cls, in_f, out_f, cfgs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/int4-bench")
-    p.add_argument("--shapes", default="", help="comma list of OUTxIN (default: all)")
-    p.add_argument("--dtypes", default="bf16,fp16")
-    p.add_argument("--batches", default="2,4,8", help="batches > 1, at " +
-                   ", ".join(f"{o}x{i}" for o, i in BATCH_SHAPES))
-    p.add_argument("--batch-dtypes", default="bf16", help="dtypes measured at batch > 1")
-    p.add_argument("--s", type=float, default=0.5)
-    p.add_argument("--rho", type=float, default=0.9)
-    p.add_argument("--calls", type=int, default=40)
-    p.add_argument("--replays", type=int, default=25)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-set-mb", type=float, default=300.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tune", action="store_true", help="sweep variants first, then use the best")
-    p.add_argument("--smoke", action="store_true", help="CPU: interpreter, tiny shapes")
-    args = p.parse_args(argv)
+    from rsparse.runtime.bench import flags
+
+    args = flags.kernel_int4().parse_args(argv)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             if "triton" in sys.modules:  # triton chose compiled mode when it was imported
