@@ -21,14 +21,16 @@ $E --methods rsparse --sparsities 0.5 --weights int4 --quantizer rtn --out "$O/a
 $E --methods rsparse --sparsities 0.5 --weights fp --out "$O/acc-rsparse16" > "$O/acc-rsparse16.log" 2>&1 &
 
 R="timeout 480 python3 -m rsparse.cli run --model $M --device cuda --calib-samples 16 --seq-len 512 --ppl-corpus boolq --ppl-windows 64 --refine-corpus squad --refine-windows 16"
-for s in 50 60 70; do
-  greedy=recipes/smollm2-135m-instruct-s$s-greedy-sparse-seed0.json
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [l.update(rho=0.9) for l in d['layers']]; json.dump(d, open(sys.argv[2], 'w'))" \
-    "$greedy" "$O/greedy-rho09-s$s.json"
-  for seed in 0 1; do
-    $R --sparsity 0.$s --seed $seed --methods sparse,rsparse --ratio 0.95 --out "$O/ppl-uniform-s$s-seed$seed"
-    $R --sparsity 0.$s --seed $seed --methods rsparse --recipe "$greedy" --out "$O/ppl-greedy-sparse-s$s-seed$seed"
-    $R --sparsity 0.$s --seed $seed --methods rsparse --recipe "$O/greedy-rho09-s$s.json" --out "$O/ppl-greedy-rho09-s$s-seed$seed"
-  done
-done > "$O/ppl.log" 2>&1
+for s in 50 60 70; do  # one stream per sparsity, beside the evaluations
+  (
+    greedy=recipes/smollm2-135m-instruct-s$s-greedy-sparse-seed0.json
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [l.update(rho=0.9) for l in d['layers']]; json.dump(d, open(sys.argv[2], 'w'))" \
+      "$greedy" "$O/greedy-rho09-s$s.json"
+    for seed in 0 1; do
+      $R --sparsity 0.$s --seed $seed --methods sparse,rsparse --ratio 0.95 --out "$O/ppl-uniform-s$s-seed$seed"
+      $R --sparsity 0.$s --seed $seed --methods rsparse --recipe "$greedy" --out "$O/ppl-greedy-sparse-s$s-seed$seed"
+      $R --sparsity 0.$s --seed $seed --methods rsparse --recipe "$O/greedy-rho09-s$s.json" --out "$O/ppl-greedy-rho09-s$s-seed$seed"
+    done
+  ) > "$O/ppl-s$s.log" 2>&1 &
+done
 wait
