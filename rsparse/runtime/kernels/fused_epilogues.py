@@ -42,6 +42,22 @@ class Epilogue(NamedTuple):
     xn: Optional[torch.Tensor] = None
 
 
+def add_rmsnorm_epilogue(x: torch.Tensor, N: int, residual: torch.Tensor, norm_weight: torch.Tensor,
+                         eps: float) -> Epilogue:
+    """The add_rmsnorm Epilogue of a call on x (..., in) whose layer has N outputs: residual
+    (..., N) in x's dtype and norm_weight (N,) checked, flattened to rows, the xn output allocated."""
+    lead = x.shape[:-1]
+    if tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype:
+        raise ValueError(f"residual must be a {x.dtype} tensor of shape {(*lead, N)}, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if norm_weight.numel() != N or norm_weight.device != x.device:
+        raise ValueError(f"norm_weight must have {N} elements on {x.device}")
+    M = residual.numel() // N
+    return Epilogue("add_rmsnorm", residual.reshape(M, N).contiguous(),
+                    norm_weight.reshape(N).to(x.dtype).contiguous(), float(eps),
+                    torch.empty(M, N, dtype=x.dtype, device=x.device))
+
+
 def apply_epilogue_torch(epi: Epilogue, ys) -> tuple:
     """The epilogue on finished projection outputs ys (each (M, N_p) in the model dtype):
     silu_mul -> (h,), add_rmsnorm -> (h, xn)."""

@@ -54,7 +54,7 @@ from .optional_triton import _HAS_TRITON, _interpret_mode, triton
 # the 16-bit kernel's reference and scratch (same semantics; one scratch for both kernels)
 from .rsparse_launch import MAX_PARTS, _scratch, _slot_scratch, split_input
 from .triton_rsparse import MAX_BATCH_ROWS, rsparse_decode_linear_reference
-from .fused_epilogues import Epilogue, apply_epilogue_torch, launch_epilogue
+from .fused_epilogues import Epilogue, add_rmsnorm_epilogue, apply_epilogue_torch, launch_epilogue
 
 if _HAS_TRITON:
     from .int4_device import _int4_main_kernel
@@ -373,16 +373,7 @@ def int4_decode_linear_add_rmsnorm(x: torch.Tensor, part: tuple, residual: torch
     part (as for int4_decode_linear_multi): o_proj or down_proj, its residual add and the next
     norm in one set of launches (the 16-bit kernel's rsparse_decode_linear_add_rmsnorm)."""
     part = _part_tuple(part)
-    N = part[1].shape[1]
-    lead = x.shape[:-1]
-    if tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype:
-        raise ValueError(f"residual must be a {x.dtype} tensor of shape {(*lead, N)}, got "
-                         f"{residual.dtype} {tuple(residual.shape)}")
-    if norm_weight.numel() != N or norm_weight.device != x.device:
-        raise ValueError(f"norm_weight must have {N} elements on {x.device}")
-    M = math.prod(lead) if len(lead) else 1
-    epi = Epilogue("add_rmsnorm", residual.reshape(M, N).contiguous(),
-                   norm_weight.reshape(N).to(x.dtype).contiguous(), float(eps),
-                   torch.empty(M, N, dtype=x.dtype, device=x.device))
+    N, lead = part[1].shape[1], x.shape[:-1]
+    epi = add_rmsnorm_epilogue(x, N, residual, norm_weight, eps)
     h, xn = _decode(x, [part], [None], _config, epi)
     return h.view(*lead, N), xn.view(*lead, N)

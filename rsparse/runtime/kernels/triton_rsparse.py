@@ -83,7 +83,7 @@ from .rsparse_configs import (  # noqa: F401
     _pick_config,
 )
 from .optional_triton import _HAS_TRITON, _interpret_mode
-from .fused_epilogues import MAX_NORM_WIDTH, Epilogue, apply_epilogue_torch
+from .fused_epilogues import MAX_NORM_WIDTH, Epilogue, add_rmsnorm_epilogue, apply_epilogue_torch
 from .rsparse_launch import MAX_PARTS, _SCRATCH, _Part, _run_cublas, _run_triton  # noqa: F401
 from .rsparse_reference import (  # noqa: F401
     _part_tuple,
@@ -315,16 +315,7 @@ def rsparse_decode_linear_add_rmsnorm(x: torch.Tensor, part: tuple, residual: to
     :func:`rsparse_decode_linear_multi`): a block's o_proj or down_proj, its residual add and
     the next norm in one set of launches. residual: (..., out) in x's dtype; norm_weight: (out,)."""
     part = _part_tuple(part)
-    N = part[0].shape[-1]
-    lead = x.shape[:-1]
-    if tuple(residual.shape) != (*lead, N) or residual.dtype != x.dtype:
-        raise ValueError(f"residual must be a {x.dtype} tensor of shape {(*lead, N)}, got "
-                         f"{residual.dtype} {tuple(residual.shape)}")
-    if norm_weight.numel() != N or norm_weight.device != x.device:
-        raise ValueError(f"norm_weight must have {N} elements on {x.device}")
-    M = math.prod(lead) if len(lead) else 1
-    res2 = residual.reshape(M, N).contiguous()
-    epi = Epilogue("add_rmsnorm", res2, norm_weight.reshape(N).to(x.dtype).contiguous(),
-                   float(eps), torch.empty(M, N, dtype=x.dtype, device=x.device))
+    N, lead = part[0].shape[-1], x.shape[:-1]
+    epi = add_rmsnorm_epilogue(x, N, residual, norm_weight, eps)
     h, xn = _decode(x, [part], [None], _config, epi)
     return h.view(*lead, N), xn.view(*lead, N)
