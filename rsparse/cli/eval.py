@@ -55,6 +55,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                         "(round-to-nearest, what the 4-bit kernels run; int4 only)")
     common.add_sparsify(p, sparsity=False)
     common.add_calibration(p)
+    common.add_refine_mix(p)
     p.add_argument("--ppl-corpus", default="wikitext2",
                    help="perplexity corpus: wikitext2 (default; skipped when the hub is unreachable), c4, an "
                         "offline corpus (boolq, coqa, sciq), a text file, or none")
@@ -161,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    and args.xsum_samples >= 0, "--batch-size, --calib-samples must be >= 1, --seq-len >= 4, "
                    "--ppl-windows and --xsum-samples >= 0")
     common.check_corpora(args.calib_corpus)
+    common.check_refine_mix(args)
     common.check_device(args.device)
     formats = weight_formats(args.weights, args.group_size, args.quantizer)
     check_ratio(args.ratio)
@@ -186,11 +188,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{len(plan)} rows x {len(specs)} tasks", file=sys.stderr)
 
     needs_calib = any(r["method"] in ("sparse", "lowrank", "rsparse", "cats") for r in plan)
-    calib = None
+    calib = mix = None
     if needs_calib:
         from rsparse.core.data import load_windows
 
         calib = load_windows(tokenizer, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
+        mix = common.refine_mix(tokenizer, args, calib)
     ppl_windows, ppl_skip = perplexity_windows_or_skip(tokenizer, args.ppl_corpus, args.seq_len, args.ppl_windows)
     if ppl_skip and args.ppl_corpus not in ("none", ""):
         print(ppl_skip, file=sys.stderr)
@@ -208,7 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               "selection) are those of each real sequence, as at batch size 1"
                               if args.tokens == "second_half" else "every position sparse")},
         "tasks": {s.name: {"split": s.split, "source": s.source} for s in specs},
-        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_samples, "seq_len": args.seq_len} if calib is not None else None,
+        "calibration": {"corpus": args.calib_corpus, "windows": args.calib_samples, "seq_len": args.seq_len,
+                        "refine_mix": {"corpus": args.refine_corpus, "windows": args.refine_windows} if mix is not None
+                        else None} if calib is not None else None,
         "perplexity": {"corpus": args.ppl_corpus, "seq_len": args.seq_len,
                        "windows": int(ppl_windows.shape[0]) if ppl_windows is not None else 0,
                        "scored": "second half of each window" if args.tokens == "second_half" else "all positions",
@@ -250,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             restore_(model)
             activations = collect_activations(model, calib, seed=args.seed)
-        info = apply_row(model, row, activations, args, recipe)
+        info = apply_row(model, row, activations, args, recipe, calib, mix)
         ev = evaluate_tasks(model, tokenizer, specs_names(specs), limit=args.limit, batch_size=args.batch_size,
                             tokens=args.tokens, hub_tasks=args.hub_tasks, seed=args.seed)
         for name, r in ev["tasks"].items():  # hub tasks: the split lm-eval used
@@ -298,9 +303,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def apply_row(model, row: dict, activations, args: argparse.Namespace, recipe) -> dict:
+def apply_row(model, row: dict, activations, args: argparse.Namespace, recipe, calib=None, mix=None) -> dict:
     """Put the model in the state of one row's method (first undoing any other); returns
-    {"target_sparsity", "mlp_sparsity" (baselines)}."""
+    {"target_sparsity", "mlp_sparsity" (baselines)}. With `mix` (--refine-corpus), the thresholds of
+    sparse and rsparse are re-set on the calibration windows plus those windows."""
     from rsparse.methods import method_config, restore_, sparsify_
 
     m = row["method"]
@@ -312,6 +318,10 @@ def apply_row(model, row: dict, activations, args: argparse.Namespace, recipe) -
         restore_(model)
         return {"target_sparsity": 0.0}
     report = sparsify_(model, config, activations)
+    if mix is not None and m in ("sparse", "rsparse"):
+        from rsparse.methods.rsparse import refine_on_mix_
+
+        refine_on_mix_(model, config, calib, mix)
     return {"target_sparsity": float(sparsity)} if isinstance(report, list) else report
 
 
