@@ -140,3 +140,35 @@ def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, te
     (tmp_path / "cut.json").write_text('{"rows": [', encoding="utf-8")
     cli_error(capsys, ["eval", "--merge", str(tmp_path / "cut.json"), "--out", str(tmp_path / "m5")], "cannot read .*cut.json as JSON")
     assert not any((tmp_path / d).exists() for d in ("m2", "m3", "m4", "m5"))
+
+
+def test_cli_eval_refine_mix_matches_run(tmp_path, tokenizer, text_file, tiny_model_dir):
+    """--refine-corpus re-sets the sparse rows' thresholds as `rsparse run` does: the same held-out
+    perplexity from both commands, and a different one without the mix."""
+    common = ["--model", str(tiny_model_dir), "--calib-corpus", str(text_file), "--ppl-corpus", str(text_file),
+              "--seq-len", "64", "--calib-samples", "3", "--ppl-windows", "3", "--seed", "1"]
+    mix = ["--refine-corpus", "squad", "--refine-windows", "2"]
+
+    def ev(out, *extra):
+        args = _parser().parse_args(["eval", *common, "--methods", "sparse", "--sparsities", "0.5", "--tasks", "piqa",
+                                     "--limit", "2", "--xsum-samples", "0", "--out", str(tmp_path / out), *extra])
+        assert args.func(args) == 0
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    refined, plain = ev("mix", *mix), ev("plain")
+    assert refined["calibration"]["refine_mix"] == {"corpus": "squad", "windows": 2}
+    assert plain["calibration"]["refine_mix"] is None
+    args = _parser().parse_args(["run", *common, "--methods", "sparse", "--sparsity", "0.5", *mix,
+                                 "--out", str(tmp_path / "run")])
+    assert args.func(args) == 0
+    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    ppl_run = next(r["ppl"] for r in run["rows"] if r["method"] == "sparse")
+    assert refined["rows"][0]["ppl"] == pytest.approx(ppl_run, rel=1e-5)
+    assert plain["rows"][0]["ppl"] != pytest.approx(ppl_run, rel=1e-5)
+
+
+def test_cli_eval_rejects_bad_refine_windows():
+    args = _parser().parse_args(["eval", "--model", "/nonexistent/model", "--refine-corpus", "squad",
+                                 "--refine-windows", "0"])
+    with pytest.raises(RsparseError, match="--refine-windows must be >= 1"):
+        args.func(args)
