@@ -28,6 +28,15 @@ def directory(tokenizer, windows, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def directory4(tokenizer, windows, tmp_path_factory):
+    """The same with 4-bit weights (rsparse compress --weights int4)."""
+    model = tiny_model()
+    sparsify_(model, RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=2, max_rows_per_layer=128,
+                                   weight_bits=4), calibration_windows(windows, 64, 2, seed=0))
+    return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("m") / "compressed4")
+
+
+@pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     from rsparse.eval.tasks import write_offline_tasks
 
@@ -80,9 +89,14 @@ def test_rsparse_lm_eval_refuses_hf_on_the_directory(directory, capsys):
     assert err[-1].startswith("error: tokens='decode'") and "Traceback" not in "\n".join(err)
 
 
-def test_rsparse_lm_eval_scores_equal_evaluate_tasks(directory, tasks, tmp_path):
-    """The harness's CLI (in process, as `rsparse-lm-eval run ...`) against the function behind `rsparse eval`."""
+@pytest.mark.parametrize("which", ["directory", "directory4"])
+def test_rsparse_lm_eval_scores_equal_evaluate_tasks(which, tasks, tmp_path, request):
+    """The harness's CLI (in process, as `rsparse-lm-eval run ...`) against the function behind `rsparse
+    eval`, on a 16-bit and a 4-bit directory."""
+    from rsparse.core.int4_layer import int4_layers
     from rsparse.eval.lm_eval_plugin import main
+
+    directory = request.getfixturevalue(which)
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = ["run", "--model", "rsparse", "--model_args", f"pretrained={directory}", "--include_path",
@@ -91,6 +105,7 @@ def test_rsparse_lm_eval_scores_equal_evaluate_tasks(directory, tasks, tmp_path)
     assert main(argv) == 0
     cli = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     model, tok = load(directory)
+    assert bool(int4_layers(model)) == (which == "directory4")
     ours = evaluate_tasks(model, tok, TASKS, limit=4, batch_size=2)
     for task in TASKS:
         assert cli[task]["acc,none"] == ours["tasks"][task]["acc"]
