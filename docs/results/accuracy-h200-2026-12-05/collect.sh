@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Copy the rows finished so far (results.json/.md, log tails) from RESDIR to DEST.
+# Pack the rows finished so far (results.json/.md, log tails) from RESDIR into DEST/res.tgz: one
+# file, since a device call brings back at most 8.
 R=${1:-/tmp/res}; D=${2:-$OUT}
-mkdir -p "$D"
-cp "$R"/rows.txt "$R"/done.txt "$R"/*.json "$D"/ 2>/dev/null
-for d in "$R"/*/; do n=$(basename "$d"); mkdir -p "$D/$n"; cp "$d"results.* "$D/$n"/ 2>/dev/null; done
-for l in "$R"/*.log; do tail -c 3000 "$l" > "$D/$(basename "$l")"; done
+T=$(mktemp -d); mkdir -p "$D"
+cp "$R"/rows.txt "$R"/done.txt "$R"/*.json "$T"/ 2>/dev/null
+for d in "$R"/*/; do n=$(basename "$d"); mkdir -p "$T/$n"; cp "$d"results.* "$T/$n"/ 2>/dev/null; done
+for l in "$R"/*.log; do tail -c 3000 "$l" > "$T/$(basename "$l")"; done
+tar czf "$D/res.tgz" -C "$T" . && rm -rf "$T"
 cat "$R"/done.txt 2>/dev/null; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; uptime

@@ -25,14 +25,12 @@ done
   echo "int4-sparse-s50 $E --seed 0 --methods sparse --sparsities 0.5 --weights int4 --quantizer rtn"
   echo "int4-rsparse-s50 $E --seed 0 --methods rsparse --sparsities 0.5 --ratio 0.95 --weights int4 --quantizer rtn"
   echo "fp-rsparse-s50 $E --seed 0 --methods rsparse --sparsities 0.5 --ratio 0.95"
-  # #27: 70%, then 60%, then 50%; two calibration seeds
+  # #27: 70%, then 60%, then 50%; at each, seed 0's four recipes, then seed 1's
   for s in 70 60 50; do
     for seed in 0 1; do
       echo "sparse-uniform-s$s-seed$seed $E $X --seed $seed --methods sparse --sparsities 0.$s"
-      echo "rsparse-greedy-rho09-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $R/greedy-rho09-s$s.json"
-    done
-    for seed in 0 1; do
       echo "sparse-greedy-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe recipes/smollm2-135m-instruct-s$s-greedy-sparse-seed0.json"
+      echo "rsparse-greedy-rho09-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $R/greedy-rho09-s$s.json"
       echo "rsparse-uniform-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --ratio 0.95"
     done
   done
