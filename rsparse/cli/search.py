@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                    help="per-layer sparsity: uniform, greedy (TEAL-style, sparse-only, then the rho search on top) "
                         "or evolve (searched with rho)")
     common.add_allocation(p)
+    p.add_argument("--allocation-from", default=None, metavar="RECIPE",
+                   help="per-layer sparsity read from a recipe (e.g. a shipped greedy one) instead of computed; the "
+                        "rho search runs on top of it (not with --allocate evolve)")
     p.add_argument("--holdout", type=float, default=SEARCH.holdout,
                    help="share of the calibration windows held out of the fitness, for the early stop")
     p.add_argument("--patience", type=int, default=SEARCH.patience,
@@ -111,6 +114,7 @@ def cmd_search(args) -> int:
                        holdout=args.holdout, patience=args.patience, cache_mb=args.cache_mb)
     cfg.validate()
     check_batch_size(args.search_batch_size)
+    given = fixed_allocation(args.allocation_from, args.allocate) if args.allocation_from else None
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
     common.check_device(args.device)
     out = check_state(args.out)
@@ -124,7 +128,9 @@ def cmd_search(args) -> int:
     windows = load_windows(tok, args.calib_corpus, args.seq_len, args.calib_samples, "calibration", args.seed)
     activations = collect_activations(model, windows, seed=args.seed)
     fixed = None
-    if args.allocate == "greedy":
+    if given is not None:
+        fixed = allocation_of(given, model, args.allocation_from)
+    elif args.allocate == "greedy":
         from rsparse.search.allocate import greedy_allocation
 
         greedy = greedy_allocation(model, windows, [cfg.sparsity], activations, cfg.allocation, tokens=args.tokens,
@@ -143,7 +149,9 @@ def cmd_search(args) -> int:
     report = sparsify_(model, RSparseConfig(sparsity=cfg.sparsity, recipe=recipe, seq_len=args.seq_len), activations)
     data = recipe_from_search(state, cfg.sparsity, report, model=model_name,
                               calibration={"corpus": args.calib_corpus, "windows": args.calib_samples,
-                                           "seq_len": args.seq_len, "seed": args.seed}, allocation=args.allocate,
+                                           "seq_len": args.seq_len, "seed": args.seed},
+                              allocation=args.allocate if given is None else
+                              {"from": str(args.allocation_from), "allocation": given.get("allocation")},
                               versions=versions())
     data["search"]["wall_seconds"] = search_seconds
     write_json(out / "recipe.json", data)
@@ -158,7 +166,7 @@ def cmd_search(args) -> int:
                     (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
                     ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
         if fixed is not None:
-            variants.insert(2, ("sparse-only greedy", RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
+            variants.insert(2, ("sparse-only greedy" if given is None else "sparse-only, given allocation", RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
                 {"name": n, "rho": 1.0, "sparsity": x} for n, x in zip(names, fixed)]})))
         for label, config in variants:
             sparsify_(model, config, activations)
@@ -175,3 +183,31 @@ def cmd_search(args) -> int:
         print(table)
     print(f"wrote {out / 'recipe.json'} and {out / 'recipe_rho.png'}")
     return 0
+
+
+def fixed_allocation(path, allocate: str) -> dict:
+    """The recipe of --allocation-from, read before the model loads: every layer with a sparsity."""
+    from rsparse.core.config import load_recipe
+
+    if allocate == "evolve":
+        raise BadInputError("--allocation-from fixes the per-layer sparsity, --allocate evolve searches it: "
+                            "give one of them")
+    recipe = load_recipe(path)
+    missing = [i for i, e in enumerate(recipe["layers"]) if not isinstance(e, dict) or "sparsity" not in e]
+    if missing:
+        raise BadInputError(f"--allocation-from {path}: layer {missing[0]} has no 'sparsity' (a recipe written with "
+                            "--allocate greedy or evolve has one per layer)")
+    return recipe
+
+
+def allocation_of(recipe: dict, model, path) -> list[float]:
+    """The recipe's per-layer sparsity in the model's projection order (the budget is checked by
+    the search itself)."""
+    from rsparse.core.models import decoder_linears
+
+    names = [l.name for l in decoder_linears(model)]
+    by_name = {e.get("name"): e["sparsity"] for e in recipe["layers"]}
+    if sorted(map(str, by_name)) != sorted(names):
+        raise BadInputError(f"--allocation-from {path} names other layers than the model's {len(names)} decoder "
+                            "projections: a recipe of another model?")
+    return [float(by_name[n]) for n in names]

@@ -84,3 +84,33 @@ def test_cli_search_allocates_per_layer_sparsity(tmp_path, text_file, tiny_model
     kept = {l.name: l.keep_fraction for l in rsparse_layers(model)}
     for entry in recipe["layers"]:
         assert abs(kept[entry["name"]] - (1 - entry["sparsity"]) * entry["rho"]) < 1e-6
+
+
+def test_cli_search_on_a_given_allocation(tmp_path, capsys, text_file, tiny_model_dir):
+    """`rsparse search --allocation-from RECIPE` runs the rho search on the recipe's per-layer
+    sparsity (no greedy walk again) and writes it back unchanged; a recipe without one, or with
+    --allocate evolve, is refused in one line."""
+    from rsparse.cli import main
+
+    common = ["--model", str(tiny_model_dir), "--sparsity", "0.6", "--population", "4", "--generations", "1",
+              "--group-size", "7", "--calib-corpus", str(text_file), "--calib-samples", "4", "--seq-len", "32",
+              "--ppl-windows", "0"]
+    assert main(["search", *common, "--allocate", "greedy", "--alloc-step", "0.1", "--out", str(tmp_path / "g")]) == 0
+    greedy = json.loads((tmp_path / "g" / "recipe.json").read_text())
+    assert main(["search", *common, "--allocation-from", str(tmp_path / "g" / "recipe.json"), "--seed", "1",
+                 "--out", str(tmp_path / "r")]) == 0
+    recipe = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert [l["sparsity"] for l in recipe["layers"]] == [l["sparsity"] for l in greedy["layers"]]
+    assert recipe["allocation"]["from"].endswith("recipe.json") and recipe["search"]["settings"]["seed"] == 1
+
+    uniform = tmp_path / "u.json"
+    uniform.write_text(json.dumps({"layers": [{"name": l["name"], "rho": 1.0} for l in greedy["layers"]]}))
+    cli_error(capsys, ["search", *common, "--allocation-from", str(uniform), "--out", str(tmp_path / "x")], "no 'sparsity'")
+    cli_error(capsys, ["search", *common, "--allocation-from", str(tmp_path / "g" / "recipe.json"), "--allocate",
+                       "evolve", "--out", str(tmp_path / "x")], "--allocate evolve")
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps({"layers": [{**l, "name": "x" + l["name"]} for l in greedy["layers"]]}))
+    cli_error(capsys, ["search", *common, "--allocation-from", str(other), "--out", str(tmp_path / "x")], "other layers")
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps({"layers": [{**l, "sparsity": 0.3} for l in greedy["layers"]]}))
+    cli_error(capsys, ["search", *common, "--allocation-from", str(off), "--out", str(tmp_path / "x")], "budget")
