@@ -30,6 +30,9 @@ done
     for seed in 0 1; do
       echo "sparse-uniform-s$s-seed$seed $E $X --seed $seed --methods sparse --sparsities 0.$s"
       echo "sparse-greedy-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe recipes/smollm2-135m-instruct-s$s-greedy-sparse-seed0.json"
+      # per-layer rho searched on the greedy allocation (search --allocation-from --share layer)
+      pl=recipes/smollm2-135m-instruct-s$s-greedy-rholayer-seed$seed.json
+      [ -f "$pl" ] && echo "rsparse-greedy-rholayer-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $pl"
       # the evolved s+rho recipe (compare-recipes --allocations evolve, shipped for 70% only)
       ev=recipes/smollm2-135m-instruct-s$s-evolve-type-seed$seed.json
       [ -f "$ev" ] && echo "rsparse-evolve-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $ev"
