@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rsparse.cli import common
+from rsparse.core.budget import check_sparsity
 from rsparse.core.config import FACTORS, SCORED_MODES
 from rsparse.errors import BadInputError
 from rsparse.search.config import ALLOCATIONS, SHARES, AllocationConfig, SearchConfig
@@ -166,7 +167,8 @@ def cmd_search(args) -> int:
                     (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
                     ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
         if fixed is not None:
-            variants.insert(2, ("sparse-only greedy" if given is None else "sparse-only, given allocation", RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
+            label = "sparse-only greedy" if given is None else "sparse-only, given allocation"
+            variants.insert(2, (label, RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
                 {"name": n, "rho": 1.0, "sparsity": x} for n, x in zip(names, fixed)]})))
         for label, config in variants:
             sparsify_(model, config, activations)
@@ -197,6 +199,8 @@ def fixed_allocation(path, allocate: str) -> dict:
     if missing:
         raise BadInputError(f"--allocation-from {path}: layer {missing[0]} has no 'sparsity' (a recipe written with "
                             "--allocate greedy or evolve has one per layer)")
+    for i, e in enumerate(recipe["layers"]):
+        e["sparsity"] = check_sparsity(e["sparsity"], f"--allocation-from {path}: sparsity of layer {i}")
     return recipe
 
 

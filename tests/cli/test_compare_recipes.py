@@ -114,3 +114,6 @@ def test_cli_search_on_a_given_allocation(tmp_path, capsys, text_file, tiny_mode
     off = tmp_path / "off.json"
     off.write_text(json.dumps({"layers": [{**l, "sparsity": 0.3} for l in greedy["layers"]]}))
     cli_error(capsys, ["search", *common, "--allocation-from", str(off), "--out", str(tmp_path / "x")], "budget")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": [{**l, "sparsity": "lots"} for l in greedy["layers"]]}))
+    cli_error(capsys, ["search", *common, "--allocation-from", str(bad), "--out", str(tmp_path / "x")], "sparsity of layer 0")
