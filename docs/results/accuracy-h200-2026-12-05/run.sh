@@ -42,6 +42,9 @@ done
   done
 } > "$R/rows.txt"
 if [ "${N:-0}" -gt 0 ]; then head -n "$N" "$R/rows.txt" > "$R/rows.head" && mv "$R/rows.head" "$R/rows.txt"; fi  # N=: the first N rows only
+if [ -n "${ROWS:-}" ]; then  # ROWS="name ...": only these rows, in this order
+  for n in $ROWS; do grep "^$n " "$R/rows.txt" || { echo "no row $n" >&2; exit 2; }; done > "$R/rows.pick" && mv "$R/rows.pick" "$R/rows.txt"
+fi
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True R P=${P:-8}
 setsid nohup bash -c 'xargs -P ${P:-8} -L 1 bash -c '"'"'n=$0; "$@" --out "$R/$n" > "$R/$n.log" 2>&1; echo "$n rc=$?" >> "$R/done.txt"'"'"' < "$R/rows.txt"' > "$R/xargs.log" 2>&1 < /dev/null &
 echo "started $(wc -l < "$R/rows.txt") rows"
