@@ -67,11 +67,15 @@ class Int4RSparseLinear(RSparseLinear):
         self.register_buffer("packed", None, persistent=False)
 
     @classmethod
-    def from_rsparse(cls, layer: RSparseLinear, group_size: int) -> "Int4RSparseLinear":
-        """The same layer with its weight quantized to 4 bits (RTN, `group_size` inputs per group;
-        exact for a weight quantize_int4_ already put on that grid)."""
+    def from_rsparse(cls, layer: RSparseLinear, group_size: int, codes: Int4Weight | None = None) -> "Int4RSparseLinear":
+        """The same layer with its weight in 4 bits: `codes` where they hold the layer's weight
+        exactly (what quantize_int4_ rounded it to), else quantized here (RTN, `group_size` inputs
+        per group). Re-quantizing rounded weights is not exact in general (a group whose top code
+        went unused gets a finer grid), hence the codes are handed over, not recomputed."""
         w = layer.weight
-        q = quantize(w.detach(), group_size)
+        if codes is None or codes.group_size != group_size or not torch.equal(dequantize(codes, w.dtype), w):
+            codes = quantize(w.detach(), group_size)
+        q = codes
         new = cls(layer.in_features, layer.out_features, group_size, rank=layer.rank,
                   bias=layer.bias is not None, device="meta", dtype=w.dtype, name=layer.name)
         new.method, new.tokens, new.keep_fraction, new.kernel = layer.method, layer.tokens, layer.keep_fraction, layer.kernel
@@ -174,34 +178,41 @@ def int4_layers(model: nn.Module) -> list[Int4RSparseLinear]:
     return [m for m in model.modules() if isinstance(m, Int4RSparseLinear)]
 
 
+PENDING_CODES = "_rsparse_int4_codes"  # model attribute: quantize_int4_'s codes, until pack_int4_ takes them
+
+
 @torch.no_grad()
 def quantize_int4_(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> list[dict]:
     """Round the weight of each decoder projection (nn.Linear or RSparseLinear) to the 4-bit grid in
-    place (RTN, rsparse.core.int4.quantize; its float dtype kept). Returns one {"name", "group_size",
-    "relative_error"} per layer."""
-    report = []
+    place (RTN, rsparse.core.int4.quantize; its float dtype kept), keeping the codes on the model
+    for pack_int4_. Returns one {"name", "group_size", "relative_error"} per layer."""
+    report, codes = [], {}
     for lin in decoder_linears(model):
         w = lin.module.weight
         if isinstance(lin.module, Int4RSparseLinear):
             continue  # already 4-bit
         g = layer_group_size(w.shape[1], group_size)
-        q = dequantize(quantize(w, g), w.dtype)
+        codes[lin.name] = quantize(w, g)
+        q = dequantize(codes[lin.name], w.dtype)
         err = float((q.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
         w.copy_(q)  # copy_ keeps R-Sparse layers' column-major storage
         report.append({"name": lin.name, "group_size": g, "relative_error": err})
+    model.__dict__[PENDING_CODES] = codes
     return report
 
 
 @torch.no_grad()
 def pack_int4_(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> list[Int4RSparseLinear]:
     """Replace every RSparseLinear of the model by its Int4RSparseLinear (see the module docstring);
-    a rounding pass (quantize_int4_) first makes this exact."""
+    after a rounding pass (quantize_int4_) the layers take its codes, so this is exact."""
     names = {id(m): n for n, m in model.named_modules()}
+    pending = model.__dict__.pop(PENDING_CODES, {})
     packed = []
     for layer in rsparse_layers(model):
         if isinstance(layer, Int4RSparseLinear):
             continue
-        new = Int4RSparseLinear.from_rsparse(layer, layer_group_size(layer.in_features, group_size))
+        new = Int4RSparseLinear.from_rsparse(layer, layer_group_size(layer.in_features, group_size),
+                                             pending.get(names[id(layer)]))
         replace_module(model, names[id(layer)], new)
         packed.append(new)
     return packed
