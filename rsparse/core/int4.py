@@ -32,10 +32,10 @@ point (GPTQ's and AWQ's convention): the range [min(w, 0), max(w, 0)] gives scal
 the zero point z = round(-min / scale), so W = (q - z) * scale and 0 is on the grid; stored as
 zero = (8 - z) * scale in bf16. The codes are rounded against the stored (bf16) scale and zero,
 so dequantize() is the value the kernels multiply by. Measured on the embedded SmolLM2 (groups
-of 128, 16 BoolQ windows of 512; 16-bit: 18.68): perplexity 24.46 with the integer zero point
-against 27.25 with a float zero at the group's minimum (zero = min + 8 * scale, the first format
-version's rounding; the stored format is the same, only the values differ), and 26.33 for that
-float zero with an MSE-searched clipping range: exact zeros matter more than weight MSE. The
+of 128, `rsparse eval --weights int4 --quantizer rtn`, BoolQ perplexity, 16 windows of 512;
+16-bit: 18.68): 24.50 with the integer zero point against 27.25 with the float zero at the group's
+minimum that this module used first (zero = min + 8 * scale; same stored format, other values);
+full validation sets, 8 tasks: 43.66 against 42.89 (docs/int4-kernel.md). The
 (q - 8) * scale + zero convention and the (groups, out, 2) bf16 tensor are exactly what torch's
 tinygemm op (`aten._weight_int4pack_mm`) takes, so the dense 4-bit path (prefill, dense rows)
 shares scales_zeros with the sparse kernel and only repacks the codes
@@ -111,8 +111,8 @@ def unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
-    """Asymmetric RTN 4-bit quantisation of weight (out, in) with min-max groups of group_size
-    input channels per output row (computed in fp32 on weight's device)."""
+    """Asymmetric RTN 4-bit quantisation of weight (out, in) with an integer zero point, in groups
+    of group_size input channels per output row (computed in fp32 on weight's device)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape

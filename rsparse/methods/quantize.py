@@ -40,9 +40,9 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     optimize: bool = True  # HQQ's half-quadratic refinement of scales and zero points (else round-to-nearest)
-    # "rtn": the 4-bit format the kernels run (rsparse.core.int4: min-max RTN, bf16 scale and zero; a
-    # layer whose width group_size does not divide gets the largest smaller size that does), so a
-    # score is that of `rsparse compress --weights int4`'s model
+    # "rtn": the 4-bit format the kernels run (rsparse.core.int4: RTN with an integer zero point,
+    # bf16 scale and zero; a layer whose width group_size does not divide gets the largest smaller
+    # size that does), so a score is that of `rsparse compress --weights int4`'s model
     quantizer: str = "hqq"
 
     def __post_init__(self):
