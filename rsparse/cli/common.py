@@ -12,7 +12,7 @@ import sys
 
 from rsparse.core.config import RSparseConfig
 from rsparse.core.data import DataConfig
-from rsparse.errors import BadInputError
+from rsparse.errors import BadInputError, MissingDataError
 
 # The defaults: the dataclasses' class attributes (an instance would validate, which imports torch).
 RSPARSE, DATA = RSparseConfig, DataConfig
@@ -114,6 +114,14 @@ def check_corpora(*names: str) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BadInputError(message)
+
+
+def require_hqq(what: str) -> None:
+    """One line naming the extra when HQQ (an optional dependency) is missing."""
+    try:
+        import hqq  # noqa: F401
+    except ImportError:
+        raise MissingDataError(f"{what} needs HQQ: pip install 'rsparse[quant]' (hqq==0.2.8.post1)") from None
 
 
 def check_model(name, seq_len: int | None = None, config=None):

@@ -20,7 +20,7 @@ from pathlib import Path
 from rsparse.cli import common
 from rsparse.core.budget import check_sparsity
 from rsparse.core.config import BASELINES, METHODS, SCORED_MODES
-from rsparse.errors import BadInputError, MissingDataError
+from rsparse.errors import BadInputError
 from rsparse.eval.tasks import PAPER_TASKS
 
 DEFAULT_METHODS = "dense,relu,cats,griffin,rsparse"
@@ -50,9 +50,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="weight formats, comma-separated: fp (as loaded) and/or int4 (HQQ, group-wise; also int2, "
                         "int3, int8); every method row is evaluated on each (the paper's Table 2: --weights fp,int4)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (input channels per group)")
-    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn"],
-                   help="hqq: HQQ (any --weights intN); rtn: the 4-bit format of rsparse compress --weights int4 "
-                        "(round-to-nearest, what the 4-bit kernels run; int4 only)")
+    p.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "hqq-int4"],
+                   help="hqq: HQQ (any --weights intN); rtn / hqq-int4: the 4-bit format of rsparse compress "
+                        "--weights int4 with --rounding rtn / hqq (what the 4-bit kernels run; int4 only)")
     common.add_sparsify(p, sparsity=False)
     common.add_calibration(p)
     common.add_refine_mix(p)
@@ -221,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "xsum": {"documents": len(xsum_docs) if xsum_docs else 0, "skipped": xsum_skip,
                  "max_new_tokens": args.xsum_max_new_tokens},
         "weights": {"formats": list(formats), "group_size": args.group_size if any(formats.values()) else None,
-                    "quantizer": (quantizer_version() if args.quantizer == "hqq" else "rtn (rsparse.core.int4)")
+                    "quantizer": {"hqq": quantizer_version(), "rtn": "rtn (rsparse.core.int4)",
+                                  "hqq-int4": f"{quantizer_version()} rounding, rsparse.core.int4 format"}[args.quantizer]
                     if any(formats.values()) else None, "relative_error": {}},
         "sweep": sparsities if sweep else None,
         "rows": [], "skipped": skipped,
@@ -346,12 +347,8 @@ def weight_formats(text: str, group_size: int, quantizer: str = "hqq") -> dict:
             out[t] = None
         elif t.startswith("int") and t[3:].isdigit():
             out[t] = QuantConfig(bits=int(t[3:]), group_size=group_size, quantizer=quantizer)
-            if quantizer == "rtn":
-                continue
-            try:
-                import hqq  # noqa: F401
-            except ImportError:
-                raise MissingDataError(f"--weights {t} needs HQQ: pip install 'rsparse[quant]' (hqq==0.2.8.post1)") from None
+            if quantizer != "rtn":  # rtn is rsparse's own rounding: no HQQ needed
+                common.require_hqq(f"--weights {t} --quantizer {quantizer}")
         else:
             raise BadInputError(f"unknown weight format {t!r}; expected fp or int<bits> (int2, int3, int4, int8)")
     if not out:

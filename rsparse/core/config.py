@@ -37,6 +37,7 @@ SCORES = ("auto", "abs", "weighted")
 FACTORS = ("svd", "whitened")
 WEIGHT_BITS = (16, 4)  # RSparseConfig.weight_bits: the layers' float weights, or 4-bit codes
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # rsparse.core.int4.GROUP_SIZES (here without torch)
+INT4_ROUNDINGS = ("rtn", "hqq")  # rsparse.core.int4.ROUNDINGS
 
 
 @dataclass
@@ -55,11 +56,14 @@ class RSparseConfig:
     # than the paper's plain top-r SVD of W on SmolLM2, see README); svd: the paper's factors.
     factors: str = "whitened"
     seed: int = 0
-    # 4: weights rounded to 4 bits (RTN, groups of group_size input channels; a layer whose width
+    # 4: weights rounded to 4 bits (groups of group_size input channels; a layer whose width
     # it does not divide gets the largest smaller size that does) before calibration, and stored
     # as 4-bit codes (rsparse.core.int4_layer); the low-rank factors stay in the model's dtype
     weight_bits: int = 16
     group_size: int = 128
+    # how the 4-bit scales and zeros are chosen: rtn (integer zero point) or hqq (HQQ's optimised
+    # zero; needs rsparse[quant]); the stored format and the kernels are the same
+    rounding: str = "rtn"
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +83,8 @@ class RSparseConfig:
             raise BadInputError(f"weight_bits must be one of {WEIGHT_BITS}, got {self.weight_bits!r}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise BadInputError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+        if self.rounding not in INT4_ROUNDINGS:
+            raise BadInputError(f"rounding must be one of {INT4_ROUNDINGS}, got {self.rounding!r}")
         return self
 
     def to_dict(self) -> dict:

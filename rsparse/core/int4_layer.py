@@ -2,7 +2,7 @@
 layers 4-bit.
 
     quantize_int4_(model, group_size)   round each decoder projection's weight to the 4-bit grid
-                                        (RTN, rsparse.core.int4), kept in its float dtype: calibration,
+                                        (rsparse.core.int4, RTN or HQQ), kept in its float dtype: calibration,
                                         thresholds and low-rank factors then fit the 4-bit weights
     pack_int4_(model)                   each RSparseLinear becomes an Int4RSparseLinear holding the
                                         codes (exact: the weights are on the grid already)
@@ -182,9 +182,9 @@ PENDING_CODES = "_rsparse_int4_codes"  # model attribute: quantize_int4_'s codes
 
 
 @torch.no_grad()
-def quantize_int4_(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> list[dict]:
+def quantize_int4_(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, rounding: str = "rtn") -> list[dict]:
     """Round the weight of each decoder projection (nn.Linear or RSparseLinear) to the 4-bit grid in
-    place (RTN, rsparse.core.int4.quantize; its float dtype kept), keeping the codes on the model
+    place (rsparse.core.int4.quantize with `rounding`; its float dtype kept), keeping the codes on the model
     for pack_int4_. Returns one {"name", "group_size", "relative_error"} per layer."""
     report, codes = [], {}
     for lin in decoder_linears(model):
@@ -192,7 +192,7 @@ def quantize_int4_(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> li
         if isinstance(lin.module, Int4RSparseLinear):
             continue  # already 4-bit
         g = layer_group_size(w.shape[1], group_size)
-        codes[lin.name] = quantize(w, g)
+        codes[lin.name] = quantize(w, g, rounding)
         q = dequantize(codes[lin.name], w.dtype)
         err = float((q.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
         w.copy_(q)  # copy_ keeps R-Sparse layers' column-major storage

@@ -32,7 +32,10 @@ from rsparse.core.models import decoder_linears
 from rsparse.errors import BadInputError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-QUANTIZERS = ("hqq", "rtn")  # rtn: rsparse's own 4-bit format (rsparse.core.int4), what compress --weights int4 writes
+QUANTIZERS = ("hqq", "rtn", "hqq-int4")
+# rtn / hqq-int4: rsparse's own 4-bit format (rsparse.core.int4) with RTN or HQQ rounding, what
+# compress --weights int4 [--rounding hqq] writes; hqq: HQQ's own format (any bits, float scales)
+PACKED = {"rtn": "rtn", "hqq-int4": "hqq"}  # quantizer -> rsparse.core.int4 rounding
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,10 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     optimize: bool = True  # HQQ's half-quadratic refinement of scales and zero points (else round-to-nearest)
-    # "rtn": the 4-bit format the kernels run (rsparse.core.int4: RTN with an integer zero point,
-    # bf16 scale and zero; a layer whose width group_size does not divide gets the largest smaller
-    # size that does), so a score is that of `rsparse compress --weights int4`'s model
+    # "rtn" / "hqq-int4": the 4-bit format the kernels run (rsparse.core.int4: RTN with an integer
+    # zero point, or HQQ's scales and zeros; bf16 scale and zero; a layer whose width group_size does
+    # not divide gets the largest smaller size that does), so a score is that of
+    # `rsparse compress --weights int4 [--rounding hqq]`'s model
     quantizer: str = "hqq"
 
     def __post_init__(self):
@@ -50,14 +54,14 @@ class QuantConfig:
             raise BadInputError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if self.quantizer not in QUANTIZERS:
             raise BadInputError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        if self.quantizer == "rtn" and self.bits != 4:
-            raise BadInputError(f"the rtn quantizer writes rsparse's 4-bit format: bits must be 4, got {self.bits}")
+        if self.quantizer in PACKED and self.bits != 4:
+            raise BadInputError(f"the {self.quantizer} quantizer writes rsparse's 4-bit format: bits must be 4, got {self.bits}")
         if int(self.group_size) != self.group_size or self.group_size < 8 or self.group_size % 8:
             raise BadInputError(f"group_size must be a positive multiple of 8, got {self.group_size!r}")
 
     @property
     def label(self) -> str:
-        return f"INT{self.bits}" + (" RTN" if self.quantizer == "rtn" else "")
+        return f"INT{self.bits}" + {"rtn": " RTN", "hqq-int4": " HQQ-packed"}.get(self.quantizer, "")
 
 
 @dataclass
@@ -87,11 +91,12 @@ class QuantizedWeights:
 
 def quantize_tensor(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """The (out, in) weight quantized group-wise along its input channels and dequantized, in its dtype."""
-    if config.quantizer == "rtn":
+    if config.quantizer in PACKED:
         from rsparse.core.int4 import dequantize, quantize
         from rsparse.core.int4_layer import layer_group_size
 
-        return dequantize(quantize(weight, layer_group_size(weight.shape[1], config.group_size)), weight.dtype)
+        g = layer_group_size(weight.shape[1], config.group_size)
+        return dequantize(quantize(weight, g, PACKED[config.quantizer]), weight.dtype)
     from hqq.core.quantize import Quantizer
 
     w = weight.detach().float()

@@ -35,7 +35,7 @@ def sparsify_rsparse_(model: nn.Module, config: RSparseConfig,
         if isinstance(calibration, CalibrationActivations):
             raise BadInputError("weight_bits=4 rounds the weights before calibration: give calibration windows, "
                                 "not activations collected on the 16-bit model")
-        quantize_int4_(model, config.group_size)
+        quantize_int4_(model, config.group_size, config.rounding)
     linears = decoder_linears(model)
     budgets = dict(zip((l.name for l in linears), layer_budgets(config, linears)))  # validates the recipe first
     if isinstance(calibration, CalibrationActivations):

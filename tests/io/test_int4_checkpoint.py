@@ -14,6 +14,7 @@ from conftest import tiny_model
 from rsparse import RSparseConfig, sparsify_
 from rsparse.cli import main
 from rsparse.core.data import calibration_windows
+from rsparse.core.int4 import quantize as quantize_codes
 from rsparse.core.int4_layer import Int4RSparseLinear, int4_layers, layer_group_size, quantize_int4_
 from rsparse.core.layer import RSparseLinear, rsparse_layers
 from rsparse.core.sparse_modules import set_token_mode
@@ -54,6 +55,8 @@ def test_group_size_per_layer_width():
         layer_group_size(4096, 100)
     with pytest.raises(BadInputError, match="weight_bits"):
         RSparseConfig(weight_bits=8)
+    with pytest.raises(BadInputError, match="rounding must be one of"):
+        RSparseConfig(weight_bits=4, rounding="gptq")
 
 
 def test_every_projection_is_packed_and_computes_the_rounded_layer(int4, windows):
@@ -123,16 +126,23 @@ def test_unpacked_layers_undo_to_the_rounded_dense_model(int4, windows):
     assert isinstance(layer, RSparseLinear) and layer.weight_bits == 4
 
 
-def test_cli_compress_int4(model, tokenizer, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("rounding", ["rtn", "hqq"])
+def test_cli_compress_int4(model, tokenizer, text_file, tmp_path, capsys, rounding):
     hf = tmp_path / "hf"
     model.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     out = tmp_path / "ck"
     argv = ["compress", "--model", str(hf), "--out", str(out), "--sparsity", "0.5", "--weights", "int4",
-            "--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32"]
+            "--calib-corpus", str(text_file), "--calib-samples", "2", "--seq-len", "32", "--rounding", rounding]
     assert main(argv) == 0
     assert "4-bit weights (groups of 32/64)" in capsys.readouterr().out
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["rsparse_config"]["weight_bits"] == 4 and qc["rsparse_config"]["group_size"] == 128
+    assert qc["rsparse_config"]["rounding"] == rounding
     loaded, _ = load(out)
     assert len(int4_layers(loaded)) == 14
+    # the saved codes are the chosen rounding of the model's own weights
+    first = int4_layers(loaded)[0]
+    w = model.model.layers[0].self_attn.q_proj.weight
+    want = quantize_codes(w, first.group_size, rounding)
+    assert torch.equal(first.qweight, want.qweight) and torch.equal(first.scales_zeros, want.scales_zeros)

@@ -53,17 +53,19 @@ def test_rsparse_on_int4_weights_uses_the_quantized_weights(data):
     q.restore()
 
 
-def test_rtn_is_the_4bit_checkpoint_format(tokenizer, windows):
-    """--quantizer rtn rounds exactly as rsparse compress --weights int4 stores: the evaluated
-    weights are the checkpoint's dequantized codes, group size per layer width included."""
+@pytest.mark.parametrize("quantizer,rounding", [("rtn", "rtn"), ("hqq-int4", "hqq")])
+def test_rtn_is_the_4bit_checkpoint_format(tokenizer, windows, quantizer, rounding):
+    """--quantizer rtn / hqq-int4 round exactly as rsparse compress --weights int4 --rounding rtn /
+    hqq stores: the evaluated weights are the checkpoint's dequantized codes, group size per layer
+    width included."""
     from rsparse.cli.eval import weight_formats
     from rsparse.core.data import calibration_windows
     from rsparse.core.int4_layer import int4_layers
 
     model = tiny_model()
-    quantize_weights_(model, weight_formats("int4", 128, "rtn")["int4"], progress=False)
+    quantize_weights_(model, weight_formats("int4", 128, quantizer)["int4"], progress=False)
     packed = tiny_model()
-    sparsify_(packed, RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=4, weight_bits=4),
+    sparsify_(packed, RSparseConfig(sparsity=0.5, seq_len=64, calibration_samples=4, weight_bits=4, rounding=rounding),
               calibration_windows(windows, 64, 4))
     for lin, layer in zip(decoder_linears(model), int4_layers(packed)):
         assert torch.equal(lin.module.weight, layer.weight)
@@ -71,6 +73,7 @@ def test_rtn_is_the_4bit_checkpoint_format(tokenizer, windows):
 
 @pytest.mark.parametrize("kwargs,message", [({"bits": 5}, "bits must be one of"), ({"group_size": 12}, "multiple of 8"),
                                             ({"bits": 8, "quantizer": "rtn"}, "bits must be 4"),
+                                            ({"bits": 3, "quantizer": "hqq-int4"}, "bits must be 4"),
                                             ({"quantizer": "gptq"}, "quantizer must be one of")])
 def test_bad_quant_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -131,6 +131,30 @@ def test_quantize_layout_error_and_grid_round_trip():
         int4.quantize(torch.randn(16, 100), 64)  # in not a multiple of the group
 
 
+def test_hqq_rounding_is_hqq_in_the_same_format():
+    """rounding="hqq" stores HQQ's scales and zeros in the same format: it dequantizes to what HQQ
+    itself gives (up to the bf16 scale and zero), and on heavy-tailed weights its mean absolute
+    error (what HQQ's l_p<1 objective favours) is below RTN's."""
+    from hqq.core.quantize import Quantizer
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(5.0).sample((32, 256)) * 0.02
+    p, r = int4.quantize(w, 64, "hqq"), int4.quantize(w, 64)
+    assert p.qweight.shape == r.qweight.shape and p.scales_zeros.shape == r.scales_zeros.shape
+    codes, meta = Quantizer.quantize(w, nbits=4, group_size=64, optimize=True, round_zero=True, axis=1,
+                                     bitpack=False, device="cpu")
+    meta["compute_dtype"] = torch.float32
+    ref = Quantizer.dequantize(codes, meta)
+    step = p.scales_zeros[..., 0].float().repeat_interleave(64, 0).t()
+    diff = (int4.dequantize(p) - ref).abs()
+    assert (diff <= step * 1.02).all() and float((diff / step).mean()) < 0.02  # a code moves where bf16 shifts a boundary
+    err_hqq = (int4.dequantize(p) - w).abs().mean()
+    err_rtn = (int4.dequantize(r) - w).abs().mean()
+    assert err_hqq < 0.99 * err_rtn
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        int4.quantize(w, 64, "gptq")
+
+
 # ------------------------------------------------------------------------------ the kernel
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
