@@ -59,6 +59,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.recipe:
         load_recipe(args.recipe)
     common.require(args.seq_len >= 2, "--seq-len must be >= 2")
+    common.require(args.weights == "int4" or args.rounding == common.RSPARSE.rounding,
+                   f"--rounding {args.rounding} rounds 4-bit weights: add --weights int4")
     if args.weights == "int4" and args.rounding == "hqq":
         common.require_hqq("--rounding hqq")
     common.require(args.ppl_windows >= 0, "--ppl-windows must be >= 0")

@@ -129,6 +129,8 @@ def _cases():
         "corpus-a-directory": (["analyze", *m, "--corpus", "{ws}/notamodel"], "is a directory"),
         # limits
         "seq-len-beyond-context": ([*run, "--seq-len", "100000"], "longer than the model's context of 256"),
+        "compress-rounding-without-int4": ([*comp, "--rounding", "hqq", "--out", "{ws}/new_ck"],
+                                           "--rounding hqq rounds 4-bit weights: add --weights int4"),
         "eval-seq-len-beyond-context": ([*ev, "--seq-len", "4096", "--out", "{ws}/new_eval"], "context of 256"),
         "prompt-empty": ([*g, "--prompt", ""], "--prompt is empty"),
         "prompt-blank": ([*g, "--prompt", "  \n "], "--prompt is empty"),
