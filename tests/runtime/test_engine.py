@@ -308,3 +308,91 @@ def test_compiled_engine_compiles_one_block_for_all_blocks(windows):
     got = Engine(model, max_seq_len=24, compile=counting).generate(rows, 5)
     assert got.tokens == hf_greedy(model, rows, 5)
     assert got.decode_steps == 4 and sorted(calls) == [4, 4 * n_blocks]
+
+
+def _greedy_like_recipe(model, target: float) -> dict:
+    """A per-layer recipe of `model` on the budget: sparsity rising with depth and along the
+    projections of a block, rank on the attention projections only."""
+    from rsparse.core.models import decoder_linears
+    from rsparse.search.allocate import layer_sizes, project_budget
+
+    linears = decoder_linears(model)
+    raw = [0.3 + 0.1 * lin.block + 0.02 * i for i, lin in enumerate(linears)]
+    s = project_budget(raw, layer_sizes(linears), target, 0.95)
+    return {"sparsity": target, "layers": [
+        {"name": lin.name, "shape": [lin.module.out_features, lin.module.in_features], "sparsity": float(sp),
+         "rho": 0.9 if "self_attn" in lin.name else 1.0} for lin, sp in zip(linears, s)]}
+
+
+def test_recipe_on_shape_keeps_the_recipe_on_its_own_model_and_the_budget_on_another():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.core.models import decoder_linears
+    from rsparse.runtime.bench.decode import recipe_on_shape
+    from rsparse.search.allocate import layer_sizes, model_sparsity
+
+    small = tiny_model()
+    recipe = _greedy_like_recipe(small, 0.6)
+    flat = lambda pairs: [x for pair in pairs for x in pair]  # noqa: E731
+    same = recipe_on_shape(recipe, decoder_linears(small))  # its own model: the recipe as written
+    assert flat(same) == pytest.approx(flat((e["sparsity"], e["rho"]) for e in recipe["layers"]), abs=1e-9)
+
+    # 4 blocks and a wider MLP: blocks 0-1 take block 0's entries, 2-3 block 1's, kind by kind,
+    # shifted by one constant onto 60% of the new shapes' bytes
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False))
+    linears = decoder_linears(big)
+    mapped = recipe_on_shape(recipe, linears)
+    source = {(int(e["name"].split(".")[2]), e["name"].rsplit(".", 1)[-1]): e for e in recipe["layers"]}
+    assert model_sparsity([s for s, _ in mapped], layer_sizes(linears)) == pytest.approx(0.6, abs=1e-9)
+    shifts = {round(s - source[lin.block // 2, lin.kind]["sparsity"], 9) for lin, (s, _) in zip(linears, mapped)}
+    assert len(shifts) == 1 and shifts != {0.0}  # one constant, and the new shapes needed one
+    assert [rho for _, rho in mapped] == [source[lin.block // 2, lin.kind]["rho"] for lin in linears]
+
+    # a recipe without a model-level sparsity: its own byte-weighted mean is the budget
+    no_target = {"layers": recipe["layers"]}
+    assert flat(recipe_on_shape(no_target, linears)) == pytest.approx(flat(mapped), abs=1e-9)
+
+
+def test_recipe_on_shape_refuses_what_it_cannot_map():
+    from rsparse.core.models import decoder_linears
+    from rsparse.errors import RecipeError
+    from rsparse.runtime.bench.decode import recipe_on_shape
+
+    model = tiny_model()
+    recipe = _greedy_like_recipe(model, 0.5)
+    linears = decoder_linears(model)
+    no_down = {"sparsity": 0.5, "layers": [e for e in recipe["layers"] if not e["name"].endswith("down_proj")]}
+    with pytest.raises(RecipeError, match="no down_proj in block 0"):
+        recipe_on_shape(no_down, linears)
+    with pytest.raises(RecipeError, match="neither a model-level 'sparsity' nor"):
+        recipe_on_shape({"layers": [{k: v for k, v in e.items() if k != "shape"} for e in recipe["layers"]]}, linears)
+    with pytest.raises(RecipeError, match="block number, a rho"):
+        recipe_on_shape({"sparsity": 0.5, "layers": [{"name": "lm_head", "rho": 1.0}]}, linears)
+
+
+def test_bench_conversion_takes_per_layer_budgets():
+    from rsparse.core.budget import layer_budget
+    from rsparse.core.models import decoder_linears
+    from rsparse.runtime.bench.decode import make_rsparse, measure_sparsity, recipe_on_shape
+
+    model = tiny_model()
+    per_layer = recipe_on_shape(_greedy_like_recipe(model, 0.6), decoder_linears(model))
+    make_rsparse(model, 0.6, 1.0, per_layer=per_layer)
+    layers = rsparse_layers(model)
+    for layer, lin, (s, rho) in zip(layers, decoder_linears(model), per_layer):
+        budget = layer_budget(layer.out_features, layer.in_features, s, rho)
+        assert layer.rank == budget.rank and layer.keep_fraction == pytest.approx(budget.keep_fraction)
+        assert layer.method == ("rsparse" if budget.rank else "sparse") and (budget.rank == 0 or rho < 1)
+    assert sum(layer.rank > 0 for layer in layers) >= 4  # the attention projections that can afford a rank
+    assert abs(measure_sparsity(model, prompts([16])[0], n=16) - 0.6) < 0.1
+
+
+def test_bench_decode_refuses_a_missing_recipe_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rsparse.cli", "bench", "decode", "--recipes",
+                        str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: recipe file not found: {tmp_path / 'missing.json'}"]
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,9 @@ done
       # per-layer rho searched on the greedy allocation (search --allocation-from --share layer)
       pl=recipes/smollm2-135m-instruct-s$s-greedy-rholayer-seed$seed.json
       [ -f "$pl" ] && echo "rsparse-greedy-rholayer-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $pl"
+      # the same search with the held-out early stop (search --holdout 0.25 --patience 2)
+      ho=recipes/smollm2-135m-instruct-s$s-greedy-rholayer-holdout-seed$seed.json
+      [ -f "$ho" ] && echo "rsparse-greedy-rholayer-holdout-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $ho"
       # the evolved s+rho recipe (compare-recipes --allocations evolve, shipped for 70% only)
       ev=recipes/smollm2-135m-instruct-s$s-evolve-type-seed$seed.json
       [ -f "$ev" ] && echo "rsparse-evolve-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $ev"

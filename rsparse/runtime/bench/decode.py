@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -80,9 +81,51 @@ def calibration_scores(model, calib_tokens: int = 256) -> dict:
     return collect_activations(model, _random_windows(model, calib_tokens), max_rows_per_layer=2 * calib_tokens).rows
 
 
+def recipe_on_shape(recipe, linears) -> list[tuple[float, float]]:
+    """(sparsity, rho) for each of `linears` from a per-layer recipe (path or dict) made for
+    another model of the same family: each projection takes the recipe's entry of its kind at the
+    same relative depth, then every sparsity is shifted by one constant so that the byte-weighted
+    model-level sparsity on these shapes equals the recipe's own (its "sparsity", else the
+    byte-weighted mean over its layers' "shape"s): the same budget, spread as the recipe spreads it."""
+    import numpy as np
+
+    from rsparse.core.config import load_recipe
+    from rsparse.errors import RecipeError
+    from rsparse.search.allocate import layer_sizes, model_sparsity, project_budget
+
+    recipe = load_recipe(recipe)
+    target = recipe.get("sparsity")
+    source: dict[tuple[int, str], tuple[float, float]] = {}
+    sizes = []
+    for e in recipe["layers"]:
+        m = re.search(r"\.(\d+)\.(?:.+\.)?(\w+)$", e.get("name", "")) if isinstance(e, dict) else None
+        if m is None or "rho" not in e or e.get("sparsity", target) is None:
+            raise RecipeError(f"recipe layer {str(e)[:80]} needs a name with a block number, a rho and a sparsity")
+        source[int(m.group(1)), m.group(2)] = (float(e.get("sparsity", target)), float(e["rho"]))
+        shape = e.get("shape")
+        sizes.append(shape[0] * shape[1] if isinstance(shape, (list, tuple)) and len(shape) == 2 else None)
+    if target is None:  # the model-level sparsity the recipe has on its own shapes
+        if None in sizes:
+            raise RecipeError("recipe gives neither a model-level 'sparsity' nor every layer's 'shape'")
+        target = model_sparsity([sp for sp, _ in source.values()], np.array(sizes, dtype=np.float64))
+    blocks = 1 + max(b for b, _ in source)
+    depth = 1 + max(lin.block for lin in linears)
+    mapped = []
+    for lin in linears:
+        key = (min(blocks - 1, int((lin.block + 0.5) * blocks / depth)), lin.kind)
+        if key not in source:
+            raise RecipeError(f"recipe has no {lin.kind} in block {key[0]} (needed for {lin.name})")
+        mapped.append(source[key])
+    s = [sp for sp, _ in mapped]
+    s = project_budget(s, layer_sizes(linears), float(target), max(0.95, max(s)))
+    return [(float(sp), rho) for sp, (_, rho) in zip(s, mapped)]
+
+
 @torch.no_grad()
-def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None, calib_tokens: int = 256) -> dict:
-    """Make every decoder projection an RSparseLinear at (sparsity, ratio) in place, planned as
+def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None, calib_tokens: int = 256,
+                 per_layer: list[tuple[float, float]] | None = None) -> dict:
+    """Make every decoder projection an RSparseLinear at (sparsity, ratio) in place, or at its own
+    (sparsity, rho) from `per_layer` (one per decoder projection, e.g. recipe_on_shape's), planned as
     sparsify_ plans it (LayerPlanner: method, score scale, threshold from `rows`, the calibration
     inputs, collected if None), except for random factors of the budgeted rank; then thresholds
     refined on the sparsified model. Layers that are already RSparseLinear are re-configured."""
@@ -97,10 +140,11 @@ def make_rsparse(model, sparsity: float, ratio: float, rows: dict | None = None,
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(2)
     linears = decoder_linears(model)
-    for lin in linears:
+    per_layer = per_layer or [(sparsity, ratio)] * len(linears)
+    for lin, (s, rho) in zip(linears, per_layer, strict=True):
         m = lin.module
         layer = m if isinstance(m, RSparseLinear) else RSparseLinear.from_linear(m, name=lin.name)
-        budget = layer_budget(m.out_features, m.in_features, sparsity, ratio)
+        budget = layer_budget(m.out_features, m.in_features, s, rho)
         plan = LayerPlanner(layer.weight, rows[lin.name]).plan(budget, fit_factors=False)
         if budget.rank:  # the bytes matter here, not the values: no SVDs of random weights
             shape, dtype = (m.in_features, budget.rank, m.out_features), layer.weight.dtype
@@ -257,6 +301,24 @@ def _methods(args) -> list[tuple[float, str]]:
     return [(rho, name) for rho, name in ((1.0, "sparse-only"), (args.ratio, "R-Sparse")) if name in args.methods]
 
 
+def _sparse_rows(args, linears) -> list[tuple[str, str, float, float, list | None]]:
+    """(label, method, model-level sparsity, uniform rho, per-layer (sparsity, rho) or None) of
+    each sparse row: the uniform rows of --methods x --sparsities, then one row per --recipes entry
+    (recipe_on_shape: on a random shape, the recipe's budget spread by kind and relative depth)."""
+    rows = [(f"{method} {100 * s:.0f}%", method, s, ratio, None)
+            for ratio, method in _methods(args) for s in args.sparsities]
+    for path in args.recipes:
+        per_layer = recipe_on_shape(path, linears)
+        rows.append((f"recipe {Path(path).stem}", "recipe", _model_sparsity(per_layer, linears), 1.0, per_layer))
+    return rows
+
+
+def _model_sparsity(per_layer, linears) -> float:
+    from rsparse.search.allocate import layer_sizes, model_sparsity
+
+    return model_sparsity([s for s, _ in per_layer], layer_sizes(linears))
+
+
 _WIDTH = {"fp": "", "int4": "4-bit "}  # row label prefix per --weights entry
 
 
@@ -287,23 +349,24 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
                 print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
                       flush=True)
     scores = calibration_scores(model)
-    hf_sparsity = sorted(args.sparsities)[(len(args.sparsities) - 1) // 2]  # transformers' loop on one sparse model
-    for ratio, method in _methods(args):
-        for s in args.sparsities:
-            make_rsparse(model, s, ratio, scores)
-            for width in args.weights:
-                with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
-                    achieved = measure_sparsity(model, prompt)
-                    if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity and width == "fp":
-                        rows += hf_sparse_rows(model, prompt, args.hf_tokens, f"{method} {100 * s:.0f}%", s, achieved,
-                                               bandwidth)
-                    for variant in _variants(args):  # speed-up over the engine dense of the same width and variant
-                        t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
-                        rows.append(_row(f"engine {_WIDTH[width]}{method} {100 * s:.0f}%" + _suffix(args, variant),
-                                         method, s, t, achieved, weight_bytes(model, achieved), bandwidth,
-                                         dense_tps[width, variant], width))
-                        print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
-                              f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+    hf_sparsity = sorted(args.sparsities)[(len(args.sparsities) - 1) // 2] if args.sparsities else None
+    from rsparse.core.models import decoder_linears
+
+    linears = decoder_linears(model)
+    for label, method, s, ratio, per_layer in _sparse_rows(args, linears):
+        make_rsparse(model, s, ratio, scores, per_layer=per_layer)
+        for width in args.weights:
+            with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
+                achieved = measure_sparsity(model, prompt)
+                if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity and width == "fp":
+                    rows += hf_sparse_rows(model, prompt, args.hf_tokens, label, s, achieved, bandwidth)
+                for variant in _variants(args):  # speed-up over the engine dense of the same width and variant
+                    t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
+                    rows.append(_row(f"engine {_WIDTH[width]}{label}" + _suffix(args, variant),
+                                     method, s, t, achieved, weight_bytes(model, achieved), bandwidth,
+                                     dense_tps[width, variant], width))
+                    print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
+                          f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
     assert rsparse_layers(model)
     del model
     torch.cuda.empty_cache()
@@ -313,7 +376,7 @@ def bench_random(name: str, args, bandwidth: float) -> list[dict]:
 def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     """A real model or rsparse checkpoint: the engine on its dense layers, then as saved (a
     checkpoint) or sparsified by sparsify_ at each --sparsities (sparse-only and R-Sparse)."""
-    from rsparse.core.config import RSparseConfig
+    from rsparse.core.config import RSparseConfig, load_recipe
     from rsparse.core.data import load_windows
     from rsparse.io.checkpoint import load_any
     from rsparse.methods import restore_, sparsify_
@@ -331,20 +394,25 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
     dense = {v: time_engine(model, prompt, args.gen, args.repeats, args.profile, v) for v in variants}
     rows = [_row("engine dense" + _suffix(args, v), "dense", 0.0, t, 0.0, weight_bytes(model, 0.0), bandwidth,
                  t["tokens_per_s"]) for v, t in dense.items()]
-    if saved:
-        return rows + [_row("engine checkpoint" + _suffix(args, v), "checkpoint", None, t, achieved,
-                            weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"])
-                       for v, t in saved.items()]
-    calib = load_windows(tokenizer, "coqa", 512, 16, "calibration")
-    for ratio, method in _methods(args):
-        for s in args.sparsities:
-            restore_(model)
-            sparsify_(model, RSparseConfig(sparsity=s, ratio=ratio), calib)
-            achieved = measure_sparsity(model, prompt)
-            for v in variants:
-                t = time_engine(model, prompt, args.gen, args.repeats, args.profile, v)
-                rows.append(_row(f"engine {method} {100 * s:.0f}%" + _suffix(args, v), method, s, t, achieved,
-                                 weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
+    rows += [_row("engine checkpoint" + _suffix(args, v), "checkpoint", None, t, achieved,
+                  weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]) for v, t in saved.items()]
+    # a checkpoint: its own rows and the --recipes rows; a model: the uniform rows too
+    configs = [] if saved else [(f"{method} {100 * s:.0f}%", method, RSparseConfig(sparsity=s, ratio=ratio))
+                                for ratio, method in _methods(args) for s in args.sparsities]
+    for path in args.recipes:  # a recipe of this model, applied as `rsparse compress --recipe` applies it
+        recipe = load_recipe(path)
+        configs.append((f"recipe {Path(path).stem}", "recipe",
+                        RSparseConfig(sparsity=recipe.get("sparsity", RSparseConfig.sparsity), recipe=recipe)))
+    calib = load_windows(tokenizer, "coqa", 512, 16, "calibration") if configs else None
+    for label, method, config in configs:
+        restore_(model)
+        sparsify_(model, config, calib)
+        achieved = measure_sparsity(model, prompt)
+        for v in variants:
+            t = time_engine(model, prompt, args.gen, args.repeats, args.profile, v)
+            rows.append(_row(f"engine {label}" + _suffix(args, v), method, config.sparsity, t, achieved,
+                             weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
+            print(f"{rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f}", flush=True)
     return rows
 
 
@@ -387,12 +455,17 @@ def main(argv=None) -> int:
     if args.model and args.weights != ["fp"]:
         raise SystemExit("error: --weights applies to the random shapes (--models); a --model is timed as saved: "
                          "compress it with --weights int4 for 4-bit rows")
-    if not torch.cuda.is_available():
-        raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
     if not set(args.methods) <= {"sparse-only", "R-Sparse"}:
         raise SystemExit("error: --methods takes sparse-only and/or R-Sparse")
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    from rsparse.core.config import load_recipe
+
+    for r in args.recipes:  # unreadable recipes fail here, before any model is built
+        load_recipe(r)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
     from rsparse.io.results import versions
 
     from rsparse.runtime.bench.kernel_harness import copy_bandwidth

@@ -85,6 +85,10 @@ def decode() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
     p.add_argument("--methods", default="sparse-only,R-Sparse", help="sparse rows: sparse-only, R-Sparse or both")
     p.add_argument("--ratio", type=float, default=0.9, help="rho of the R-Sparse rows")
+    p.add_argument("--recipes", default="",
+                   help="comma list of per-layer recipes, one row each: on a --model applied as compress --recipe "
+                        "applies them; on a random shape spread by projection kind and relative depth at the "
+                        "recipe's model-level sparsity")
     p.add_argument("--weights", default="fp", help="weight widths of the rows: fp (the model's dtype) and/or int4")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--gen", type=int, default=128, help="new tokens")
