@@ -6,12 +6,12 @@
 # docs/results/accuracy-h200-2026-12-05/install.sh; PYTHONPATH=/tmp/site:$PWD.
 #   bash docs/results/decode-recipes-gpu-2026-12-06/bench.sh OUTDIR
 set -u
-O=${1:-$OUT}
+O=${1:-$OUT}; mkdir -p "$O"
 M=${M:-/tmp/rs/SmolLM2-135M-Instruct.Q4_1.gguf}
 R=recipes/smollm2-135m-instruct
 RECIPES=$R-s50-greedy-sparse-seed0.json,$R-s60-greedy-sparse-seed0.json,$R-s70-greedy-sparse-seed0.json
 RECIPES=$RECIPES,$R-s50-greedy-rholayer-seed0.json,$R-s60-greedy-rholayer-seed0.json,$R-s70-greedy-rholayer-seed0.json
 C="--sparsities 0.5,0.6,0.7 --methods sparse-only,R-Sparse --ratio 0.95 --recipes $RECIPES --repeats 2 --hf-tokens 0"
-timeout ${T7:-420} python3 -m rsparse.cli bench decode --models llama2-7b $C --out "$O/llama2-7b" 2>&1 | grep -v Warning
+timeout ${T7:-420} python3 -m rsparse.cli bench decode --models llama2-7b $C --out "$O/llama2-7b" 2>&1 | grep -v Warning | tee "$O/llama2-7b.log"
 # the 135M model is launch-bound: graph-only steps (what `rsparse generate` runs by default)
-timeout ${TS:-240} python3 -m rsparse.cli bench decode --model "$M" $C --compile off --out "$O/smollm2" 2>&1 | grep -v Warning
+timeout ${TS:-240} python3 -m rsparse.cli bench decode --model "$M" $C --compile off --out "$O/smollm2" 2>&1 | grep -v Warning | tee "$O/smollm2.log"
