@@ -396,3 +396,42 @@ def test_bench_decode_refuses_a_missing_recipe_in_one_line(tmp_path):
                         str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: recipe file not found: {tmp_path / 'missing.json'}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_model_times_each_recipe_as_compress_applies_it(tiny_model_dir, monkeypatch, tmp_path):
+    """bench_model's rows on a real model directory, the CUDA-only pieces replaced (load on the
+    CPU, a fixed timing, short calibration windows): the dense row first, then one row per recipe
+    whose layers are the recipe's budgets, yielded as they are measured."""
+    import json
+    import types
+
+    import rsparse.core.data as data
+    import rsparse.io.checkpoint as checkpoint
+    import rsparse.runtime.bench.decode as bench
+    from rsparse.core.budget import layer_budget
+
+    load_any, load_windows = checkpoint.load_any, data.load_windows
+    monkeypatch.setattr(checkpoint, "load_any", lambda path, device, dtype: load_any(path, device="cpu", dtype="float32"))
+    monkeypatch.setattr(data, "load_windows", lambda tok, corpus, seq_len, n, split: load_windows(tok, corpus, 64, 2, split))
+    timed = []
+
+    def fake_time(model, prompt, gen, repeats, profile, variant):
+        timed.append([(l.rank, l.keep_fraction) for l in rsparse_layers(model)])
+        return {"tokens_per_s": 100.0 + len(timed), "ms_per_token": 1.0, "warmup_s": 0.0}
+
+    monkeypatch.setattr(bench, "time_engine", fake_time)
+    recipe = _greedy_like_recipe(tiny_model(), 0.6)
+    path = tmp_path / "r60.json"
+    path.write_text(json.dumps(recipe))
+    args = types.SimpleNamespace(methods=["sparse-only"], ratio=0.95, sparsities=[], recipes=[str(path)], prompt=16,
+                                 gen=4, repeats=1, profile=False, attention=["auto"], compile=[False], dtype="float32")
+    rows = bench.bench_model(str(tiny_model_dir), args, 1e12)
+    assert isinstance(rows, types.GeneratorType)  # rows come as they are measured
+    rows = list(rows)
+    assert [r["row"] for r in rows] == ["engine dense", "engine recipe r60"]
+    assert rows[1]["sparsity"] == 0.6 and rows[1]["speedup"] == pytest.approx(102.0 / 101.0)
+    assert 0.45 < rows[1]["achieved_sparsity"] < 0.75
+    assert timed[0] == []  # dense: no sparse layer
+    budgets = [layer_budget(*e["shape"], e["sparsity"], e["rho"]) for e in recipe["layers"]]
+    assert [r for r, _ in timed[1]] == [b.rank for b in budgets] and any(r for r, _ in timed[1])
+    assert [k for _, k in timed[1]] == pytest.approx([b.keep_fraction for b in budgets])

@@ -4,6 +4,7 @@ all in ONE run (absolute speeds move 10-15% between GPU leases; ratios within a 
     rsparse bench decode [--models llama2-7b,llama3-8b] [--sparsities 0.4,0.5,0.6,0.7] [--ratio 0.9]
                          [--prompt 512] [--gen 128] [--compile on|off|on,off] [--weights fp,int4] [--out DIR]
     rsparse bench decode --model CHECKPOINT_OR_MODEL ...   a real model: its dense and saved layers
+    rsparse bench decode ... --recipes R1.json,R2.json      one row per per-layer recipe
 
 Shapes: Llama-2-7B- and Llama-3-8B-shaped LlamaForCausalLM with random weights (bf16 by default):
 speed depends on shapes and on the kept fraction, not on trained values. Sparse layers are built
@@ -25,13 +26,16 @@ CUDA graph, not compiled (what `rsparse generate` runs unless told --compile on)
 speed-up over the engine dense of its own kind. `--weights fp,int4` adds 4-bit rows (dense, sparse-
 only, R-Sparse: every projection an Int4RSparseLinear made from the row's 16-bit layers, RTN with
 groups of 128, factors 16-bit), each with its speed-up over the 4-bit engine dense row.
-Raw numbers: DIR/decode_bench.json; a markdown table: DIR/decode_bench.md.
+`--recipes R1,R2` adds one row per per-layer recipe (`rsparse search` writes them): on a
+`--model`, applied as `rsparse compress --recipe` applies it; on a random shape, spread by
+projection kind and relative depth at the recipe's model-level budget (recipe_on_shape), so a
+recipe searched on a small model shows what its allocation costs or saves at 7B.
+Raw numbers: DIR/decode_bench.json (rewritten after every row); a markdown table: DIR/decode_bench.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import statistics
 import sys
@@ -329,53 +333,55 @@ def _row(label, method, sparsity, timing, achieved, nbytes, bandwidth, dense_tps
             "speedup": timing["tokens_per_s"] / dense_tps if dense_tps else None}
 
 
-def bench_random(name: str, args, bandwidth: float) -> list[dict]:
+def _report(model: str, row: dict) -> dict:
+    speed = f", x{row['speedup']:.2f}" if row["speedup"] and row["method"] != "dense" else ""
+    warm = f" (warm-up {row['warmup_s']:.0f} s)" if "warmup_s" in row else ""
+    print(f"{model} {row['row']}: {row['tokens_per_s']:.1f} tok/s{speed}{warm}", flush=True)
+    return row
+
+
+def bench_random(name: str, args, bandwidth: float):
+    """The rows of one random-weight shape, yielded as they are measured."""
     from rsparse.core.layer import rsparse_layers
+    from rsparse.core.models import decoder_linears
 
     model = build_model(name, getattr(torch, args.dtype), args.layers)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(3)).tolist()
-    rows = []
     if args.hf_tokens:
         hf = time_hf_generate(model, prompt, args.hf_tokens)
-        rows.append(_row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
+        yield _report(name, _row("transformers eager", "dense", 0.0, hf, 0.0, weight_bytes(model, 0.0), bandwidth))
     dense_tps = {}  # (weight width, variant) -> the engine dense row's tok/s
     for width in args.weights:
         with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
             for variant in _variants(args):
                 dense = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
                 dense_tps[width, variant] = dense["tokens_per_s"]
-                rows.append(_row(f"engine {_WIDTH[width]}dense" + _suffix(args, variant), "dense", 0.0, dense, 0.0,
-                                 weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"], width))
-                print(f"{name} {rows[-1]['row']}: {dense['tokens_per_s']:.1f} tok/s (warm-up {dense['warmup_s']:.0f} s)",
-                      flush=True)
+                yield _report(name, _row(f"engine {_WIDTH[width]}dense" + _suffix(args, variant), "dense", 0.0, dense,
+                                         0.0, weight_bytes(model, 0.0), bandwidth, dense["tokens_per_s"], width))
     scores = calibration_scores(model)
     hf_sparsity = sorted(args.sparsities)[(len(args.sparsities) - 1) // 2] if args.sparsities else None
-    from rsparse.core.models import decoder_linears
-
-    linears = decoder_linears(model)
-    for label, method, s, ratio, per_layer in _sparse_rows(args, linears):
+    for label, method, s, ratio, per_layer in _sparse_rows(args, decoder_linears(model)):
         make_rsparse(model, s, ratio, scores, per_layer=per_layer)
         for width in args.weights:
             with int4_swapped(model) if width == "int4" else contextlib.nullcontext():
                 achieved = measure_sparsity(model, prompt)
                 if args.hf_tokens and method == "R-Sparse" and s == hf_sparsity and width == "fp":
-                    rows += hf_sparse_rows(model, prompt, args.hf_tokens, label, s, achieved, bandwidth)
+                    for row in hf_sparse_rows(model, prompt, args.hf_tokens, label, s, achieved, bandwidth):
+                        yield _report(name, row)
                 for variant in _variants(args):  # speed-up over the engine dense of the same width and variant
                     t = time_engine(model, prompt, args.gen, args.repeats, args.profile, variant)
-                    rows.append(_row(f"engine {_WIDTH[width]}{label}" + _suffix(args, variant),
-                                     method, s, t, achieved, weight_bytes(model, achieved), bandwidth,
-                                     dense_tps[width, variant], width))
-                    print(f"{name} {rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f} "
-                          f"(warm-up {t['warmup_s']:.0f} s)", flush=True)
+                    yield _report(name, _row(f"engine {_WIDTH[width]}{label}" + _suffix(args, variant), method, s, t,
+                                             achieved, weight_bytes(model, achieved), bandwidth,
+                                             dense_tps[width, variant], width))
     assert rsparse_layers(model)
     del model
     torch.cuda.empty_cache()
-    return rows
 
 
-def bench_model(path: str, args, bandwidth: float) -> list[dict]:
-    """A real model or rsparse checkpoint: the engine on its dense layers, then as saved (a
-    checkpoint) or sparsified by sparsify_ at each --sparsities (sparse-only and R-Sparse)."""
+def bench_model(path: str, args, bandwidth: float):
+    """A real model or rsparse checkpoint, its rows yielded as they are measured: the engine on its
+    dense layers, then as saved (a checkpoint) or sparsified by sparsify_ at each --sparsities
+    (sparse-only and R-Sparse), then each --recipes entry."""
     from rsparse.core.config import RSparseConfig, load_recipe
     from rsparse.core.data import load_windows
     from rsparse.io.checkpoint import load_any
@@ -392,16 +398,18 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
         saved = {v: time_engine(model, prompt, args.gen, args.repeats, args.profile, v) for v in variants}
         restore_(model)
     dense = {v: time_engine(model, prompt, args.gen, args.repeats, args.profile, v) for v in variants}
-    rows = [_row("engine dense" + _suffix(args, v), "dense", 0.0, t, 0.0, weight_bytes(model, 0.0), bandwidth,
-                 t["tokens_per_s"]) for v, t in dense.items()]
-    rows += [_row("engine checkpoint" + _suffix(args, v), "checkpoint", None, t, achieved,
-                  weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]) for v, t in saved.items()]
+    for v, t in dense.items():
+        yield _report(path, _row("engine dense" + _suffix(args, v), "dense", 0.0, t, 0.0, weight_bytes(model, 0.0),
+                                 bandwidth, t["tokens_per_s"]))
+    for v, t in saved.items():
+        yield _report(path, _row("engine checkpoint" + _suffix(args, v), "checkpoint", None, t, achieved,
+                                 weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
     # a checkpoint: its own rows and the --recipes rows; a model: the uniform rows too
     configs = [] if saved else [(f"{method} {100 * s:.0f}%", method, RSparseConfig(sparsity=s, ratio=ratio))
                                 for ratio, method in _methods(args) for s in args.sparsities]
-    for path in args.recipes:  # a recipe of this model, applied as `rsparse compress --recipe` applies it
-        recipe = load_recipe(path)
-        configs.append((f"recipe {Path(path).stem}", "recipe",
+    for recipe_path in args.recipes:  # a recipe of this model, applied as `rsparse compress --recipe` applies it
+        recipe = load_recipe(recipe_path)
+        configs.append((f"recipe {Path(recipe_path).stem}", "recipe",
                         RSparseConfig(sparsity=recipe.get("sparsity", RSparseConfig.sparsity), recipe=recipe)))
     calib = load_windows(tokenizer, "coqa", 512, 16, "calibration") if configs else None
     for label, method, config in configs:
@@ -410,10 +418,8 @@ def bench_model(path: str, args, bandwidth: float) -> list[dict]:
         achieved = measure_sparsity(model, prompt)
         for v in variants:
             t = time_engine(model, prompt, args.gen, args.repeats, args.profile, v)
-            rows.append(_row(f"engine {label}" + _suffix(args, v), method, config.sparsity, t, achieved,
-                             weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
-            print(f"{rows[-1]['row']}: {t['tokens_per_s']:.1f} tok/s, x{rows[-1]['speedup']:.2f}", flush=True)
-    return rows
+            yield _report(path, _row(f"engine {label}" + _suffix(args, v), method, config.sparsity, t, achieved,
+                                     weight_bytes(model, achieved), bandwidth, dense[v]["tokens_per_s"]))
 
 
 def table(results: dict) -> str:
@@ -466,7 +472,7 @@ def main(argv=None) -> int:
         load_recipe(r)
     if not torch.cuda.is_available():
         raise SystemExit("error: rsparse bench decode needs a CUDA GPU")
-    from rsparse.io.results import versions
+    from rsparse.io.results import versions, write_json
 
     from rsparse.runtime.bench.kernel_harness import copy_bandwidth
 
@@ -477,9 +483,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in targets:
-        rows = bench_model(name, args, bandwidth) if args.model else bench_random(name, args, bandwidth)
-        results["rows"] += [{"model": name, **r} for r in rows]
-        (out / "decode_bench.json").write_text(json.dumps(results, indent=2))  # after each model
+        for row in bench_model(name, args, bandwidth) if args.model else bench_random(name, args, bandwidth):
+            results["rows"].append({"model": name, **row})
+            write_json(out / "decode_bench.json", results)  # after each row: a run cut off keeps what it measured
     (out / "decode_bench.md").write_text(table(results) + "\n")
     print("\n" + table(results))
     return 0
