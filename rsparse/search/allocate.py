@@ -210,3 +210,71 @@ def block_errors(model: nn.Module, windows: torch.Tensor, sparsities, activation
                       for (h, kw), d in zip(inputs[b], dense[b]))
             out.append(num / max(sum(float(d.float().pow(2).sum()) for d in dense[b]), 1e-30))
     return out
+
+
+@torch.no_grad()
+def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: CalibrationActivations,
+              grid=(1.0, 0.975, 0.95, 0.925, 0.9), tokens: str = "second_half", factors: str = "whitened",
+              min_gain: float = 0.01, batch_size: int = 4, cache_mb: int = 2048) -> dict:
+    """rho_l per projection on a fixed allocation s_l, chosen by greedy's own objective instead of
+    a perplexity search: block by block, each projection in turn takes the rho of `grid` that
+    gives the least relative block output error (||B(h) - B_dense(h)||^2 / ||B_dense(h)||^2 over
+    the dense model's hidden states h at the sparse positions), the others of its block at their
+    current choice. Rank is kept only where it lowers the error by more than `min_gain` of the
+    sparse-only error (a local, low-variance objective: one block pass per projection and grid
+    value, no over-fit of hundreds of genes to a few windows). Every rho costs the same bytes
+    (rsparse.core.budget), so the budget is untouched. Returns {"rho": [...], "names": [...],
+    "error": {"sparse": [per block], "chosen": [per block]}, "evaluations": block passes}; leaves
+    the model sparsified (restore_ undoes it)."""
+    from rsparse.core.models import decoder_linears
+    from rsparse.search.objective import Candidates
+
+    s = np.asarray(sparsities, dtype=np.float64)
+    grid = sorted({float(r) for r in grid} | {1.0}, reverse=True)
+    if any(not 0 <= r <= 1 for r in grid):
+        raise BadInputError(f"rho grid values must lie in [0, 1], got {grid}")
+    steps = 1000
+    cands = Candidates(model, float(s.max()), activations, tokens=tokens, factors=factors, steps=steps,
+                       cache_mb=cache_mb)
+    linears = decoder_linears(model)
+    n = len(linears)
+    rho, zeros = np.ones(n), np.zeros(n)
+    cands.apply(rho, zeros)  # dense: the blocks' inputs and reference outputs are the dense model's
+    inputs = block_inputs(model, windows, batch_size)
+    blocks = decoder_blocks(model)
+    first = windows.shape[1] // 2 if tokens == "second_half" else 0
+    current = zeros.copy()
+    errors = {"sparse": [], "chosen": []}
+    evaluations = 0
+    with token_mode(model, tokens):
+        for b in progress(range(len(blocks)), desc="block rho", unit="block"):
+            idx = [i for i, l in enumerate(linears) if l.block == b]
+            dense = [_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]]
+            norm = max(sum(float(d.float().pow(2).sum()) for d in dense), 1e-30)
+
+            def error() -> float:
+                return sum(float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
+                           for (h, kw), d in zip(inputs[b], dense)) / norm
+
+            current[idx] = s[idx]
+            cands.apply(rho, current, only=idx)
+            err_now = sparse_err = error()
+            for i in idx:
+                best = (err_now, rho[i])
+                for r in grid:
+                    if r == rho[i]:
+                        continue
+                    rho[i] = r
+                    cands.apply(rho, current, only=[i])
+                    err = error()
+                    evaluations += 1
+                    if err < best[0] - (min_gain * sparse_err if r < 1 else 0.0):
+                        best = (err, r)
+                err_now, rho[i] = best
+                cands.apply(rho, current, only=[i])
+            errors["sparse"].append(sparse_err)
+            errors["chosen"].append(err_now)
+            current[idx] = 0.0  # the next blocks are measured on dense inputs (as in greedy_allocation)
+            cands.apply(rho, current, only=idx)
+    return {"rho": rho.tolist(), "names": [l.name for l in linears], "error": errors, "evaluations": evaluations,
+            "grid": grid, "min_gain": min_gain}
