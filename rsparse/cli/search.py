@@ -11,9 +11,10 @@ from rsparse.cli import common
 from rsparse.core.budget import check_sparsity
 from rsparse.core.config import FACTORS, SCORED_MODES
 from rsparse.errors import BadInputError
-from rsparse.search.config import ALLOCATIONS, SHARES, AllocationConfig, SearchConfig
+from rsparse.search.config import ALLOCATIONS, RHO_BY, SHARES, AllocationConfig, BlockRhoConfig, SearchConfig
 
 SEARCH = SearchConfig()
+BLOCK_RHO = BlockRhoConfig()
 # Scaled for 2 CPU cores (SearchConfig holds the paper's 32 and 5), see README.
 POPULATION, GENERATIONS, SEQ_LEN = 16, 3, 128
 
@@ -33,6 +34,15 @@ def register(subparsers) -> None:
     p.add_argument("--allocation-from", default=None, metavar="RECIPE",
                    help="per-layer sparsity read from a recipe (e.g. a shipped greedy one) instead of computed; the "
                         "rho search runs on top of it (not with --allocate evolve)")
+    p.add_argument("--rho-by", default="search", choices=list(RHO_BY),
+                   help="how each projection's rho is chosen: search (evolutionary, calibration perplexity; the "
+                        "paper) or block (the --rho-grid value with the least block output error on the calibration "
+                        "windows, with the final model's factors; no search, minutes)")
+    p.add_argument("--rho-grid", default=",".join(str(r) for r in BLOCK_RHO.grid),
+                   help="--rho-by block: the rho values tried per projection")
+    p.add_argument("--min-gain", type=float, default=BLOCK_RHO.min_gain,
+                   help="--rho-by block: keep a rank only where it lowers its block's sparse-only error by more "
+                        "than this share of it")
     p.add_argument("--holdout", type=float, default=SEARCH.holdout,
                    help="share of the calibration windows held out of the fitness, for the early stop")
     p.add_argument("--patience", type=int, default=SEARCH.patience,
@@ -114,6 +124,10 @@ def cmd_search(args) -> int:
                        allocation=AllocationConfig(args.allocate, args.alloc_step, args.max_sparsity, args.sparsity_spread),
                        holdout=args.holdout, patience=args.patience, cache_mb=args.cache_mb)
     cfg.validate()
+    block_cfg = BlockRhoConfig(grid=parse_grid(args.rho_grid), min_gain=args.min_gain).validate()
+    if args.rho_by == "block" and (args.allocate == "evolve" or args.holdout or args.patience):
+        raise BadInputError("--rho-by block chooses rho on a fixed allocation without a search: --allocate evolve, "
+                            "--holdout and --patience apply to --rho-by search")
     check_batch_size(args.search_batch_size)
     given = fixed_allocation(args.allocation_from, args.allocate) if args.allocation_from else None
     common.check_corpora(args.calib_corpus, args.ppl_corpus)
@@ -130,7 +144,7 @@ def cmd_search(args) -> int:
     activations = collect_activations(model, windows, seed=args.seed)
     fixed = None
     if given is not None:
-        fixed = allocation_of(given, model, args.allocation_from)
+        fixed = allocation_of(given, model, args.allocation_from, cfg.sparsity)
     elif args.allocate == "greedy":
         from rsparse.search.allocate import greedy_allocation
 
@@ -138,8 +152,12 @@ def cmd_search(args) -> int:
                                    batch_size=args.search_batch_size, cache_mb=cfg.cache_mb)
         fixed = greedy["sparsity"][cfg.sparsity]
         restore_(model)
-    state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
-                   log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size, sparsities=fixed)
+    if args.rho_by == "block":
+        state = block_state(model, windows, cfg, block_cfg, activations, fixed, args)
+        restore_(model)
+    else:
+        state = search(model, windows, cfg, checkpoint=out / "search_state.json", activations=activations,
+                       log=lambda m: print(m, file=sys.stderr), batch_size=args.search_batch_size, sparsities=fixed)
     search_seconds = time.time() - start
 
     # The final model: the searched recipe through the standard calibration (with refinement).
@@ -157,15 +175,17 @@ def cmd_search(args) -> int:
     data["search"]["wall_seconds"] = search_seconds
     write_json(out / "recipe.json", data)
     plot_recipe(data, out / "recipe_rho.png")
-    print(f"search: {state['evaluations']} evaluations in {search_seconds / 60:.1f} min; "
-          f"best calibration fitness {state['best']['fitness']:.3f}", file=sys.stderr)
+    fitness = state["best"]["fitness"]
+    print(f"{args.rho_by}: {state['evaluations']} evaluations in {search_seconds / 60:.1f} min"
+          + ("" if fitness is None else f"; best calibration fitness {fitness:.3f}"), file=sys.stderr)
 
     rows = []
     if args.ppl_windows:
         evalw = load_windows(tok, args.ppl_corpus, args.ppl_seq_len, args.ppl_windows, "perplexity")
         variants = [("sparse-only", RSparseConfig(sparsity=cfg.sparsity, method="sparse")),
                     (f"uniform rho={cfg.init_ratio}", RSparseConfig(sparsity=cfg.sparsity, ratio=cfg.init_ratio)),
-                    ("searched", RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
+                    ("searched" if args.rho_by == "search" else "block rho",
+                     RSparseConfig(sparsity=cfg.sparsity, recipe=recipe))]
         if fixed is not None:
             label = "sparse-only greedy" if given is None else "sparse-only, given allocation"
             variants.insert(2, (label, RSparseConfig(sparsity=cfg.sparsity, recipe={"layers": [
@@ -187,6 +207,33 @@ def cmd_search(args) -> int:
     return 0
 
 
+def parse_grid(text: str) -> tuple:
+    try:
+        return tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise BadInputError(f"--rho-grid must be a comma list of numbers, got {text!r}") from None
+
+
+def block_state(model, windows, cfg: SearchConfig, block_cfg: BlockRhoConfig, activations, fixed, args) -> dict:
+    """rho by block output error (rsparse.search.allocate.block_rho) on the fixed allocation (or the
+    uniform one), in the shape of a search's state, so that the recipe and its report are written
+    alike."""
+    from rsparse.core.config import RSparseConfig
+    from rsparse.core.models import decoder_linears
+    from rsparse.search.allocate import block_rho
+
+    start = time.time()
+    shapes = [[l.module.out_features, l.module.in_features] for l in decoder_linears(model)]
+    s = fixed if fixed is not None else [cfg.sparsity] * len(shapes)
+    got = block_rho(model, windows, s, activations, block_cfg, tokens=cfg.tokens, factors=RSparseConfig.factors,
+                    batch_size=args.search_batch_size, cache_mb=cfg.cache_mb)
+    settings = {"rho_by": "block", "grid": got["grid"], "min_gain": got["min_gain"], "tokens": cfg.tokens,
+                "factors": RSparseConfig.factors, "seed": cfg.seed}
+    return {"names": got["names"], "shapes": shapes, "settings": settings, "evaluations": got["evaluations"],
+            "seconds": time.time() - start, "history": [{"block_error": got["error"]}],
+            "best": {"rho": got["rho"], "sparsity": None if fixed is None else list(fixed), "fitness": None}}
+
+
 def fixed_allocation(path, allocate: str) -> dict:
     """The recipe of --allocation-from, read before the model loads: every layer with a sparsity."""
     from rsparse.core.config import load_recipe
@@ -204,14 +251,19 @@ def fixed_allocation(path, allocate: str) -> dict:
     return recipe
 
 
-def allocation_of(recipe: dict, model, path) -> list[float]:
-    """The recipe's per-layer sparsity in the model's projection order (the budget is checked by
-    the search itself)."""
+def allocation_of(recipe: dict, model, path, sparsity: float) -> list[float]:
+    """The recipe's per-layer sparsity in the model's projection order, checked against the budget."""
     from rsparse.core.models import decoder_linears
+    from rsparse.search.allocate import layer_sizes, model_sparsity
 
-    names = [l.name for l in decoder_linears(model)]
+    linears = decoder_linears(model)
+    names = [l.name for l in linears]
     by_name = {e.get("name"): e["sparsity"] for e in recipe["layers"]}
     if sorted(map(str, by_name)) != sorted(names):
         raise BadInputError(f"--allocation-from {path} names other layers than the model's {len(names)} decoder "
                             "projections: a recipe of another model?")
-    return [float(by_name[n]) for n in names]
+    s = [float(by_name[n]) for n in names]
+    if abs(model_sparsity(s, layer_sizes(linears)) - sparsity) > 1e-6:
+        raise BadInputError(f"--allocation-from {path}: its per-layer sparsities do not meet the budget {sparsity} "
+                            f"(they average {model_sparsity(s, layer_sizes(linears)):.4f}); give its --sparsity")
+    return s

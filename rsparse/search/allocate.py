@@ -35,7 +35,7 @@ from rsparse.core.models import decoder_blocks
 from rsparse.core.sparse_modules import token_mode
 from rsparse.errors import BadInputError
 from rsparse.progress import progress
-from rsparse.search.config import AllocationConfig
+from rsparse.search.config import AllocationConfig, BlockRhoConfig
 
 # projections of one block that read the same input tensor (one threshold in TEAL)
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -214,14 +214,14 @@ def block_errors(model: nn.Module, windows: torch.Tensor, sparsities, activation
 
 @torch.no_grad()
 def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: CalibrationActivations,
-              grid=(1.0, 0.975, 0.95, 0.925, 0.9), tokens: str = "second_half", factors: str = "whitened",
-              min_gain: float = 0.01, batch_size: int = 4, cache_mb: int = 2048) -> dict:
+              cfg: BlockRhoConfig | None = None, tokens: str = "second_half", factors: str = "whitened",
+              batch_size: int = 4, cache_mb: int = 2048) -> dict:
     """rho_l per projection on a fixed allocation s_l, chosen by greedy's own objective instead of
     a perplexity search: block by block, each projection in turn takes the rho of `grid` that
     gives the least relative block output error (||B(h) - B_dense(h)||^2 / ||B_dense(h)||^2 over
     the dense model's hidden states h at the sparse positions), the others of its block at their
-    current choice. Rank is kept only where it lowers the error by more than `min_gain` of the
-    sparse-only error (a local, low-variance objective: one block pass per projection and grid
+    current choice. Rank is kept only where it lowers the error by more than `cfg.min_gain` of the
+    block's sparse-only error (a local, low-variance objective: one block pass per projection and grid
     value, no over-fit of hundreds of genes to a few windows). Every rho costs the same bytes
     (rsparse.core.budget), so the budget is untouched. Returns {"rho": [...], "names": [...],
     "error": {"sparse": [per block], "chosen": [per block]}, "evaluations": block passes}; leaves
@@ -229,10 +229,9 @@ def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: 
     from rsparse.core.models import decoder_linears
     from rsparse.search.objective import Candidates
 
+    cfg = (cfg or BlockRhoConfig()).validate()
     s = np.asarray(sparsities, dtype=np.float64)
-    grid = sorted({float(r) for r in grid} | {1.0}, reverse=True)
-    if any(not 0 <= r <= 1 for r in grid):
-        raise BadInputError(f"rho grid values must lie in [0, 1], got {grid}")
+    grid, min_gain = sorted({float(r) for r in cfg.grid} | {1.0}, reverse=True), cfg.min_gain
     steps = 1000
     cands = Candidates(model, float(s.max()), activations, tokens=tokens, factors=factors, steps=steps,
                        cache_mb=cache_mb)

@@ -103,6 +103,25 @@ def test_cli_search_on_a_given_allocation(tmp_path, capsys, text_file, tiny_mode
     assert [l["sparsity"] for l in recipe["layers"]] == [l["sparsity"] for l in greedy["layers"]]
     assert recipe["allocation"]["from"].endswith("recipe.json") and recipe["search"]["settings"]["seed"] == 1
 
+    # rho by block output error instead of the search: same allocation, rho from the grid, no search state
+    assert main(["search", *common, "--allocation-from", str(tmp_path / "g" / "recipe.json"), "--rho-by", "block",
+                 "--rho-grid", "0.9,0.8", "--min-gain", "0", "--out", str(tmp_path / "b")]) == 0
+    block = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert [l["sparsity"] for l in block["layers"]] == [l["sparsity"] for l in greedy["layers"]]
+    assert {l["rho"] for l in block["layers"]} <= {1.0, 0.9, 0.8} and any(l["rank"] for l in block["layers"])
+    settings = block["search"]["settings"]
+    assert settings["rho_by"] == "block" and settings["grid"] == [1.0, 0.9, 0.8] and block["search"]["best_fitness"] is None
+    assert not (tmp_path / "b" / "search_state.json").exists()
+    assert main(["run", "--model", str(tiny_model_dir), "--methods", "rsparse", "--sparsity", "0.6", "--recipe",
+                 str(tmp_path / "b" / "recipe.json"), "--ppl-corpus", str(text_file), "--ppl-windows", "1",
+                 "--calib-corpus", str(text_file), "--calib-samples", "4", "--seq-len", "32",
+                 "--out", str(tmp_path / "br")]) == 0
+    for flags, what in ((["--rho-by", "block", "--holdout", "0.25"], "apply to --rho-by search"),
+                        (["--rho-by", "block", "--rho-grid", "0.9,x"], "comma list of numbers"),
+                        (["--rho-by", "block", "--rho-grid", "1.5"], "rho grid values")):
+        cli_error(capsys, ["search", *common, "--allocation-from", str(tmp_path / "g" / "recipe.json"), *flags,
+                           "--out", str(tmp_path / "x")], what)
+
     uniform = tmp_path / "u.json"
     uniform.write_text(json.dumps({"layers": [{"name": l["name"], "rho": 1.0} for l in greedy["layers"]]}))
     cli_error(capsys, ["search", *common, "--allocation-from", str(uniform), "--out", str(tmp_path / "x")], "no 'sparsity'")

@@ -15,7 +15,7 @@ from rsparse.core.models import decoder_linears
 from rsparse.search.allocate import (block_errors, block_rho, greedy_allocation, layer_sizes, model_sparsity,
                                      project_budget)
 from rsparse.search.cache import BoundedCache
-from rsparse.search.config import AllocationConfig, SearchConfig
+from rsparse.search.config import AllocationConfig, BlockRhoConfig, SearchConfig
 from rsparse.search.evolution import recipe_from_search, search
 
 CFG = dict(sparsity=0.5, population=4, generations=2, group_size=7, seed=3)
@@ -55,7 +55,7 @@ def test_block_rho_keeps_rank_only_where_it_lowers_the_block_error(cal):
     acts = collect_activations(model, cal)
     linears = decoder_linears(model)
     s = np.array([0.6 + 0.02 * i for i in range(len(linears))])  # any allocation: block_rho does not move it
-    got = block_rho(model, cal, s, acts, min_gain=0.0)
+    got = block_rho(model, cal, s, acts, BlockRhoConfig(min_gain=0.0))
     rho = np.array(got["rho"])
     assert got["names"] == [l.name for l in linears] and got["evaluations"] == 4 * len(linears)
     assert set(rho.tolist()) <= {1.0, 0.975, 0.95, 0.925, 0.9} and (rho < 1).any()
@@ -63,11 +63,11 @@ def test_block_rho_keeps_rank_only_where_it_lowers_the_block_error(cal):
     for b, (sparse, chosen) in enumerate(zip(got["error"]["sparse"], got["error"]["chosen"])):
         assert chosen < sparse if b in ranked_blocks else chosen == sparse  # rank kept only where it pays
     # a gain no rank can give: sparse-only everywhere, the same sparse-only errors
-    strict = block_rho(model, cal, s, acts, min_gain=1e9)
+    strict = block_rho(model, cal, s, acts, BlockRhoConfig(min_gain=1e9))
     assert strict["rho"] == [1.0] * len(linears) and strict["error"]["chosen"] == strict["error"]["sparse"]
     assert strict["error"]["sparse"] == pytest.approx(got["error"]["sparse"])
     with pytest.raises(ValueError, match="rho grid"):
-        block_rho(model, cal, s, acts, grid=(1.0, 1.5))
+        block_rho(model, cal, s, acts, BlockRhoConfig(grid=(1.0, 1.5)))
 
 
 def test_project_budget_is_exact_and_clipped():
