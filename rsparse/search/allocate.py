@@ -19,12 +19,17 @@ Large Language Models", section 4: block-wise greedy allocation; this is our own
     are the quantiles of the dense calibration rows (as everywhere in the search).
   Cost: ceil(max target / step) x (number of groups) block forward passes per block.
 
+block_rho: rho_l on a fixed allocation by the same block output error, no search (below).
+recipe_on_shape: a recipe's allocation spread onto another model's shapes (the decode benchmark).
+
 evolve: the search (rsparse.search.evolution) mutates s_l with rho_l; `project_budget` puts every
 candidate back on the budget by shifting its sparsity genes by one constant (clipped to
 [0, max_sparsity]).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -65,6 +70,43 @@ def project_budget(sparsities, sizes, target: float, max_sparsity: float, iters:
         else:
             hi = c
     return np.clip(s + (lo + hi) / 2, 0.0, max_sparsity)
+
+
+def recipe_on_shape(recipe, linears) -> list[tuple[float, float]]:
+    """(sparsity, rho) for each of `linears` from a per-layer recipe (path or dict) made for
+    another model of the same family: each projection takes the recipe's entry of its kind at the
+    same relative depth, then every sparsity is shifted by one constant so that the byte-weighted
+    model-level sparsity on these shapes equals the recipe's own (its "sparsity", else the
+    byte-weighted mean over its layers' "shape"s): the same budget, spread as the recipe spreads it."""
+    from rsparse.core.config import load_recipe
+    from rsparse.errors import RecipeError
+
+    recipe = load_recipe(recipe)
+    target = recipe.get("sparsity")
+    source: dict[tuple[int, str], tuple[float, float]] = {}
+    sizes = []
+    for e in recipe["layers"]:
+        m = re.search(r"\.(\d+)\.(?:.+\.)?(\w+)$", e.get("name", "")) if isinstance(e, dict) else None
+        if m is None or "rho" not in e or e.get("sparsity", target) is None:
+            raise RecipeError(f"recipe layer {str(e)[:80]} needs a name with a block number, a rho and a sparsity")
+        source[int(m.group(1)), m.group(2)] = (float(e.get("sparsity", target)), float(e["rho"]))
+        shape = e.get("shape")
+        sizes.append(shape[0] * shape[1] if isinstance(shape, (list, tuple)) and len(shape) == 2 else None)
+    if target is None:  # the model-level sparsity the recipe has on its own shapes
+        if None in sizes:
+            raise RecipeError("recipe gives neither a model-level 'sparsity' nor every layer's 'shape'")
+        target = model_sparsity([sp for sp, _ in source.values()], np.array(sizes, dtype=np.float64))
+    blocks = 1 + max(b for b, _ in source)
+    depth = 1 + max(lin.block for lin in linears)
+    mapped = []
+    for lin in linears:
+        key = (min(blocks - 1, int((lin.block + 0.5) * blocks / depth)), lin.kind)
+        if key not in source:
+            raise RecipeError(f"recipe has no {lin.kind} in block {key[0]} (needed for {lin.name})")
+        mapped.append(source[key])
+    s = [sp for sp, _ in mapped]
+    s = project_budget(s, layer_sizes(linears), float(target), max(0.95, max(s)))
+    return [(float(sp), rho) for sp, (_, rho) in zip(s, mapped)]
 
 
 def input_groups(linears, indices) -> list[list[int]]:

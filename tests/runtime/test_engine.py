@@ -328,7 +328,7 @@ def test_recipe_on_shape_keeps_the_recipe_on_its_own_model_and_the_budget_on_ano
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rsparse.core.models import decoder_linears
-    from rsparse.runtime.bench.decode import recipe_on_shape
+    from rsparse.search.allocate import recipe_on_shape
     from rsparse.search.allocate import layer_sizes, model_sparsity
 
     small = tiny_model()
@@ -357,7 +357,7 @@ def test_recipe_on_shape_keeps_the_recipe_on_its_own_model_and_the_budget_on_ano
 def test_recipe_on_shape_refuses_what_it_cannot_map():
     from rsparse.core.models import decoder_linears
     from rsparse.errors import RecipeError
-    from rsparse.runtime.bench.decode import recipe_on_shape
+    from rsparse.search.allocate import recipe_on_shape
 
     model = tiny_model()
     recipe = _greedy_like_recipe(model, 0.5)
@@ -374,7 +374,8 @@ def test_recipe_on_shape_refuses_what_it_cannot_map():
 def test_bench_conversion_takes_per_layer_budgets():
     from rsparse.core.budget import layer_budget
     from rsparse.core.models import decoder_linears
-    from rsparse.runtime.bench.decode import make_rsparse, measure_sparsity, recipe_on_shape
+    from rsparse.runtime.bench.decode import make_rsparse, measure_sparsity
+    from rsparse.search.allocate import recipe_on_shape
 
     model = tiny_model()
     per_layer = recipe_on_shape(_greedy_like_recipe(model, 0.6), decoder_linears(model))

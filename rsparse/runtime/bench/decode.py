@@ -26,17 +26,14 @@ CUDA graph, not compiled (what `rsparse generate` runs unless told --compile on)
 speed-up over the engine dense of its own kind. `--weights fp,int4` adds 4-bit rows (dense, sparse-
 only, R-Sparse: every projection an Int4RSparseLinear made from the row's 16-bit layers, RTN with
 groups of 128, factors 16-bit), each with its speed-up over the 4-bit engine dense row.
-`--recipes R1,R2` adds one row per per-layer recipe (`rsparse search` writes them): on a
-`--model`, applied as `rsparse compress --recipe` applies it; on a random shape, spread by
-projection kind and relative depth at the recipe's model-level budget (recipe_on_shape), so a
-recipe searched on a small model shows what its allocation costs or saves at 7B.
+`--recipes R1,R2`: a row per per-layer recipe, on a `--model` as `compress --recipe` applies it, on
+a random shape spread by kind and relative depth at its budget (search.allocate.recipe_on_shape).
 Raw numbers: DIR/decode_bench.json (rewritten after every row); a markdown table: DIR/decode_bench.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import statistics
 import sys
 import time
@@ -83,46 +80,6 @@ def calibration_scores(model, calib_tokens: int = 256) -> dict:
     from rsparse.core.calibrate import collect_activations
 
     return collect_activations(model, _random_windows(model, calib_tokens), max_rows_per_layer=2 * calib_tokens).rows
-
-
-def recipe_on_shape(recipe, linears) -> list[tuple[float, float]]:
-    """(sparsity, rho) for each of `linears` from a per-layer recipe (path or dict) made for
-    another model of the same family: each projection takes the recipe's entry of its kind at the
-    same relative depth, then every sparsity is shifted by one constant so that the byte-weighted
-    model-level sparsity on these shapes equals the recipe's own (its "sparsity", else the
-    byte-weighted mean over its layers' "shape"s): the same budget, spread as the recipe spreads it."""
-    import numpy as np
-
-    from rsparse.core.config import load_recipe
-    from rsparse.errors import RecipeError
-    from rsparse.search.allocate import layer_sizes, model_sparsity, project_budget
-
-    recipe = load_recipe(recipe)
-    target = recipe.get("sparsity")
-    source: dict[tuple[int, str], tuple[float, float]] = {}
-    sizes = []
-    for e in recipe["layers"]:
-        m = re.search(r"\.(\d+)\.(?:.+\.)?(\w+)$", e.get("name", "")) if isinstance(e, dict) else None
-        if m is None or "rho" not in e or e.get("sparsity", target) is None:
-            raise RecipeError(f"recipe layer {str(e)[:80]} needs a name with a block number, a rho and a sparsity")
-        source[int(m.group(1)), m.group(2)] = (float(e.get("sparsity", target)), float(e["rho"]))
-        shape = e.get("shape")
-        sizes.append(shape[0] * shape[1] if isinstance(shape, (list, tuple)) and len(shape) == 2 else None)
-    if target is None:  # the model-level sparsity the recipe has on its own shapes
-        if None in sizes:
-            raise RecipeError("recipe gives neither a model-level 'sparsity' nor every layer's 'shape'")
-        target = model_sparsity([sp for sp, _ in source.values()], np.array(sizes, dtype=np.float64))
-    blocks = 1 + max(b for b, _ in source)
-    depth = 1 + max(lin.block for lin in linears)
-    mapped = []
-    for lin in linears:
-        key = (min(blocks - 1, int((lin.block + 0.5) * blocks / depth)), lin.kind)
-        if key not in source:
-            raise RecipeError(f"recipe has no {lin.kind} in block {key[0]} (needed for {lin.name})")
-        mapped.append(source[key])
-    s = [sp for sp, _ in mapped]
-    s = project_budget(s, layer_sizes(linears), float(target), max(0.95, max(s)))
-    return [(float(sp), rho) for sp, (_, rho) in zip(s, mapped)]
 
 
 @torch.no_grad()
@@ -309,18 +266,15 @@ def _sparse_rows(args, linears) -> list[tuple[str, str, float, float, list | Non
     """(label, method, model-level sparsity, uniform rho, per-layer (sparsity, rho) or None) of
     each sparse row: the uniform rows of --methods x --sparsities, then one row per --recipes entry
     (recipe_on_shape: on a random shape, the recipe's budget spread by kind and relative depth)."""
+    from rsparse.search.allocate import layer_sizes, model_sparsity, recipe_on_shape
+
     rows = [(f"{method} {100 * s:.0f}%", method, s, ratio, None)
             for ratio, method in _methods(args) for s in args.sparsities]
     for path in args.recipes:
         per_layer = recipe_on_shape(path, linears)
-        rows.append((f"recipe {Path(path).stem}", "recipe", _model_sparsity(per_layer, linears), 1.0, per_layer))
+        budget = model_sparsity([s for s, _ in per_layer], layer_sizes(linears))
+        rows.append((f"recipe {Path(path).stem}", "recipe", budget, 1.0, per_layer))
     return rows
-
-
-def _model_sparsity(per_layer, linears) -> float:
-    from rsparse.search.allocate import layer_sizes, model_sparsity
-
-    return model_sparsity([s for s, _ in per_layer], layer_sizes(linears))
 
 
 _WIDTH = {"fp": "", "int4": "4-bit "}  # row label prefix per --weights entry
