@@ -274,9 +274,8 @@ def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: 
     cfg = (cfg or BlockRhoConfig()).validate()
     s = np.asarray(sparsities, dtype=np.float64)
     grid, min_gain = sorted({float(r) for r in cfg.grid} | {1.0}, reverse=True), cfg.min_gain
-    steps = 1000
-    cands = Candidates(model, float(s.max()), activations, tokens=tokens, factors=factors, steps=steps,
-                       cache_mb=cache_mb)
+    cands = Candidates(model, float(s.max()), activations, tokens=tokens, factors=factors, steps=1000,
+                       cache_mb=cache_mb)  # rho on a 0.001 grid: the grid's values as given
     linears = decoder_linears(model)
     n = len(linears)
     rho, zeros = np.ones(n), np.zeros(n)
@@ -309,7 +308,7 @@ def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: 
                     cands.apply(rho, current, only=[i])
                     err = error()
                     evaluations += 1
-                    if err < best[0] - (min_gain * sparse_err if r < 1 else 0.0):
+                    if err < best[0] - min_gain * sparse_err:  # every r tried here is < 1: a rank
                         best = (err, r)
                 err_now, rho[i] = best
                 cands.apply(rho, current, only=[i])
