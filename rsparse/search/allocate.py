@@ -143,6 +143,19 @@ def _block_out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_error(block: nn.Module, inputs, first: int):
+    """A function giving the block's relative output error ||B(h) - B_now(h)||^2 / ||B_now(h)||^2
+    over `inputs` (positions from `first` on), B_now being the block as it is at this call (dense,
+    in greedy and block_rho): the objective of both."""
+    reference = [_block_out(block, h, kw)[:, first:] for h, kw in inputs]
+    norm = max(sum(float(d.float().pow(2).sum()) for d in reference), 1e-30)
+
+    def error() -> float:
+        return sum(float((_block_out(block, h, kw)[:, first:] - d).float().pow(2).sum())
+                   for (h, kw), d in zip(inputs, reference)) / norm
+    return error
+
+
 @torch.no_grad()
 def greedy_allocation(model: nn.Module, windows: torch.Tensor, targets, activations: CalibrationActivations,
                       cfg: AllocationConfig | None = None, tokens: str = "second_half", batch_size: int = 4,
@@ -180,14 +193,7 @@ def greedy_allocation(model: nn.Module, windows: torch.Tensor, targets, activati
             groups = input_groups(linears, idx)
             gbytes = [sizes[g].sum() for g in groups]
             total = sizes[idx].sum()
-            dense = [_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]]
-            norm = sum(float(d.float().pow(2).sum()) for d in dense)
-
-            def error() -> float:
-                err = 0.0
-                for (h, kw), d in zip(inputs[b], dense):
-                    err += float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
-                return err / max(norm, 1e-30)
+            error = block_error(blocks[b], inputs[b], first)
 
             level = np.zeros(len(groups))
             saved, err_now, ti = 0.0, 0.0, 0
@@ -289,13 +295,7 @@ def block_rho(model: nn.Module, windows: torch.Tensor, sparsities, activations: 
     with token_mode(model, tokens):
         for b in progress(range(len(blocks)), desc="block rho", unit="block"):
             idx = [i for i, l in enumerate(linears) if l.block == b]
-            dense = [_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]]
-            norm = max(sum(float(d.float().pow(2).sum()) for d in dense), 1e-30)
-
-            def error() -> float:
-                return sum(float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
-                           for (h, kw), d in zip(inputs[b], dense)) / norm
-
+            error = block_error(blocks[b], inputs[b], first)
             current[idx] = s[idx]
             cands.apply(rho, current, only=idx)
             err_now = sparse_err = error()
