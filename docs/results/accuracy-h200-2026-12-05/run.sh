@@ -8,7 +8,7 @@
 # data on PYTHONPATH.
 set -u
 R=${1:-/tmp/res}
-M=${M:-/tmp/rs/SmolLM2-135M-Instruct.Q4_1.gguf}
+export M=${M:-/tmp/rs/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$R"
 T=winogrande,piqa,sciq,openbookqa,hellaswag,boolq,arc_easy,arc_challenge
 E="python3 -m rsparse.cli eval --model $M --device cuda --batch-size ${B:-32} --tasks $T --ppl-corpus boolq --ppl-windows 64 --calib-samples 16 --seq-len 512 --xsum-samples 0"
@@ -39,6 +39,8 @@ done
       # the evolved s+rho recipe (compare-recipes --allocations evolve, shipped for 70% only)
       ev=recipes/smollm2-135m-instruct-s$s-evolve-type-seed$seed.json
       [ -f "$ev" ] && echo "rsparse-evolve-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $ev"
+      # per-layer rho searched on the uniform allocation (the same search, on the GPU; search_then_eval.sh)
+      echo "rsparse-uniform-rholayer-s$s-seed$seed bash $(dirname "$0")/search_then_eval.sh 0.$s $seed $E $X --seed $seed --methods rsparse --sparsities 0.$s"
       echo "rsparse-greedy-rho09-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $R/greedy-rho09-s$s.json"
       echo "rsparse-uniform-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --ratio 0.95"
     done
