@@ -249,15 +249,10 @@ def block_errors(model: nn.Module, windows: torch.Tensor, sparsities, activation
     inputs = block_inputs(model, windows, batch_size)
     blocks = decoder_blocks(model)
     first = windows.shape[1] // 2 if tokens == "second_half" else 0
-    out = []
     with token_mode(model, tokens):
-        dense = [[_block_out(blocks[b], h, kw)[:, first:] for h, kw in inputs[b]] for b in range(len(blocks))]
+        errors = [block_error(block, block_in, first) for block, block_in in zip(blocks, inputs)]  # dense now
         cands.apply(ones, s)
-        for b in range(len(blocks)):
-            num = sum(float((_block_out(blocks[b], h, kw)[:, first:] - d).float().pow(2).sum())
-                      for (h, kw), d in zip(inputs[b], dense[b]))
-            out.append(num / max(sum(float(d.float().pow(2).sum()) for d in dense[b]), 1e-30))
-    return out
+        return [error() for error in errors]
 
 
 @torch.no_grad()
