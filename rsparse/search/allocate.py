@@ -146,7 +146,7 @@ def _block_out(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 def block_error(block: nn.Module, inputs, first: int):
     """A function giving the block's relative output error ||B(h) - B_now(h)||^2 / ||B_now(h)||^2
     over `inputs` (positions from `first` on), B_now being the block as it is at this call (dense,
-    in greedy and block_rho): the objective of both."""
+    in greedy_allocation, block_errors and block_rho): the objective of all three."""
     reference = [_block_out(block, h, kw)[:, first:] for h, kw in inputs]
     norm = max(sum(float(d.float().pow(2).sum()) for d in reference), 1e-30)
 
