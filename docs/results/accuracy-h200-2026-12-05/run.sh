@@ -41,6 +41,9 @@ done
       [ -f "$ev" ] && echo "rsparse-evolve-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $ev"
       # per-layer rho searched on the uniform allocation (the same search, on the GPU; search_then_eval.sh)
       echo "rsparse-uniform-rholayer-s$s-seed$seed bash $(dirname "$0")/search_then_eval.sh recipes/smollm2-135m-instruct-s$s-uniform-rholayer-seed$seed.json 0.$s $seed $E $X --seed $seed --methods rsparse --sparsities 0.$s"
+      # the same with the held-out early stop (search --holdout 0.25 --patience 2)
+      uh=recipes/smollm2-135m-instruct-s$s-uniform-rholayer-holdout-seed$seed.json
+      [ -f "$uh" ] && echo "rsparse-uniform-rholayer-holdout-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $uh"
       echo "rsparse-greedy-rho09-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --recipe $R/greedy-rho09-s$s.json"
       echo "rsparse-uniform-s$s-seed$seed $E $X --seed $seed --methods rsparse --sparsities 0.$s --ratio 0.95"
     done
