@@ -4,10 +4,12 @@ budgets) and Figure 5 (accuracy and perplexity against model-level sparsity), on
     rsparse eval --methods dense,relu,cats,griffin,rsparse --sparsities 0.4,0.5 --limit 100
     rsparse eval --methods dense,cats,griffin,sparse,rsparse --sweep 0.3,0.4,0.5,0.6,0.7
     rsparse eval --merge rows/*/results.json --out out/eval      # rows evaluated apart (one per GPU)
+    rsparse eval --paired a/results.json b/results.json --out out/ab   # a - b, example by example
 
 Writes results.json (every number, the split of every task, versions, settings), results.md (a
 markdown table in the layout of the paper's Table 1, and a table of target / achieved
-sparsity, perplexity and Rouge-L) and, with --sweep, sweep.png. See docs/evaluation.md.
+sparsity, perplexity and Rouge-L) and, with --sweep, sweep.png; every row keeps each example's 0/1
+outcome, for --paired (paired.json, paired.md: is a difference noise?). See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate nothing: combine the rows of these results.json files (runs with the same "
                         "settings, e.g. one per GPU or one per row) into OUT's results.json, results.md and, when "
                         "the rows span several sparsities, sweep.png")
+    p.add_argument("--paired", nargs=2, default=None, metavar=("A", "B"),
+                   help="evaluate nothing: row A minus row B on the same examples, per task and on the average, "
+                        "with its paired standard error, into OUT's paired.json and paired.md; each a "
+                        "results.json with one row, or results.json::LABEL")
 
 
 def register(subparsers) -> None:
@@ -149,6 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.merge:
         check_target()
         return cmd_merge(args.merge, Path(args.out))
+    if args.paired:
+        check_out(args.out, results=("paired.json", "paired.md"), overwrite=args.overwrite)
+        return cmd_paired(*args.paired, Path(args.out))
     # Validate everything cheap before loading anything.
     methods = common.parse_names(args.methods, METHODS, "method")
     sweep = args.sweep is not None
@@ -266,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "weights": fmt,
             "target_sparsity": None if m == "relu" else info.get("target_sparsity"),
             "achieved_sparsity": ev["achieved_sparsity"],
-            "tasks": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "acc_stderr": r["acc_stderr"]}
+            "tasks": {t: {k: r.get(k) for k in ("acc", "acc_norm", "acc_stderr", "correct", "docs")}
                       for t, r in ev["tasks"].items()},
             "average": ev["average"], "average_acc_norm": ev["average_acc_norm"], "batch_size": ev["batch_size"],
         }
@@ -332,6 +341,18 @@ def cmd_merge(paths: list[str], out: Path) -> int:
     merged = merge_results(paths)
     print(f"merged {len(merged['rows'])} rows from {len(paths)} files", file=sys.stderr)
     write_reports(merged, out, plot=merged["sweep"] is not None)
+    return 0
+
+
+def cmd_paired(a: str, b: str, out: Path) -> int:
+    from rsparse.eval.paired import load_row, paired_difference, paired_markdown
+    from rsparse.io.results import write_json, write_text
+
+    d = paired_difference(load_row(a), load_row(b))
+    md = paired_markdown(d)
+    write_json(out / "paired.json", d | {"files": [a, b]})
+    write_text(out / "paired.md", md)
+    print(md, end="")
     return 0
 
 

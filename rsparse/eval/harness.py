@@ -156,7 +156,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
                    bootstrap_iters: int = 1000, verbose: bool = False) -> dict:
     """Zero-shot accuracy of the model as it is now (dense, sparsified or a baseline) on lm-eval tasks.
 
-    Returns {"tasks": {name: {"acc", "acc_norm", "acc_stderr", "split", "source", "examples"}},
+    Returns {"tasks": {name: {"acc", "acc_norm", "acc_stderr", "split", "source", "examples",
+    "correct" (each example's acc as "0"/"1", document order), "docs" (digest of the examples)}},
     "average" (mean acc), "average_acc_norm" (mean of acc_norm, acc where a task has none),
     "achieved_sparsity" (model-level, measured while scoring), "module_sparsity" (baselines),
     "batch_size" (used), "tokens", "limit", "seconds"}.
@@ -202,7 +203,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
                 with datasets_offline(not hub_tasks):
                     out = lm_eval.simple_evaluate(
                         model=lm, tasks=task_args, num_fewshot=0, limit=limit, task_manager=manager,
-                        log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed,
+                        log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=seed,
                         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
             except (ConnectionError, OSError, FileNotFoundError) as e:
                 hub = [s.name for s in specs if s.source == "hub"]
@@ -226,7 +227,8 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
         acc, acc_norm = _metric(r, "acc"), _metric(r, "acc_norm")
         results[name] = {"acc": acc, "acc_norm": acc_norm, "acc_stderr": _metric(r, "acc_stderr"),
                          "split": split, "source": source,
-                         "examples": int(out.get("n-samples", {}).get(name, {}).get("effective", 0))}
+                         "examples": int(out.get("n-samples", {}).get(name, {}).get("effective", 0)),
+                         **per_example(out.get("samples", {}).get(name, []))}
     order = [s.name for s in specs if s.name in results] + [n for n in results if n not in by_name]
     results = {n: results[n] for n in order}
     accs = [r["acc"] for r in results.values() if r["acc"] is not None]
@@ -236,6 +238,20 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks=PAPER_TASKS, *, limit: int
             "average_acc_norm": sum(norms) / len(norms) if norms else math.nan,
             **sparsity, "batch_size": bs, "tokens": tokens, "limit": limit,
             "lm_eval_version": out.get("lm_eval_version"), "seconds": time.time() - start}
+
+
+def per_example(samples: list[dict]) -> dict:
+    """{"correct": "0110...", "docs": <digest>} from lm-eval's logged samples of one task: each
+    example's `acc` in document order, and a digest of the documents' hashes, so that two rows
+    can be compared example by example (rsparse.eval.paired) and only on the same examples.
+    Empty when the task has no 0/1 `acc` per example."""
+    import hashlib
+
+    ordered = sorted(samples, key=lambda x: x["doc_id"])
+    if not ordered or any(x.get("acc") not in (0, 1) for x in ordered):
+        return {}
+    digest = hashlib.sha256("".join(str(x.get("doc_hash", x["doc_id"])) for x in ordered).encode()).hexdigest()
+    return {"correct": "".join("1" if x["acc"] else "0" for x in ordered), "docs": digest[:16]}
 
 
 def lm_eval_version() -> str | None:

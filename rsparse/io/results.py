@@ -69,15 +69,14 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (a temp file renamed over the target), so a crash never leaves half a file."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (a temp file renamed over the target), so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
+            f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is a normal file
@@ -85,6 +84,11 @@ def write_json(path: str | Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically (write_text)."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
 # Settings that must match for --resume to keep a previous run's rows.
@@ -191,7 +195,7 @@ def write_reports(results: dict, out: Path, plot: bool) -> list[Path]:
 
     write_json(out / "results.json", results)
     md = results_markdown(results)
-    (out / "results.md").write_text(md, encoding="utf-8")
+    write_text(out / "results.md", md)
     written = [out / "results.json", out / "results.md"]
     if plot:
         plot_sweep(results, out / "sweep.png")

@@ -142,6 +142,38 @@ def test_cli_eval_merge_of_rows_run_apart_equals_one_run(tmp_path, tokenizer, te
     assert not any((tmp_path / d).exists() for d in ("m2", "m3", "m4", "m5"))
 
 
+def test_cli_eval_paired_difference_of_two_rows(tmp_path, text_file, tiny_model_dir, capsys):
+    """--paired: row A minus row B example by example; its average is the difference of the rows'
+    averages; rows are named by file (one row) or file::label; bad names are one-line errors."""
+    from rsparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "piqa,arc_easy", "--limit", "4",
+                 "--calib-corpus", str(text_file), "--ppl-corpus", "none", "--seq-len", "64", "--calib-samples", "4",
+                 "--xsum-samples", "0", "--methods", "dense,rsparse", "--sparsities", "0.7", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    dense, sparse = res["rows"]
+    assert all(len(r["tasks"][t]["correct"]) == 4 for r in res["rows"] for t in ("piqa", "arc_easy"))
+    f = str(out / "results.json")
+    capsys.readouterr()
+    assert main(["eval", "--paired", f"{f}::{sparse['label']}", f"{f}::Dense", "--out", str(tmp_path / "ab")]) == 0
+    printed = capsys.readouterr().out
+    d = json.loads((tmp_path / "ab" / "paired.json").read_text())
+    assert d["a"] == sparse["label"] and d["b"] == "Dense" and d["files"][1] == f"{f}::Dense"
+    assert d["average"] == pytest.approx(sparse["average"] - dense["average"])
+    for t in ("piqa", "arc_easy"):
+        assert d["tasks"][t]["n"] == 4
+        assert d["tasks"][t]["diff"] == pytest.approx(sparse["tasks"][t]["acc"] - dense["tasks"][t]["acc"])
+    assert (tmp_path / "ab" / "paired.md").read_text() == printed and "| piqa | 4 |" in printed
+
+    cli_error(capsys, ["eval", "--paired", f, f"{f}::Dense", "--out", str(tmp_path / "x")], r"has 2 rows; name one as")
+    cli_error(capsys, ["eval", "--paired", f"{f}::Dense", f"{f}::Sparse 70%", "--out", str(tmp_path / "x")],
+              r"has 0 rows labelled 'Sparse 70%'; its rows: Dense, R-Sparse 70%")
+    cli_error(capsys, ["eval", "--paired", f"{f}::Dense", f"{f}::Dense", "--out", str(tmp_path / "ab")],
+              "already holds results")
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_eval_refine_mix_matches_run(tmp_path, tokenizer, text_file, tiny_model_dir):
     """--refine-corpus re-sets the sparse rows' thresholds as `rsparse run` does: the same held-out
     perplexity from both commands, and a different one without the mix."""

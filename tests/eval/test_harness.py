@@ -62,6 +62,10 @@ def test_evaluate_tasks_scores_a_few_examples(model, tokenizer):
     for name, r in res["tasks"].items():
         assert r["split"] == "validation" and r["source"] == "offline" and r["examples"] == 3
         assert 0.0 <= r["acc"] <= 1.0
+        # each example's outcome, for paired comparisons: they make up acc
+        assert len(r["correct"]) == 3 and set(r["correct"]) <= {"0", "1"}
+        assert r["correct"].count("1") / 3 == pytest.approx(r["acc"]) and len(r["docs"]) == 16
+    assert len({r["docs"] for r in res["tasks"].values()}) == 3  # a digest of each task's own examples
     assert res["tasks"]["boolq"]["acc_norm"] is None and res["tasks"]["piqa"]["acc_norm"] is not None
     assert res["average"] == pytest.approx(sum(r["acc"] for r in res["tasks"].values()) / 3)
     assert res["achieved_sparsity"] == 0.0 and res["batch_size"] == 2 and res["limit"] == 3
