@@ -349,6 +349,8 @@ def cmd_paired(a: str, b: str, out: Path) -> int:
     from rsparse.io.results import write_json, write_text
 
     d = paired_difference(load_row(a), load_row(b))
+    if d["a"] == d["b"]:  # e.g. two runs' "R-Sparse 70%" rows (two recipes): name them by file
+        d |= {"a": a, "b": b}
     md = paired_markdown(d)
     write_json(out / "paired.json", d | {"files": [a, b]})
     write_text(out / "paired.md", md)

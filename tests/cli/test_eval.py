@@ -166,6 +166,10 @@ def test_cli_eval_paired_difference_of_two_rows(tmp_path, text_file, tiny_model_
         assert d["tasks"][t]["diff"] == pytest.approx(sparse["tasks"][t]["acc"] - dense["tasks"][t]["acc"])
     assert (tmp_path / "ab" / "paired.md").read_text() == printed and "| piqa | 4 |" in printed
 
+    assert main(["eval", "--paired", f"{f}::Dense", f"{f}::Dense", "--out", str(tmp_path / "aa")]) == 0
+    assert f"{f}::Dense minus {f}::Dense" in capsys.readouterr().out  # same labels: named by file
+    assert json.loads((tmp_path / "aa" / "paired.json").read_text())["average"] == 0.0
+
     cli_error(capsys, ["eval", "--paired", f, f"{f}::Dense", "--out", str(tmp_path / "x")], r"has 2 rows; name one as")
     cli_error(capsys, ["eval", "--paired", f"{f}::Dense", f"{f}::Sparse 70%", "--out", str(tmp_path / "x")],
               r"has 0 rows labelled 'Sparse 70%'; its rows: Dense, R-Sparse 70%")
