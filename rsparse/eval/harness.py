@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import math
 import time
@@ -245,8 +246,6 @@ def per_example(samples: list[dict]) -> dict:
     example's `acc` in document order, and a digest of the documents' hashes, so that two rows
     can be compared example by example (rsparse.eval.paired) and only on the same examples.
     Empty when the task has no 0/1 `acc` per example."""
-    import hashlib
-
     ordered = sorted(samples, key=lambda x: x["doc_id"])
     if not ordered or any(x.get("acc") not in (0, 1) for x in ordered):
         return {}

@@ -15,11 +15,11 @@ difference is the mean over tasks, its standard error sqrt(sum of the tasks' squ
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from rsparse.errors import BadInputError
+from rsparse.io.results import read_results
 
 LABEL_SEP = "::"
 
@@ -28,16 +28,12 @@ def load_row(spec: str | Path) -> dict:
     """One row of an `rsparse eval` results.json: `PATH` (a file with one row) or `PATH::LABEL`."""
     text = str(spec)
     path, _, label = text.partition(LABEL_SEP)
-    p = Path(path)
-    if not p.is_file():
+    data = read_results(path)
+    if data is None:
         raise BadInputError(f"{path}: not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"cannot read {path} as JSON ({e})") from e
-    rows = data.get("rows") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise BadInputError(f"{path} is not an rsparse eval results.json with rows")
+    rows = data["rows"]
+    if not rows:
+        raise BadInputError(f"{path} has no rows")
     labels = [r.get("label") for r in rows]
     if label:
         hits = [r for r in rows if r.get("label") == label]

@@ -136,6 +136,21 @@ def _comparable(key: str, v):
         return list(v or {})
     return json.loads(json.dumps(v))  # tuples vs lists, int vs float keys: as stored
 
+def read_results(path: str | Path, what: str = "") -> dict | None:
+    """An `rsparse eval` results.json (None if there is none); a file that is not JSON, or not
+    one with a "rows" list, is a BadInputError (prefixed by `what`, e.g. the option)."""
+    path, prefix = Path(path), f"{what}: " if what else ""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{prefix}cannot read {path} as JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise BadInputError(f"{prefix}{path} is not an rsparse eval results.json (no 'rows' list)")
+    return data
+
+
 def merge_results(paths: list[str | Path]) -> dict:
     """One results dict holding the rows of several `rsparse eval` results.json files.
 
@@ -147,14 +162,10 @@ def merge_results(paths: list[str | Path]) -> dict:
 
     runs = []
     for path in map(Path, paths):
-        try:
-            runs.append((path, read_previous(path)))
-        except MissingDataError:
-            raise BadInputError(f"--merge: cannot read {path} as JSON") from None
-        if runs[-1][1] is None:
+        run = read_results(path, "--merge")
+        if run is None:
             raise MissingDataError(f"--merge: {path} not found")
-        if not isinstance(runs[-1][1], dict) or not isinstance(runs[-1][1].get("rows"), list):
-            raise BadInputError(f"--merge: {path} is not an rsparse eval results.json (no 'rows' list)")
+        runs.append((path, run))
     base_path, base = runs[0]
     merged = {k: v for k, v in base.items() if k not in ("rows", "skipped", "wall_seconds")}
     if merged.get("calibration") is None:

@@ -1,6 +1,6 @@
 """#27's full-set rows side by side: task average against held-out perplexity, per sparsity.
 
-    python docs/results/accuracy-gpu-2026-12-06/plot.py      # writes comparison.json and comparison.png here
+    .venv/bin/python docs/results/accuracy-gpu-2026-12-06/plot.py    # writes comparison.json and comparison.png here
 
 Reads every `run*/**/results.json` of this directory whose row name is one of run.sh's #27 rows
 (`<kind>-s<S>-seed<N>`), and plots, at each sparsity, the 8-task average (top) and the 7-task
@@ -10,13 +10,11 @@ for seed 0 and open for seed 1.
 
 import json
 import re
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))  # the repo root, for rsparse.io.results
+from rsparse.io.results import write_json
 
-from rsparse.io.results import write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 KINDS = {  # run.sh row kind -> label, marker
     "sparse-uniform": ("sparse-only, uniform", "s"),
