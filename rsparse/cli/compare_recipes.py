@@ -205,7 +205,8 @@ def cmd_compare_recipes(args: argparse.Namespace) -> int:
             if specs:
                 ev = evaluate_tasks(model, tok, [sp.name for sp in specs], limit=args.limit,
                                     batch_size=args.batch_size, tokens=args.tokens, seed=args.seed)
-                row.update(tasks={t: {"acc": r["acc"], "acc_norm": r["acc_norm"]} for t, r in ev["tasks"].items()},
+                row.update(tasks={t: {k: r.get(k) for k in ("acc", "acc_norm", "acc_stderr", "correct", "docs")}
+                                  for t, r in ev["tasks"].items()},  # each example's outcome: eval --paired
                            average=ev["average"], task_achieved_sparsity=ev.get("achieved_sparsity"))
             rows.append(row)
             print(f"{tag} {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()

@@ -10,7 +10,8 @@ difference. Per task, the difference of the two accuracies is the mean of the pe
 differences d_i = a_i - b_i (each -1, 0 or 1), with standard error sd(d) / sqrt(n); the task average's
 difference is the mean over tasks, its standard error sqrt(sum of the tasks' squared errors) / T
 (tasks are independent samples). `p` is the two-sided normal p-value. Rows carry their examples'
-0/1 outcomes ("correct") and a digest of the examples ("docs") since rsparse.eval.harness logs them.
+0/1 outcomes ("correct") and a digest of the examples ("docs") since rsparse.eval.harness logs them
+(`rsparse eval` and `rsparse compare-recipes` rows alike).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ LABEL_SEP = "::"
 
 
 def load_row(spec: str | Path) -> dict:
-    """One row of an `rsparse eval` results.json: `PATH` (a file with one row) or `PATH::LABEL`."""
+    """One row of an `rsparse eval` or `rsparse compare-recipes` results.json: `PATH` (a file with
+    one row) or `PATH::LABEL` (compare-recipes labels: "RECIPE S%", e.g. "searched 70%")."""
     text = str(spec)
     path, _, label = text.partition(LABEL_SEP)
-    data = read_results(path)
+    data = read_results(path, recipes=True)
     if data is None:
         raise BadInputError(f"{path}: not found")
     rows = data["rows"]

@@ -136,9 +136,12 @@ def _comparable(key: str, v):
         return list(v or {})
     return json.loads(json.dumps(v))  # tuples vs lists, int vs float keys: as stored
 
-def read_results(path: str | Path, what: str = "") -> dict | None:
+def read_results(path: str | Path, what: str = "", recipes: bool = False) -> dict | None:
     """An `rsparse eval` results.json (None if there is none); a file that is not JSON, or not
-    one with a "rows" list, is a BadInputError (prefixed by `what`, e.g. the option)."""
+    one with a "rows" list, is a BadInputError (prefixed by `what`, e.g. the option).
+
+    recipes=True also reads an `rsparse compare-recipes` results.json, its rows (one list per
+    sparsity) gathered into "rows", each labelled "RECIPE S%" (e.g. "searched 70%")."""
     path, prefix = Path(path), f"{what}: " if what else ""
     if not path.exists():
         return None
@@ -146,8 +149,12 @@ def read_results(path: str | Path, what: str = "") -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BadInputError(f"{prefix}cannot read {path} as JSON ({e})") from None
+    if recipes and isinstance(data, dict) and isinstance(data.get("sparsities"), list) and "rows" not in data:
+        data = data | {"rows": [r | {"label": f"{r['recipe']} {100 * r['target_sparsity']:.0f}%"}
+                                for block in data["sparsities"] for r in block.get("rows", [])]}
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise BadInputError(f"{prefix}{path} is not an rsparse eval results.json (no 'rows' list)")
+        kind = "an rsparse eval or compare-recipes" if recipes else "an rsparse eval"
+        raise BadInputError(f"{prefix}{path} is not {kind} results.json (no rows)")
     return data
 
 

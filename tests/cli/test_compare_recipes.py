@@ -39,6 +39,12 @@ def test_cli_compare_recipes_table4(tmp_path, tokenizer, text_file, tiny_model_d
         assert (out / f"recipe_{tag}.png").stat().st_size > 5000
     md = (out / "results.md").read_text()
     assert "| 40 | searched |" in md and "| 60 | sparse-only |" in md
+    # rows keep each example's outcome: `eval --paired` compares two of them, labelled "RECIPE S%"
+    assert set(res["sparsities"][0]["rows"][0]["tasks"]["piqa"]["correct"]) <= {"0", "1"}
+    assert main(["eval", "--paired", f"{out / 'results.json'}::searched 60%", f"{out / 'results.json'}::sparse-only 40%",
+                 "--out", str(tmp_path / "paired")]) == 0
+    paired = json.loads((tmp_path / "paired" / "paired.json").read_text())
+    assert paired["a"] == "searched 60%" and paired["tasks"]["piqa"]["n"] == 2
     # the searched recipe is a normal recipe file: `rsparse run --recipe` validates and uses it
     run_out = tmp_path / "run"
     assert main(["run", "--model", str(model_dir), "--methods", "rsparse", "--sparsity", "0.4", "--recipe",

@@ -80,5 +80,17 @@ def test_load_row_by_file_and_label(tmp_path):
     with pytest.raises(BadInputError, match="cannot read .*cut.json as JSON"):
         load_row(tmp_path / "cut.json")
     (tmp_path / "lm.json").write_text('{"results": {}}', encoding="utf-8")
-    with pytest.raises(BadInputError, match="not an rsparse eval results.json"):
+    with pytest.raises(BadInputError, match="not an rsparse eval or compare-recipes results.json"):
         load_row(tmp_path / "lm.json")
+
+
+def test_load_row_from_compare_recipes(tmp_path):
+    """compare-recipes keeps one list of rows per sparsity; its rows are named "RECIPE S%"."""
+    blocks = [{"sparsity": s, "rows": [row(None, t="10") | {"recipe": rc, "target_sparsity": s}
+                                       for rc in ("sparse-only", "searched")]} for s in (0.5, 0.7)]
+    path = tmp_path / "cr.json"
+    path.write_text(json.dumps({"sparsities": blocks}), encoding="utf-8")
+    r = load_row(f"{path}::searched 70%")
+    assert (r["recipe"], r["target_sparsity"], r["label"]) == ("searched", 0.7, "searched 70%")
+    with pytest.raises(BadInputError, match="has 4 rows; name one .* from: sparse-only 50%, searched 50%"):
+        load_row(path)
