@@ -15,7 +15,9 @@ RECIPES=$R-s50-greedy-sparse-seed0.json,$R-s60-greedy-sparse-seed0.json,$R-s70-g
 RECIPES=$RECIPES,$R-s70-greedy-rholayer-seed0.json,$R-s70-greedy-rholayer-holdout-seed0.json,$R-s70-uniform-rholayer-seed0.json
 RECIPES=$RECIPES,$R-s60-greedy-rholayer-holdout-seed0.json,$R-s60-uniform-rholayer-seed0.json
 RECIPES=$RECIPES,$R-s50-greedy-rholayer-seed0.json,$R-s60-greedy-rholayer-seed0.json
-C="--sparsities 0.5,0.6,0.7 --methods sparse-only,R-Sparse --ratio 0.95 --recipes $RECIPES --repeats 2 --hf-tokens 0"
+# RECIPES_ONLY=, SP= (uniform rows' sparsities), MTH= (their methods) override; TS=0 skips SmolLM2
+RECIPES=${RECIPES_ONLY:-$RECIPES}
+C="--sparsities ${SP:-0.5,0.6,0.7} --methods ${MTH:-sparse-only,R-Sparse} --ratio 0.95 --recipes $RECIPES --repeats 2 --hf-tokens 0"
 timeout ${T7:-420} python3 -m rsparse.cli bench decode --models llama2-7b $C --out "$O/llama2-7b" 2>&1 | grep -v Warning | tee "$O/llama2-7b.log"
 # the 135M model is launch-bound: graph-only steps (what `rsparse generate` runs by default)
-timeout ${TS:-240} python3 -m rsparse.cli bench decode --model "$M" $C --compile off --out "$O/smollm2" 2>&1 | grep -v Warning | tee "$O/smollm2.log"
+[ "${TS:-240}" -gt 0 ] && timeout ${TS:-240} python3 -m rsparse.cli bench decode --model "$M" $C --compile off --out "$O/smollm2" 2>&1 | grep -v Warning | tee "$O/smollm2.log"
