@@ -151,7 +151,9 @@ def read_results(path: str | Path, what: str = "", recipes: bool = False) -> dic
         raise BadInputError(f"{prefix}cannot read {path} as JSON ({e})") from None
     if recipes and isinstance(data, dict) and isinstance(data.get("sparsities"), list) and "rows" not in data:
         data = data | {"rows": [r | {"label": f"{r['recipe']} {100 * r['target_sparsity']:.0f}%"}
-                                for block in data["sparsities"] for r in block.get("rows", [])]}
+                                for block in data["sparsities"] if isinstance(block, dict)
+                                for r in block.get("rows", []) if isinstance(r, dict)
+                                and isinstance(r.get("recipe"), str) and isinstance(r.get("target_sparsity"), (int, float))]}
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         kind = "an rsparse eval or compare-recipes" if recipes else "an rsparse eval"
         raise BadInputError(f"{prefix}{path} is not {kind} results.json (no rows)")

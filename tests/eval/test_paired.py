@@ -94,3 +94,6 @@ def test_load_row_from_compare_recipes(tmp_path):
     assert (r["recipe"], r["target_sparsity"], r["label"]) == ("searched", 0.7, "searched 70%")
     with pytest.raises(BadInputError, match="has 4 rows; name one .* from: sparse-only 50%, searched 50%"):
         load_row(path)
+    path.write_text(json.dumps({"sparsities": [{"sparsity": 0.5, "rows": [{"average": 0.4}]}]}), encoding="utf-8")
+    with pytest.raises(BadInputError, match="has no rows"):  # a row without its recipe name is not one
+        load_row(path)
