@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rsparse.eval.hub import check_hub_for_tasks, perplexity_windows_or_skip
     from rsparse.eval.perplexity import evaluate_perplexity
     from rsparse.eval.xsum import load_xsum, xsum_rouge
-    from rsparse.io.results import previous_rows, read_previous, versions, write_json, write_reports
+    from rsparse.io.results import previous_rows, read_results, versions, write_json, write_reports
     from rsparse.io.tables import row_label, weight_label
     from rsparse.methods import restore_
     from rsparse.progress import progress
@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_hub_for_tasks()
 
     check_target()
-    previous = read_previous(Path(args.out) / "results.json") if args.resume else None
+    previous = read_results(Path(args.out) / "results.json", "--resume") if args.resume else None
     # the recipe (when rsparse is evaluated) and --seq-len against the model's config, before it loads
     checked = RSparseConfig(sparsity=sparsities[0] if sparsities else 0.5, recipe=recipe) if "rsparse" in methods else None
     common.check_model(args.model, args.seq_len, checked)

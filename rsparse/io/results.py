@@ -98,20 +98,8 @@ RESUME_KEYS = ("model", "seed", "limit", "tasks", "calibration", "perplexity")
 RESUME_SETTINGS = ("tokens", "ratio", "recipe", "dtype", "hub_tasks", "xsum_samples", "xsum_max_new_tokens",
                    "group_size")
 
-def read_previous(path: Path) -> dict | None:
-    """A previous run's results.json for --resume (None if there is none); a file that cannot be
-    read is an error, raised before the model is loaded."""
-    import json
-
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MissingDataError(f"--resume: cannot read {path} ({e})") from None
-
 def previous_rows(path: Path, old: dict | None, results: dict) -> dict:
-    """{(method, label): row} of the previous run `old` (read from `path`) if it was made with the
+    """{(method, label): row} of the previous run `old` (read from `path` by read_results) if it was made with the
     same settings; {} if none. Other settings are an error (its rows would not be comparable)."""
     if old is None:
         return {}
